@@ -1,0 +1,209 @@
+"""Implicit-feedback ALS (Hu, Koren & Volinsky 2008) with exact fold-in.
+
+scikit-learn style: `__init__` stores parameters, `fit` validates and computes,
+fitted attributes end in `_`. Models are saved as `.npz` without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from core import als_kernels
+from core.errors import DivergedError, InvalidPlaysError, NotFittedError
+
+Confidence = Literal["log", "linear"]
+Solver = Literal["cg", "cholesky"]
+
+
+def check_plays(plays: object, name: str = "plays", n_cols: int | None = None) -> sp.csr_matrix:
+    """Validate a raw play-count matrix and return it as float32 CSR with sorted indices."""
+    if not sp.issparse(plays):
+        if isinstance(plays, np.ndarray) and plays.ndim == 2 and n_cols is not None:
+            plays = sp.csr_matrix(plays)
+        else:
+            raise InvalidPlaysError(f"{name} must be a scipy.sparse matrix, got {type(plays).__name__}")
+    m = sp.csr_matrix(plays, dtype=np.float32)
+    if m.ndim != 2:
+        raise InvalidPlaysError(f"{name} must be 2-D, got shape {m.shape}")
+    if n_cols is not None and m.shape[1] != n_cols:
+        raise InvalidPlaysError(f"{name} has {m.shape[1]} columns, the model expects {n_cols}")
+    if not np.all(np.isfinite(m.data)):
+        raise InvalidPlaysError(f"{name} contains NaN or infinite play counts")
+    if m.data.size and m.data.min() < 0:
+        raise InvalidPlaysError(f"{name} contains negative play counts")
+    m.eliminate_zeros()
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+class ImplicitALS:
+    """Implicit ALS with conjugate-gradient or Cholesky solves, float32 factors."""
+
+    def __init__(
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 2.0,
+        iterations: int = 15,
+        confidence: Confidence = "log",
+        epsilon: float = 1.0,
+        solver: Solver = "cg",
+        cg_steps: int = 3,
+        random_state: int | None = None,
+    ) -> None:
+        self.factors = factors
+        self.regularization = regularization
+        self.alpha = alpha
+        self.iterations = iterations
+        self.confidence = confidence
+        self.epsilon = epsilon
+        self.solver = solver
+        self.cg_steps = cg_steps
+        self.random_state = random_state
+
+    # ---- parameters -------------------------------------------------------------
+    def get_params(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in (
+            "factors", "regularization", "alpha", "iterations", "confidence",
+            "epsilon", "solver", "cg_steps", "random_state")}
+
+    def _check_params(self) -> None:
+        if not (isinstance(self.factors, int) and self.factors > 0):
+            raise ValueError(f"factors must be a positive int, got {self.factors!r}")
+        if self.regularization < 0 or self.alpha <= 0 or self.epsilon <= 0:
+            raise ValueError("regularization must be >= 0, alpha and epsilon > 0")
+        if self.confidence not in ("log", "linear"):
+            raise ValueError(f"confidence must be 'log' or 'linear', got {self.confidence!r}")
+        if self.solver not in ("cg", "cholesky"):
+            raise ValueError(f"solver must be 'cg' or 'cholesky', got {self.solver!r}")
+        if self.iterations < 0 or self.cg_steps < 1:
+            raise ValueError("iterations must be >= 0 and cg_steps >= 1")
+
+    def confidence_of(self, plays: np.ndarray) -> np.ndarray:
+        """Confidence c = 1 + α·plays or 1 + α·log(1 + plays/ε), float32."""
+        p = plays.astype(np.float32, copy=False)
+        if self.confidence == "linear":
+            return (1.0 + self.alpha * p).astype(np.float32)
+        return (1.0 + self.alpha * np.log1p(p / self.epsilon)).astype(np.float32)
+
+    # ---- training ---------------------------------------------------------------
+    def fit(
+        self,
+        plays: sp.spmatrix,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> ImplicitALS:
+        """Train on a users × tracks matrix of raw play counts; returns self."""
+        self._check_params()
+        ui = check_plays(plays)
+        if ui.nnz == 0:
+            raise InvalidPlaysError("plays is empty: no positive play counts to learn from")
+        n_users, n_items = ui.shape
+        conf_ui = self._with_confidence(ui)
+        conf_iu = conf_ui.T.tocsr()
+        conf_iu.sort_indices()
+        rng = np.random.default_rng(self.random_state)
+        scale = 0.01
+        X = (rng.standard_normal((n_users, self.factors)) * scale).astype(np.float32)
+        Y = (rng.standard_normal((n_items, self.factors)) * scale).astype(np.float32)
+        self.iteration_seconds_: list[float] = []
+        for it in range(self.iterations):
+            t0 = time.perf_counter()
+            self._half_step(conf_ui, Y, X)
+            self._half_step(conf_iu, X, Y)
+            self.iteration_seconds_.append(time.perf_counter() - t0)
+            if callback is not None:
+                callback(it, self.iteration_seconds_[-1])
+        if not (np.all(np.isfinite(X)) and np.all(np.isfinite(Y))):
+            raise DivergedError("ALS produced non-finite factors; lower alpha or raise regularization")
+        self.user_factors_ = X
+        self.item_factors_ = Y
+        return self
+
+    def _with_confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        out = m.copy()
+        out.data = self.confidence_of(m.data)
+        return out
+
+    def _gram(self, F: np.ndarray, dtype: type) -> np.ndarray:
+        F64 = F.astype(np.float64)
+        return (F64.T @ F64 + self.regularization * np.eye(F.shape[1])).astype(dtype)
+
+    def _half_step(self, conf: sp.csr_matrix, Y: np.ndarray, X: np.ndarray) -> None:
+        if self.solver == "cg":
+            als_kernels.cg_half_step(
+                conf.indptr, conf.indices, conf.data, Y, self._gram(Y, np.float32), X, self.cg_steps
+            )
+        else:
+            als_kernels.cholesky_half_step(
+                conf.indptr, conf.indices, conf.data, Y, self._gram(Y, np.float64), X
+            )
+
+    def loss(self, plays: sp.spmatrix) -> float:
+        """The weighted squared loss plus L2 penalty of the fitted factors on `plays`."""
+        self._check_fitted()
+        ui = check_plays(plays, n_cols=self.item_factors_.shape[0])
+        X = self.user_factors_.astype(np.float64)
+        Y = self.item_factors_.astype(np.float64)
+        total = float(np.einsum("uf,fg,ug->", X, Y.T @ Y, X))  # Σ_u Σ_i (x_u·y_i)²
+        coo = ui.tocoo()
+        c = self.confidence_of(coo.data).astype(np.float64)
+        for s in range(0, coo.nnz, 1 << 20):
+            r, col, cc = coo.row[s : s + (1 << 20)], coo.col[s : s + (1 << 20)], c[s : s + (1 << 20)]
+            p = np.einsum("nf,nf->n", X[r], Y[col])
+            total += float(np.sum(cc * (1.0 - p) ** 2 - p**2))
+        return total + self.regularization * float((X**2).sum() + (Y**2).sum())
+
+    # ---- fold-in ----------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "item_factors_"):
+            raise NotFittedError("this ImplicitALS is not fitted yet: call fit() or load()")
+
+    def _fold_in(self, rows: object, frozen: np.ndarray, name: str) -> np.ndarray:
+        m = check_plays(rows, name=name, n_cols=frozen.shape[0])
+        conf = self._with_confidence(m)
+        out = np.zeros((m.shape[0], self.factors), dtype=np.float32)
+        als_kernels.cholesky_half_step(
+            conf.indptr, conf.indices, conf.data, frozen, self._gram(frozen, np.float64), out
+        )
+        return out
+
+    def fold_in_users(self, rows: object) -> np.ndarray:
+        """Exact solve of n users (n × n_tracks raw plays) against the frozen track factors."""
+        self._check_fitted()
+        return self._fold_in(rows, self.item_factors_, "rows")
+
+    def fold_in_items(self, cols: object) -> np.ndarray:
+        """Exact solve of n tracks (n × n_users raw plays) against the frozen user factors."""
+        self._check_fitted()
+        return self._fold_in(cols, self.user_factors_, "cols")
+
+    # ---- persistence ------------------------------------------------------------
+    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Write factors, parameters and any extra arrays (e.g. id maps) to an .npz."""
+        self._check_fitted()
+        np.savez(
+            path,
+            user_factors=self.user_factors_,
+            item_factors=self.item_factors_,
+            params=np.array(json.dumps(self.get_params())),
+            **extra,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImplicitALS:
+        """Load a model saved by `save` (no pickle); NaN factors raise."""
+        with np.load(path, allow_pickle=False) as z:
+            model = cls(**json.loads(str(z["params"])))
+            model.user_factors_ = z["user_factors"].astype(np.float32)
+            model.item_factors_ = z["item_factors"].astype(np.float32)
+        if not (np.all(np.isfinite(model.user_factors_)) and np.all(np.isfinite(model.item_factors_))):
+            raise DivergedError(f"{path}: stored factors contain NaN or inf")
+        return model

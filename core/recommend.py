@@ -1,0 +1,64 @@
+"""Exact recommendation maths: the reference that the HNSW index is tested against."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def top_n(
+    user_vectors: np.ndarray,
+    item_factors: np.ndarray,
+    n: int,
+    exclude: sp.csr_matrix | None = None,
+    batch: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n items by inner product for each user vector, excluding each row of `exclude`.
+
+    Returns (indices, scores), both n_users × min(n, n_items); excluded slots never fill the
+    list, and when fewer than n eligible items exist the tail holds index -1 and score -inf.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    U = np.atleast_2d(np.asarray(user_vectors, dtype=np.float32))
+    n_items = item_factors.shape[0]
+    m = min(n, n_items)
+    idx_out = np.full((U.shape[0], m), -1, dtype=np.int64)
+    score_out = np.full((U.shape[0], m), -np.inf, dtype=np.float32)
+    for s in range(0, U.shape[0], batch):
+        scores = U[s : s + batch] @ item_factors.T
+        if exclude is not None:
+            block = exclude[s : s + batch].tocoo()
+            scores[block.row, block.col] = -np.inf
+        part = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < n_items else (
+            np.tile(np.arange(n_items), (scores.shape[0], 1)))
+        ps = np.take_along_axis(scores, part, axis=1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, axis=1)
+        top_scores = np.take_along_axis(ps, order, axis=1)
+        top[~np.isfinite(top_scores)] = -1
+        idx_out[s : s + batch] = top
+        score_out[s : s + batch] = top_scores
+    return idx_out, score_out
+
+
+def normalize_rows(F: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; zero rows stay zero."""
+    norms = np.linalg.norm(F, axis=1, keepdims=True)
+    return (F / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+
+
+def similar_items(item_factors: np.ndarray, item: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n items most similar to `item` by cosine, the item itself excluded."""
+    if not 0 <= item < item_factors.shape[0]:
+        raise IndexError(f"item {item} out of range 0..{item_factors.shape[0] - 1}")
+    normed = normalize_rows(item_factors)
+    excl = sp.csr_matrix(([1.0], ([0], [item])), shape=(1, item_factors.shape[0]))
+    idx, scores = top_n(normed[item : item + 1], normed, n, exclude=excl)
+    return idx[0], scores[0]
+
+
+def popular_items(plays: sp.spmatrix, n: int) -> np.ndarray:
+    """Indices of the n tracks with the most listeners."""
+    listeners = np.asarray((sp.csr_matrix(plays) > 0).sum(axis=0)).ravel()
+    return np.argsort(-listeners, kind="stable")[:n]
