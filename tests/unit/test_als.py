@@ -1,0 +1,156 @@
+"""ImplicitALS on tiny matrices with known answers and on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from core import als_kernels
+from core.als import ImplicitALS
+from core.errors import DivergedError, InvalidPlaysError, NotFittedError
+from core.evaluation import holdout_split, ranking_metrics
+from core.recommend import popular_items
+from core.synthetic import SyntheticMusic
+
+pytestmark = pytest.mark.unit
+
+
+def _tiny(seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(0.6, (30, 20)).astype(np.float32)
+    dense[3] = 0  # a user with no plays
+    return sp.csr_matrix(dense)
+
+
+def test_cholesky_matches_dense_closed_form() -> None:
+    m = _tiny()
+    model = ImplicitALS(factors=5, iterations=0)
+    conf = model._with_confidence(m)
+    Y = np.random.default_rng(1).standard_normal((20, 5)).astype(np.float32)
+    X = np.zeros((30, 5), dtype=np.float32)
+    als_kernels.cholesky_half_step(conf.indptr, conf.indices, conf.data, Y, model._gram(Y, np.float64), X)
+    ref = als_kernels.reference_half_step(conf.indptr, conf.indices, conf.data, Y, model.regularization)
+    np.testing.assert_allclose(X, ref, rtol=1e-4, atol=1e-5)
+    assert np.all(X[3] == 0)
+
+
+def test_cg_converges_to_closed_form() -> None:
+    m = _tiny()
+    model = ImplicitALS(factors=5)
+    conf = model._with_confidence(m)
+    Y = np.random.default_rng(1).standard_normal((20, 5)).astype(np.float32)
+    X = np.zeros((30, 5), dtype=np.float32)
+    als_kernels.cg_half_step(conf.indptr, conf.indices, conf.data, Y, model._gram(Y, np.float32), X, 20)
+    ref = als_kernels.reference_half_step(conf.indptr, conf.indices, conf.data, Y, model.regularization)
+    np.testing.assert_allclose(X, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_loss_decreases(solver: str) -> None:
+    m = _tiny()
+    losses = []
+    for it in range(1, 6):
+        model = ImplicitALS(factors=4, iterations=it, solver=solver, random_state=3).fit(m)
+        losses.append(model.loss(m))
+    assert all(b <= a * 1.0001 for a, b in zip(losses, losses[1:], strict=False))
+    assert losses[-1] < losses[0]
+
+
+def test_fold_in_equals_explicit_half_step() -> None:
+    m = _tiny()
+    model = ImplicitALS(factors=6, iterations=5, solver="cholesky", random_state=0).fit(m)
+    folded = model.fold_in_users(m[[0, 5, 7]])
+    conf = model._with_confidence(m)
+    ref = als_kernels.reference_half_step(conf.indptr, conf.indices, conf.data,
+                                          model.item_factors_, model.regularization)
+    np.testing.assert_allclose(folded, ref[[0, 5, 7]], rtol=1e-3, atol=1e-4)
+    items = model.fold_in_items(m.T.tocsr()[[2]])
+    ref_items = als_kernels.reference_half_step(
+        *(lambda c: (c.indptr, c.indices, c.data))(model._with_confidence(m.T.tocsr())),
+        model.user_factors_, model.regularization)
+    np.testing.assert_allclose(items[0], ref_items[2], rtol=1e-3, atol=1e-4)
+    assert folded.dtype == np.float32
+
+
+def test_zero_users_get_zero_vectors_and_factors_are_float32() -> None:
+    model = ImplicitALS(factors=4, iterations=3, random_state=0).fit(_tiny())
+    assert model.user_factors_.dtype == np.float32 and model.item_factors_.dtype == np.float32
+    assert np.all(model.user_factors_[3] == 0)
+    assert np.all(np.isfinite(model.user_factors_))
+
+
+def test_confidence_functions() -> None:
+    p = np.array([0.0, 1.0, 9.0])
+    np.testing.assert_allclose(ImplicitALS(alpha=2, confidence="linear").confidence_of(p), [1, 3, 19])
+    np.testing.assert_allclose(ImplicitALS(alpha=2, epsilon=1, confidence="log").confidence_of(p),
+                               1 + 2 * np.log1p(p), rtol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    model = ImplicitALS(factors=4, iterations=2, random_state=0).fit(_tiny())
+    path = tmp_path / "m.npz"
+    model.save(path, track_ids=np.array(["a", "b"]))
+    back = ImplicitALS.load(path)
+    np.testing.assert_array_equal(back.item_factors_, model.item_factors_)
+    assert back.get_params() == model.get_params()
+    with np.load(path, allow_pickle=False) as z:
+        assert list(z["track_ids"]) == ["a", "b"]
+
+
+def test_load_rejects_nan(tmp_path) -> None:
+    model = ImplicitALS(factors=4, iterations=1, random_state=0).fit(_tiny())
+    model.item_factors_[0, 0] = np.nan
+    np.savez(tmp_path / "bad.npz", user_factors=model.user_factors_, item_factors=model.item_factors_,
+             params=np.array('{"factors": 4}'))
+    with pytest.raises(DivergedError):
+        ImplicitALS.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (sp.csr_matrix(np.array([[1.0, -1.0]])), "negative"),
+    (sp.csr_matrix(np.array([[1.0, np.nan]])), "NaN"),
+    (sp.csr_matrix(np.array([[1.0, np.inf]])), "NaN or infinite"),
+    (np.ones((2, 2)), "scipy.sparse"),
+    (sp.csr_matrix((3, 4)), "empty"),
+])
+def test_fit_rejects_bad_input(bad, msg: str) -> None:
+    with pytest.raises(InvalidPlaysError, match=msg):
+        ImplicitALS(factors=2, iterations=1).fit(bad)
+
+
+def test_fold_in_bad_input() -> None:
+    with pytest.raises(NotFittedError):
+        ImplicitALS().fold_in_users(sp.csr_matrix((1, 20)))
+    model = ImplicitALS(factors=4, iterations=1, random_state=0).fit(_tiny())
+    with pytest.raises(InvalidPlaysError, match="columns"):
+        model.fold_in_users(sp.csr_matrix((1, 19)))
+    with pytest.raises(InvalidPlaysError, match="negative"):
+        model.fold_in_items(sp.csr_matrix(-np.ones((1, 30))))
+    with pytest.raises(ValueError):
+        ImplicitALS(solver="lu").fit(_tiny())
+
+
+def test_beats_popularity_by_wide_margin_on_synthetic() -> None:
+    data = SyntheticMusic(n_users=3000, n_tracks=1500, seed=4)
+    train, test = holdout_split(data.matrix(), seed=0)
+    model = ImplicitALS(random_state=0).fit(train)
+    als = ranking_metrics(model.user_factors_, model.item_factors_, train, test)
+    order = popular_items(train, train.shape[1])
+    pop_items = np.zeros((train.shape[1], 1), dtype=np.float32)
+    pop_items[order, 0] = np.linspace(1, 0, train.shape[1])
+    pop = ranking_metrics(np.ones((train.shape[0], 1), dtype=np.float32), pop_items, train, test)
+    assert als.precision > 1.5 * pop.precision
+    assert als.ndcg > 1.5 * pop.ndcg
+
+
+def test_fold_in_after_fit_recommends_like_joint_training() -> None:
+    data = SyntheticMusic(n_users=3000, n_tracks=1500, seed=5)
+    train, test = holdout_split(data.matrix(), seed=1)
+    joint = ImplicitALS(random_state=0).fit(train)
+    late = np.arange(2500, 3000)
+    early = ImplicitALS(random_state=0).fit(train[:2500])
+    folded = early.fold_in_users(train[late])
+    p_joint = ranking_metrics(joint.user_factors_[late], joint.item_factors_, train[late], test[late])
+    p_fold = ranking_metrics(folded, early.item_factors_, train[late], test[late])
+    assert p_fold.precision >= 0.9 * p_joint.precision

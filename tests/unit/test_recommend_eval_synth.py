@@ -1,0 +1,76 @@
+"""Exact top-N, evaluation metrics and the synthetic generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from core.evaluation import holdout_split, ranking_metrics, time_split
+from core.recommend import similar_items, top_n
+from core.synthetic import SKIP_MS, SyntheticMusic
+
+pytestmark = pytest.mark.unit
+
+
+def test_top_n_excludes_and_orders() -> None:
+    items = np.diag(np.arange(1, 6, dtype=np.float32))  # item i scores i+1 on axis i
+    user = np.ones((1, 5), dtype=np.float32)
+    excl = sp.csr_matrix(([1.0], ([0], [4])), shape=(1, 5))
+    idx, scores = top_n(user, items, 3, exclude=excl)
+    assert idx[0].tolist() == [3, 2, 1]
+    assert scores[0].tolist() == [4.0, 3.0, 2.0]
+    idx, _ = top_n(user, items, 10, exclude=excl)
+    assert idx[0].tolist() == [3, 2, 1, 0, -1]
+    with pytest.raises(ValueError):
+        top_n(user, items, 0)
+
+
+def test_similar_by_cosine_excludes_self() -> None:
+    F = np.array([[1, 0], [10, 1], [0, 1], [-1, 0]], dtype=np.float32)
+    idx, _ = similar_items(F, 0, 2)
+    assert idx.tolist() == [1, 2]
+
+
+def test_metrics_perfect_and_worst() -> None:
+    train = sp.csr_matrix((2, 4), dtype=np.float32)
+    test = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32))
+    items = np.eye(4, dtype=np.float32)
+    good = ranking_metrics(np.eye(4, dtype=np.float32)[:2], items, train, test, k=1)
+    assert good.precision == 1.0 and good.ndcg == 1.0 and good.auc == 1.0 and good.epr == 0.0
+    bad = ranking_metrics(-np.eye(4, dtype=np.float32)[:2], items, train, test, k=1)
+    assert bad.precision == 0.0 and bad.auc == 0.0 and bad.epr == 1.0
+
+
+def test_holdout_split_partitions_plays() -> None:
+    m = SyntheticMusic(n_users=200, n_tracks=100, seed=0).matrix()
+    train, test = holdout_split(m, fraction=0.3, seed=0)
+    assert (train + test - m).nnz == 0
+    assert train.multiply(test).nnz == 0
+    assert 0.2 < test.nnz / m.nnz < 0.4
+
+
+def test_time_split_is_causal() -> None:
+    u = np.array([0, 0, 1, 1]); i = np.array([0, 1, 0, 0]); ts = np.array([1.0, 5.0, 2.0, 6.0])
+    train, test = time_split(u, i, ts, np.ones(4, dtype=np.float32), 3.0, (2, 2))
+    assert train.toarray().tolist() == [[1, 0], [1, 0]]
+    assert test.toarray().tolist() == [[0, 1], [0, 0]]  # user 1 replayed a train track
+
+
+def test_synthetic_is_deterministic_and_shaped() -> None:
+    a = SyntheticMusic(n_users=500, n_tracks=300, seed=7)
+    b = SyntheticMusic(n_users=500, n_tracks=300, seed=7)
+    assert (a.matrix() != b.matrix()).nnz == 0
+    lg = a.log()
+    assert np.all(np.diff(lg.ts) >= 0)
+    skips = lg.ms_played < SKIP_MS
+    assert 0.1 < skips.mean() < 0.2
+    m = a.matrix()
+    assert m.sum() == (~skips).sum()
+    listeners = np.sort(np.asarray((m > 0).sum(axis=0)).ravel())[::-1]
+    assert listeners[:10].mean() > 10 * listeners[-100:].mean()  # long tail
+    assert m.max() > 3  # repeat plays
+    late = a.user_join > 0
+    assert late.any() and lg.ts[lg.user == np.flatnonzero(late)[-1]].min() > a.start_ts
+    ev = next(a.events())
+    assert set(ev) >= {"user_id", "track_id", "ts", "ms_played", "count"}
