@@ -166,24 +166,32 @@ class ImplicitALS:
         if not hasattr(self, "item_factors_"):
             raise NotFittedError("this ImplicitALS is not fitted yet: call fit() or load()")
 
-    def _fold_in(self, rows: object, frozen: np.ndarray, name: str) -> np.ndarray:
-        m = check_plays(rows, name=name, n_cols=frozen.shape[0])
+    def fold_in(self, rows: object, frozen: np.ndarray, gram: np.ndarray | None = None) -> np.ndarray:
+        """Exact least-squares solve of `rows` (raw plays over the columns of `frozen`).
+
+        `gram` is FᵀF of the whole frozen side; pass it when `frozen` holds only the vectors the
+        rows touch (the speed layer folds a track in from its listeners alone).
+        """
+        m = check_plays(rows, name="rows", n_cols=frozen.shape[0])
         conf = self._with_confidence(m)
-        out = np.zeros((m.shape[0], self.factors), dtype=np.float32)
-        als_kernels.cholesky_half_step(
-            conf.indptr, conf.indices, conf.data, frozen, self._gram(frozen, np.float64), out
-        )
+        frozen = np.ascontiguousarray(frozen, dtype=np.float32)
+        if gram is None:
+            full = self._gram(frozen, np.float64)
+        else:
+            full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(frozen.shape[1])
+        out = np.zeros((m.shape[0], frozen.shape[1]), dtype=np.float32)
+        als_kernels.cholesky_half_step(conf.indptr, conf.indices, conf.data, frozen, full, out)
         return out
 
     def fold_in_users(self, rows: object) -> np.ndarray:
         """Exact solve of n users (n × n_tracks raw plays) against the frozen track factors."""
         self._check_fitted()
-        return self._fold_in(rows, self.item_factors_, "rows")
+        return self.fold_in(_named(rows, self.item_factors_.shape[0], "rows"), self.item_factors_)
 
     def fold_in_items(self, cols: object) -> np.ndarray:
         """Exact solve of n tracks (n × n_users raw plays) against the frozen user factors."""
         self._check_fitted()
-        return self._fold_in(cols, self.user_factors_, "cols")
+        return self.fold_in(_named(cols, self.user_factors_.shape[0], "cols"), self.user_factors_)
 
     # ---- persistence ------------------------------------------------------------
     def save(self, path: str | Path, **extra: np.ndarray) -> None:
@@ -207,3 +215,8 @@ class ImplicitALS:
         if not (np.all(np.isfinite(model.user_factors_)) and np.all(np.isfinite(model.item_factors_))):
             raise DivergedError(f"{path}: stored factors contain NaN or inf")
         return model
+
+
+def _named(m: object, n_cols: int, name: str) -> sp.csr_matrix:
+    """Validate with the caller's argument name in the message."""
+    return check_plays(m, name=name, n_cols=n_cols)

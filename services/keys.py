@@ -31,6 +31,10 @@ class Keys:
     def track(self, version: str, track_id: str) -> str:
         return f"{self.prefix}model:{version}:track:{track_id}"
 
+    def track_ids(self, version: str) -> str:
+        """Newline-joined track ids of a version, in factor-row order (fast bulk load)."""
+        return f"{self.prefix}model:{version}:track_ids"
+
     def version_pattern(self, version: str) -> str:
         return f"{self.prefix}model:{version}:*"
 
@@ -48,13 +52,23 @@ class Keys:
 
     @property
     def dirty_users(self) -> str:
-        """Sorted set user_id → ts of last history change (catch-up after a retrain)."""
+        """Sorted set user_id → Redis server time of the last history change (catch-up)."""
         return f"{self.prefix}dirty:users"
 
     @property
     def new_tracks(self) -> str:
         """Set of track ids seen in plays but unknown to the current model."""
         return f"{self.prefix}tracks:new"
+
+    @property
+    def pending_users(self) -> str:
+        """Set of users whose history changed but whose vector is not yet re-solved."""
+        return f"{self.prefix}foldin:pending"
+
+    @property
+    def pending_dlq(self) -> str:
+        """List of dead letters recorded atomically with offsets, not yet produced."""
+        return f"{self.prefix}foldin:dlq"
 
 
 def encode_vector(v: np.ndarray) -> bytes:

@@ -1,0 +1,48 @@
+"""Shared helpers of the integration tests: a trained model published, workers in threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from core.als import ImplicitALS
+from core.synthetic import SyntheticMusic
+from services import model_store
+from services.config import Settings
+from services.foldin import FoldInWorker, build
+from services.keys import Keys
+
+
+def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:
+    model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(data.matrix())
+    version = model_store.new_version()
+    model_store.publish(r, Keys(settings.key_prefix), version, model, list(data.user_ids),
+                        list(data.track_ids), {"checkpoint_time": time.time()})
+    return version
+
+
+class WorkerThread:
+    """A fold-in worker running in a thread of the test process."""
+
+    def __init__(self, settings: Settings, group: str) -> None:
+        self.worker: FoldInWorker = build(settings, group)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.worker.close()
+        self.thread.join(timeout=30)
+        self.worker.consumer.close()
+        self.worker.producer.close()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
