@@ -1,0 +1,108 @@
+"""The trainer's durable play matrix: accumulate plays, checkpoint atomically with offsets."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class PlayMatrix:
+    """Users × tracks accumulated play weights with string id maps and applied offsets."""
+
+    user_ids: list[str] = field(default_factory=list)
+    track_ids: list[str] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)  # "incarnation|partition" → offset
+    checkpoint_time: float = 0.0
+    _base: sp.csr_matrix | None = None
+    _rows: list[int] = field(default_factory=list)
+    _cols: list[int] = field(default_factory=list)
+    _vals: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._uidx = {u: i for i, u in enumerate(self.user_ids)}
+        self._tidx = {t: i for i, t in enumerate(self.track_ids)}
+
+    def applied(self, incarnation: str, partition: int) -> int:
+        return self.offsets.get(f"{incarnation}|{partition}", -1)
+
+    def add(self, incarnation: str, partition: int, offset: int, user: str, track: str,
+            weight: float) -> bool:
+        """Add one play unless its offset is already covered; returns whether it was new."""
+        key = f"{incarnation}|{partition}"
+        if offset <= self.offsets.get(key, -1):
+            return False
+        self.offsets[key] = offset
+        if weight <= 0:
+            return True
+        u = self._uidx.setdefault(user, len(self.user_ids))
+        if u == len(self.user_ids):
+            self.user_ids.append(user)
+        t = self._tidx.setdefault(track, len(self.track_ids))
+        if t == len(self.track_ids):
+            self.track_ids.append(track)
+        self._rows.append(u)
+        self._cols.append(t)
+        self._vals.append(weight)
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._vals)
+
+    def matrix(self) -> sp.csr_matrix:
+        """The full matrix (compacts the appended plays into the base)."""
+        shape = (len(self.user_ids), len(self.track_ids))
+        base = self._base if self._base is not None else sp.csr_matrix(shape, dtype=np.float32)
+        base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], base.shape[1]))
+        base.resize(shape)
+        if self._vals:
+            add = sp.csr_matrix((np.array(self._vals, dtype=np.float32), (self._rows, self._cols)),
+                                shape=shape)
+            base = (base + add).tocsr()
+            self._rows, self._cols, self._vals = [], [], []
+        base.sum_duplicates()
+        base.sort_indices()
+        self._base = base.astype(np.float32)
+        return self._base
+
+    def save(self, path: str | Path, checkpoint_time: float) -> None:
+        """Atomic: write a temporary file, fsync, rename over the previous checkpoint."""
+        m = self.matrix()
+        self.checkpoint_time = checkpoint_time
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, indptr=m.indptr, indices=m.indices, data=m.data,
+                     shape=np.array(m.shape), user_ids=np.array(self.user_ids, dtype=str),
+                     track_ids=np.array(self.track_ids, dtype=str),
+                     offsets=np.array(json.dumps(self.offsets)),
+                     checkpoint_time=np.array(checkpoint_time))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlayMatrix:
+        """The last complete checkpoint, or an empty matrix when there is none."""
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        with np.load(path, allow_pickle=False) as z:
+            shape = tuple(int(x) for x in z["shape"])
+            m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+            pm = cls(user_ids=[str(u) for u in z["user_ids"]], track_ids=[str(t) for t in z["track_ids"]],
+                     offsets=json.loads(str(z["offsets"])), checkpoint_time=float(z["checkpoint_time"]))
+        pm._base = m
+        return pm
