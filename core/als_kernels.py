@@ -15,7 +15,7 @@ from numba import prange
 _CHUNK = 256
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def cg_half_step(
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -93,7 +93,7 @@ def cg_half_step(
                 rsold = rsnew
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def cholesky_half_step(
     indptr: np.ndarray,
     indices: np.ndarray,

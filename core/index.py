@@ -1,0 +1,197 @@
+"""Track indexes behind one interface: exact (numpy, the reference) and HNSW (hnswlib).
+
+Both are keyed by string track ids, support upsert and delete in place, and answer top-n by
+inner product ("ip") or cosine ("cosine") with an exact exclusion set: they never return
+fewer than n results while enough non-excluded tracks exist.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, Protocol
+
+import hnswlib
+import numpy as np
+
+Space = Literal["ip", "cosine"]
+
+
+class TrackIndex(Protocol):
+    def upsert(self, ids: list[str], vectors: np.ndarray) -> None: ...
+    def remove(self, ids: Iterable[str]) -> None: ...
+    def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]: ...
+    def vector(self, track_id: str) -> np.ndarray | None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, track_id: object) -> bool: ...
+
+
+def _prep(vectors: np.ndarray, space: Space) -> np.ndarray:
+    v = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    if space == "cosine":
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        v = v / np.where(norms == 0, 1.0, norms)
+    return np.ascontiguousarray(v)
+
+
+class _Slots:
+    """String id ↔ integer label bookkeeping shared by both indexes."""
+
+    def __init__(self) -> None:
+        self.label: dict[str, int] = {}
+        self.ids: list[str | None] = []
+
+    def assign(self, ids: list[str]) -> np.ndarray:
+        out = np.empty(len(ids), dtype=np.int64)
+        for j, t in enumerate(ids):
+            lab = self.label.get(t)
+            if lab is None:
+                lab = len(self.ids)
+                self.label[t] = lab
+                self.ids.append(t)
+            out[j] = lab
+        return out
+
+    def drop(self, track_id: str) -> int | None:
+        lab = self.label.pop(track_id, None)
+        if lab is not None:
+            self.ids[lab] = None
+        return lab
+
+
+class ExactIndex:
+    """Brute-force search over a dense matrix; the reference every index is tested against."""
+
+    def __init__(self, dim: int, space: Space = "ip") -> None:
+        self.dim, self.space = dim, space
+        self.slots = _Slots()
+        self.data = np.zeros((0, dim), dtype=np.float32)
+        self.alive = np.zeros(0, dtype=bool)
+
+    def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
+        labels = self.slots.assign(ids)
+        need = int(labels.max()) + 1 if labels.size else 0
+        if need > self.data.shape[0]:
+            grow = max(need, 2 * self.data.shape[0])
+            self.data = np.vstack([self.data, np.zeros((grow - self.data.shape[0], self.dim), np.float32)])
+            self.alive = np.concatenate([self.alive, np.zeros(grow - self.alive.size, bool)])
+        self.data[labels] = _prep(vectors, self.space)
+        self.alive[labels] = True
+
+    def remove(self, ids: Iterable[str]) -> None:
+        for t in ids:
+            lab = self.slots.drop(t)
+            if lab is not None:
+                self.alive[lab] = False
+
+    def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        scores = self.data @ _prep(vector, self.space)[0]
+        scores[~self.alive] = -np.inf
+        for t in exclude:
+            lab = self.slots.label.get(t)
+            if lab is not None:
+                scores[lab] = -np.inf
+        m = min(n, scores.size)
+        if m == 0:
+            return []
+        top = np.argpartition(-scores, m - 1)[:m]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(str(self.slots.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
+
+    def vector(self, track_id: str) -> np.ndarray | None:
+        lab = self.slots.label.get(track_id)
+        return None if lab is None else self.data[lab].copy()
+
+    def __len__(self) -> int:
+        return len(self.slots.label)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self.slots.label
+
+
+class HNSWIndex:
+    """hnswlib graph, updated in place: upserts replace vectors, removals are marked deleted."""
+
+    def __init__(self, dim: int, space: Space = "ip", capacity: int = 1024, m: int = 16,
+                 ef_construction: int = 200, ef: int | None = None, threads: int = -1) -> None:
+        # Unit vectors crowd together: cosine needs a wider search for the same recall.
+        ef = ef if ef is not None else (400 if space == "cosine" else 200)
+        self.dim, self.space, self.ef, self.threads = dim, space, ef, threads
+        self.m, self.ef_construction = m, ef_construction
+        self.slots = _Slots()
+        self.index = hnswlib.Index(space="ip", dim=dim)  # cosine = ip over unit vectors
+        self.index.init_index(max_elements=max(capacity, 16), M=m, ef_construction=ef_construction,
+                              allow_replace_deleted=False)
+        self.index.set_ef(ef)
+        self.deleted = 0
+
+    def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
+        if not ids:
+            return
+        # A changed vector goes in under a fresh label and the old node is marked deleted:
+        # hnswlib's in-place update re-links poorly under inner product (recall fell to 0.93).
+        self.remove([t for t in ids if t in self.slots.label])
+        labels = self.slots.assign(ids)
+        need = int(labels.max()) + 1
+        cap = self.index.get_max_elements()
+        if need > cap:
+            self.index.resize_index(max(need, 2 * cap))
+        self.index.add_items(_prep(vectors, self.space), labels, num_threads=self.threads,
+                             replace_deleted=False)
+
+    def remove(self, ids: Iterable[str]) -> None:
+        for t in ids:
+            lab = self.slots.drop(t)
+            if lab is not None:
+                self.index.mark_deleted(lab)
+                self.deleted += 1
+
+    def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+        excl = {self.slots.label[t] for t in exclude if t in self.slots.label}
+        live = len(self.slots.label)
+        want = min(n, live - len(excl))
+        if want <= 0:
+            return []
+        k = min(live, n + len(excl))
+        while True:
+            self.index.set_ef(max(self.ef, k))
+            labels, dist = self.index.knn_query(_prep(vector, self.space), k=k, num_threads=1)
+            out = [(str(self.slots.ids[lab]), float(1.0 - d))
+                   for lab, d in zip(labels[0], dist[0], strict=True) if int(lab) not in excl]
+            if len(out) >= want or k >= live:
+                self.index.set_ef(self.ef)
+                return out[:n]
+            k = min(live, 2 * k)
+
+    def vector(self, track_id: str) -> np.ndarray | None:
+        lab = self.slots.label.get(track_id)
+        return None if lab is None else np.asarray(self.index.get_items([lab])[0], dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.slots.label)
+
+    def __contains__(self, track_id: object) -> bool:
+        return track_id in self.slots.label
+
+    def save(self, path: str | Path) -> None:
+        """Snapshot: the graph plus the id map beside it."""
+        path = Path(path)
+        self.index.save_index(str(path))
+        Path(str(path) + ".ids.json").write_text(json.dumps(
+            {"ids": self.slots.ids, "space": self.space, "dim": self.dim, "deleted": self.deleted}))
+
+    @classmethod
+    def load(cls, path: str | Path, ef: int = 200) -> HNSWIndex:
+        meta = json.loads(Path(str(path) + ".ids.json").read_text())
+        obj = cls.__new__(cls)
+        obj.dim, obj.space, obj.ef, obj.threads = meta["dim"], meta["space"], ef, -1
+        obj.m, obj.ef_construction = 16, 200
+        obj.slots = _Slots()
+        obj.slots.ids = meta["ids"]
+        obj.slots.label = {t: i for i, t in enumerate(meta["ids"]) if t is not None}
+        obj.deleted = meta["deleted"]
+        obj.index = hnswlib.Index(space="ip", dim=obj.dim)
+        obj.index.load_index(str(path), max_elements=max(len(obj.slots.ids), 16))
+        obj.index.set_ef(ef)
+        return obj
