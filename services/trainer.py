@@ -14,6 +14,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from core.evaluation import holdout_split, ranking_metrics
+from core.recommend import popular_items
 from core.events import Limits, PlayEvent, parse_play
 from services import kafka_io, model_store
 from services.checkpoint import PlayMatrix
@@ -124,7 +125,8 @@ class Trainer:
         meta = {"engine": self.engine.name, "artifact": str(artifact.resolve()),
                 "checkpoint_time": repr(self.state.checkpoint_time), "n_plays": plays.nnz,
                 "train_seconds": round(train_s, 3), "offsets": json.dumps(self.state.offsets),
-                "metrics": json.dumps(metrics), **{k: repr(v) for k, v in metrics.items()}}
+                "metrics": json.dumps(metrics),
+                "popular": json.dumps([self.state.track_ids[i] for i in popular_items(plays, 1000)]), **{k: repr(v) for k, v in metrics.items()}}
         model_store.publish(self.r, self.keys, version, model, self.state.user_ids,
                             self.state.track_ids, meta)
         log.info("published %s in %.1fs: precision@10 %.4f ndcg@10 %.4f", version,

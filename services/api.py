@@ -1,0 +1,153 @@
+"""`encore serve`: the HTTP API (FastAPI; OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from services.config import Settings
+from services.serving import ServingState, Snapshot
+
+REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram("encore_http_seconds", "HTTP latency", ["route"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+
+
+class Item(BaseModel):
+    track_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    user_id: str | None = None
+    model_version: str
+    source: Literal["personal", "popular"]
+    items: list[Item]
+
+
+class Similar(BaseModel):
+    track_id: str
+    model_version: str
+    items: list[Item]
+
+
+class Play(BaseModel):
+    track_id: str = Field(min_length=1, max_length=256)
+    count: float = Field(default=1.0, gt=0, le=1e6)
+
+
+class AnonymousRequest(BaseModel):
+    plays: list[Play] = Field(max_length=10_000)
+    n: int = Field(default=10, ge=1)
+
+
+def create_app(settings: Settings, state: ServingState, follow: bool = True) -> FastAPI:
+    max_n = settings.max_n
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = None
+        if follow:
+            thread = threading.Thread(target=state.follow, daemon=True, name="serving-follower")
+            thread.start()
+        yield
+        state.stop_event.set()
+        if thread:
+            thread.join(timeout=5)
+
+    app = FastAPI(title="Encore", version="0.1.0", lifespan=lifespan,
+                  description="Streaming music recommendations: implicit ALS + fold-in + HNSW.")
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        REQUESTS.labels(name, str(response.status_code)).inc()
+        LATENCY.labels(name).observe(time.perf_counter() - t0)
+        return response
+
+    def snapshot() -> Snapshot:
+        snap = state.snapshot
+        if snap is None:
+            raise HTTPException(503, detail="no model loaded yet; see /ready")
+        return snap
+
+    def check_n(n: int) -> None:
+        if n > max_n:
+            raise HTTPException(422, detail=f"n must be <= {max_n}")
+
+    def popular(snap: Snapshot, n: int, exclude: set[str]) -> list[Item]:
+        out = [t for t in snap.popular if t not in exclude][:n]
+        return [Item(track_id=t, score=float(len(snap.popular) - i)) for i, t in enumerate(out)]
+
+    @app.get("/recommendations/{user_id}", response_model=Recommendations)
+    def recommend(user_id: str = Path(min_length=1, max_length=256),
+                  n: int = Query(10, ge=1)) -> Recommendations:
+        check_n(n)
+        snap = snapshot()
+        version = snap.loaded.version
+        vec = state.user_vector(version, user_id)
+        played = set(state.history(user_id))
+        if vec is None or not vec.any():
+            return Recommendations(user_id=user_id, model_version=version, source="popular",
+                                   items=popular(snap, n, played))
+        with state.lock:
+            hits = snap.ip.query(vec, n, exclude=played)
+        return Recommendations(user_id=user_id, model_version=version, source="personal",
+                               items=[Item(track_id=t, score=s) for t, s in hits])
+
+    @app.post("/recommendations", response_model=Recommendations)
+    def recommend_anonymous(req: AnonymousRequest) -> Recommendations:
+        check_n(req.n)
+        snap = snapshot()
+        plays: dict[str, float] = {}
+        for p in req.plays:
+            plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
+        vec = state.fold_in_plays(snap, plays)
+        version = snap.loaded.version
+        if vec is None or not vec.any():
+            return Recommendations(model_version=version, source="popular",
+                                   items=popular(snap, req.n, set(plays)))
+        with state.lock:
+            hits = snap.ip.query(vec, req.n, exclude=plays)
+        return Recommendations(model_version=version, source="personal",
+                               items=[Item(track_id=t, score=s) for t, s in hits])
+
+    @app.get("/similar/{track_id}", response_model=Similar)
+    def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Similar:
+        check_n(n)
+        snap = snapshot()
+        with state.lock:
+            vec = snap.cosine.vector(track_id)
+            if vec is None:
+                raise HTTPException(404, detail=f"unknown track {track_id!r}")
+            hits = snap.cosine.query(vec, n, exclude=[track_id])
+        return Similar(track_id=track_id, model_version=snap.loaded.version,
+                       items=[Item(track_id=t, score=s) for t, s in hits])
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        snap = state.snapshot
+        if snap is None:
+            return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
+        return JSONResponse({"ready": True, "model_version": snap.loaded.version, "tracks": len(snap.ip)})
+
+    @app.get("/metrics")
+    def prom() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,155 @@
+"""Serving state of one replica: current model, HNSW indexes, kept fresh from factor-updates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+import scipy.sparse as sp
+from kafka import TopicPartition
+
+from core.index import HNSWIndex
+from services import kafka_io, model_store
+from services.config import Settings
+from services.keys import Keys, decode_vector
+from services.model_store import LoadedModel
+
+log = logging.getLogger(__name__)
+REBUILD_DELETED_SHARE = 0.2
+
+
+@dataclass
+class Snapshot:
+    """One model version with its two indexes; replaced as a whole, never mutated half-way."""
+
+    loaded: LoadedModel
+    ip: HNSWIndex
+    cosine: HNSWIndex
+    popular: list[str]
+
+
+class ServingState:
+    """Holds the current Snapshot; a background thread follows versions and updates."""
+
+    def __init__(self, settings: Settings, r: redis.Redis) -> None:
+        self.s, self.r = settings, r
+        self.keys = Keys(settings.key_prefix)
+        self.snapshot: Snapshot | None = None
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.updates_applied = 0
+
+    # ---- building --------------------------------------------------------------------
+    def _snapshot_dir(self) -> Path:
+        return Path(self.s.data_dir) / "index"
+
+    def build(self, version: str) -> Snapshot:
+        loaded = model_store.load(self.r, self.keys, version)
+        F = loaded.model.item_factors_
+        ids = loaded.track_ids
+        indexes = []
+        for space in ("ip", "cosine"):
+            path = self._snapshot_dir() / f"{version}-{space}.bin"
+            if path.exists():
+                indexes.append(HNSWIndex.load(path))
+                continue
+            idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024))  # type: ignore[arg-type]
+            idx.upsert(ids, F)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                idx.save(path)
+            except OSError as exc:
+                log.warning("could not save index snapshot %s: %s", path, exc)
+            indexes.append(idx)
+        popular = json.loads(loaded.meta.get("popular", "[]")) or ids[:1000]
+        return Snapshot(loaded, indexes[0], indexes[1], popular)
+
+    def refresh(self) -> None:
+        """Swap in the current version once its indexes are built (the old one answers meanwhile)."""
+        version = model_store.current_version(self.r, self.keys)
+        if version is None or (self.snapshot and self.snapshot.loaded.version == version):
+            return
+        t0 = time.perf_counter()
+        snap = self.build(version)
+        with self.lock:
+            self.snapshot = snap
+        log.info("serving model %s (%d tracks, index ready in %.1fs)", version, len(snap.ip),
+                 time.perf_counter() - t0)
+
+    # ---- updates -----------------------------------------------------------------------
+    def apply_update(self, key: bytes, value: bytes | None) -> None:
+        snap = self.snapshot
+        if snap is None or not key.startswith(b"track:"):
+            return
+        track = key[6:].decode()
+        if value is None:
+            with self.lock:
+                snap.ip.remove([track])
+                snap.cosine.remove([track])
+            return
+        d = json.loads(value)
+        if d.get("model_version") != snap.loaded.version:
+            return
+        vec = np.asarray(d["vector"], dtype=np.float32)
+        with self.lock:
+            snap.ip.upsert([track], vec[None])
+            snap.cosine.upsert([track], vec[None])
+        self.updates_applied += 1
+        if snap.ip.deleted > REBUILD_DELETED_SHARE * max(len(snap.ip), 1):
+            threading.Thread(target=self._rebuild, args=(snap,), daemon=True).start()
+
+    def _rebuild(self, snap: Snapshot) -> None:
+        ids = list(snap.ip.slots.label)
+        vecs = np.stack([snap.ip.vector(t) for t in ids]) if ids else np.zeros((0, 1), np.float32)
+        fresh = [HNSWIndex(vecs.shape[1], sp_, capacity=len(ids) + 1024) for sp_ in ("ip", "cosine")]  # type: ignore[arg-type]
+        for idx in fresh:
+            idx.upsert(ids, vecs)
+        with self.lock:
+            if self.snapshot is snap:
+                self.snapshot = Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular)
+
+    def follow(self) -> None:
+        """Background loop: model versions from Redis, vector changes from factor-updates."""
+        consumer = None
+        while not self.stop_event.is_set():
+            try:
+                self.refresh()
+                if consumer is None:
+                    kafka_io.ensure_topics(self.s)
+                    consumer = kafka_io.consumer(self.s.kafka_bootstrap, None)
+                    parts = consumer.partitions_for_topic(self.s.updates_topic) or {0}
+                    tps = [TopicPartition(self.s.updates_topic, p) for p in parts]
+                    consumer.assign(tps)
+                    consumer.seek_to_beginning(*tps)  # replay this version's track changes
+                for recs in consumer.poll(timeout_ms=200, max_records=2000).values():
+                    for m in recs:
+                        if m.key:
+                            self.apply_update(m.key, m.value)
+            except Exception as exc:  # keep serving the last good snapshot
+                log.warning("serving follower: %s: %s; retrying", type(exc).__name__, exc)
+                self.stop_event.wait(1.0)
+        if consumer is not None:
+            consumer.close()
+
+    # ---- queries -----------------------------------------------------------------------
+    def user_vector(self, version: str, user_id: str) -> np.ndarray | None:
+        raw = self.r.get(self.keys.user(version, user_id))
+        return None if raw is None else decode_vector(raw)
+
+    def history(self, user_id: str) -> dict[str, float]:
+        return {k.decode(): float(v) for k, v in self.r.hgetall(self.keys.history(user_id)).items()}
+
+    def fold_in_plays(self, snap: Snapshot, plays: dict[str, float]) -> np.ndarray | None:
+        known = [(snap.loaded.track_index[t], c) for t, c in plays.items() if t in snap.loaded.track_index]
+        if not known:
+            return None
+        cols, vals = zip(*known, strict=True)
+        row = sp.csr_matrix((np.array(vals, dtype=np.float32), ([0] * len(cols), cols)),
+                            shape=(1, len(snap.loaded.track_ids)))
+        return snap.loaded.model.fold_in(row, snap.loaded.model.item_factors_)[0]

@@ -1,0 +1,117 @@
+"""`encore up`: the main job in one command, each service a real child process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from services import kafka_io
+from services.config import Settings
+from services.embedded import EmbeddedServers, _die_with_parent, free_port
+
+
+def _get(url: str) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+class Children:
+    """Child `encore` processes sharing one environment; stopped together."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir, self.procs = env, log_dir, {}  # type: ignore[var-annotated]
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cmd_up(s: Settings, args: argparse.Namespace) -> int:
+    embedded = None
+    env = dict(os.environ)
+    if not s.kafka_bootstrap or not s.redis_url:
+        embedded = EmbeddedServers.start(kafka=not s.kafka_bootstrap, redis=not s.redis_url)
+        s = s.with_(kafka_bootstrap=s.kafka_bootstrap or embedded.kafka_bootstrap,
+                    redis_url=s.redis_url or embedded.redis_url,
+                    data_dir=os.path.join(embedded.workdir, "data"))
+    port = s.api_port if "ENCORE_API_PORT" in env else (s.api_port if _port_free(s.api_port) else free_port())
+    env.update({"ENCORE_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "ENCORE_REDIS_URL": s.redis_url,
+                "ENCORE_DATA_DIR": s.data_dir, "ENCORE_API_PORT": str(port)})
+    env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
+    kafka_io.ensure_topics(s)
+    kids = Children(env, Path(s.data_dir if embedded else tempfile.mkdtemp(prefix="encore-up-")) / "logs")
+    stop = threading.Event()
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        print(f"encore up: Kafka {s.kafka_bootstrap}, Redis {s.redis_url}"
+              f"{' (embedded)' if embedded else ''}; logs in {kids.log_dir}", flush=True)
+        backlog = args.users * 10
+        demo = ["--synthetic", "--users", str(args.users), "--tracks", str(args.tracks)]
+        kids.start("foldin", "foldin")
+        kids.start("serve", "serve", "--port", str(port))
+        kids.start("backlog", "produce", *demo, "--limit", str(backlog)).wait()
+        kids.start("train", "train")
+        kids.start("produce", "produce", *demo, "--seed", "1", "--live", "--rate", str(args.rate))
+        url = f"http://{s.api_host}:{port}"
+        print(f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …",
+              flush=True)
+        while not stop.is_set() and not (_get(f"{url}/ready") or {}).get("ready"):
+            if any(p.poll() not in (None, 0) for p in kids.procs.values()):
+                print("encore up: a service exited; see the logs", file=sys.stderr)
+                return 1
+            stop.wait(1.0)
+        if not stop.is_set():
+            print(f"encore up: API ready at {url} (OpenAPI at {url}/docs)", flush=True)
+            for user in ("u1", "u2", "u3"):
+                rec = _get(f"{url}/recommendations/{user}?n=5") or {}
+                items = [i["track_id"] for i in rec.get("items", [])]  # type: ignore[attr-defined]
+                print(f"  {user}: {rec.get('source')} {items}", flush=True)
+            print("encore up: running; Ctrl-C stops everything", flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            stop.wait(1.0)
+        return 0
+    finally:
+        kids.stop()
+        if embedded:
+            embedded.stop()
+        print("encore up: stopped", flush=True)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
