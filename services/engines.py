@@ -75,6 +75,7 @@ class SparkEngine:
                                  "rating": rating.astype(np.float32)}), path)
         spark = (SparkSession.builder.master(s.spark_master).appName("encore-train")
                  .config("spark.ui.enabled", "false").config("spark.driver.memory", "4g")
+                 .config("spark.ui.showConsoleProgress", "false")
                  .config("spark.sql.shuffle.partitions", "8").getOrCreate())
         try:
             df = spark.read.parquet(path)
