@@ -53,20 +53,22 @@ class FoldInWorker:
                                   settings.track_listeners_cap)
         self.model: LoadedModel | None = None
         self.incarnation = ""
+        self.assignment_changed = True
         self.stop_event = threading.Event()
         consumer.subscribe([settings.plays_topic], listener=_Rebalance(self))
 
     # ---- partition assignment ----------------------------------------------------
+    # kafka-python runs rebalance callbacks on its IO thread, where blocking calls are not
+    # allowed: the callback only flags the change and the loop does the work.
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.incarnation = kafka_io.topic_incarnation(self.s.kafka_bootstrap, self.s.plays_topic)
-        applied = self.store.applied_offsets(self.incarnation)
-        for tp in assigned:
-            if tp.partition in applied:
-                committed = self.consumer.committed(tp) or 0
-                if applied[tp.partition] + 1 > committed:
-                    self.consumer.seek(tp, applied[tp.partition] + 1)
-        log.info("assigned partitions %s (incarnation %s)",
-                 sorted(tp.partition for tp in assigned), self.incarnation)
+        self.assignment_changed = True
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+    def _check_incarnation(self) -> None:
+        if self.assignment_changed or not self.incarnation:
+            self.incarnation = kafka_io.topic_incarnation(self.s.kafka_bootstrap, self.s.plays_topic)
+            self.assignment_changed = False
+            log.info("plays topic incarnation %s", self.incarnation)
 
     # ---- model -------------------------------------------------------------------
     def refresh_model(self) -> None:
@@ -113,6 +115,7 @@ class FoldInWorker:
     def process(self, messages: list[Any]) -> None:
         """Apply, fold, flush, then commit; raises on Redis/broker errors (caller retries)."""
         self.refresh_model()
+        self._check_incarnation()
         records = self.to_records(messages)
         applied = self.store.apply(self.incarnation, records)
         metrics.EVENTS_APPLIED.inc(applied)

@@ -1,0 +1,88 @@
+"""`encore foldin` as a real process, killed with SIGKILL mid-stream and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+import redis
+
+from core.synthetic import SyntheticMusic
+from services import kafka_io
+from services.config import Settings
+from services.keys import Keys
+from services.produce import PlayPublisher
+from tests.integration.helpers import publish_synthetic_model, wait_for
+from tests.integration.test_foldin import _consume_all
+
+pytestmark = pytest.mark.e2e
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
+    env.update({"ENCORE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "ENCORE_REDIS_URL": settings.redis_url,
+                "ENCORE_PLAYS_TOPIC": settings.plays_topic, "ENCORE_DLQ_TOPIC": settings.dlq_topic,
+                "ENCORE_UPDATES_TOPIC": settings.updates_topic, "ENCORE_KEY_PREFIX": settings.key_prefix,
+                "ENCORE_FACTORS": str(settings.factors), "ENCORE_BATCH_MAX_EVENTS": "500",
+                "ENCORE_DATA_DIR": settings.data_dir})
+    return env
+
+
+def _start(env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "foldin"], env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_client: redis.Redis,
+                                                      tmp_path) -> None:
+    data = SyntheticMusic(n_users=500, n_tracks=400, seed=21)
+    publish_synthetic_model(settings, redis_client, data)
+    kafka_io.ensure_topics(settings)
+    keys = Keys(settings.key_prefix)
+    env = _env(settings)
+    log = str(tmp_path / "foldin.log")
+    worker = _start(env, log)
+
+    expected: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    bad: list[bytes] = []
+    pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+    events = list(data.events(20_000))
+    for j, ev in enumerate(events):
+        if j % 200 == 7:  # malformed ones mixed in
+            raw = [b"{broken", json.dumps({**ev, "count": -1}).encode(),
+                   json.dumps({**ev, "user_id": ""}).encode()][j % 3]
+            bad.append(raw)
+            pub.publish_raw(b"bad", raw)
+        if j % 97 == 3:
+            ev = {**ev, "private": True}
+        pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
+        if not ev.get("private") and int(ev["ms_played"]) >= 30_000:  # type: ignore[call-overload]
+            expected[str(ev["user_id"])][str(ev["track_id"])] += 1.0
+        if j == 8_000:
+            pub.flush()
+            # Kill -9 once the worker is mid-stream.
+            assert wait_for(lambda: int(redis_client.zcard(keys.dirty_users)) > 50, timeout=60)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            worker = _start(env, log)
+    pub.flush()
+    try:
+        def caught_up() -> bool:
+            raw = redis_client.hgetall(keys.offsets("encore-foldin"))
+            return sum(int(v) + 1 for v in raw.values()) >= len(events) + len(bad)
+        assert wait_for(caught_up, timeout=120), open(log).read()[-3000:]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    for user, tracks in expected.items():
+        stored = {k.decode(): float(v) for k, v in redis_client.hgetall(keys.history(user)).items()}
+        assert stored == dict(tracks), user
+    dlq = _consume_all(settings, settings.dlq_topic, len(bad), timeout=30)
+    assert sorted(r.value for r in dlq) == sorted(bad)
+    assert int(redis_client.zcard(keys.pending_users)) == 0
