@@ -61,7 +61,8 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
         s = s.with_(kafka_bootstrap=s.kafka_bootstrap or embedded.kafka_bootstrap,
                     redis_url=s.redis_url or embedded.redis_url,
                     data_dir=os.path.join(embedded.workdir, "data"))
-    port = s.api_port if "ENCORE_API_PORT" in env else (s.api_port if _port_free(s.api_port) else free_port())
+    # Port 0, or the default port already taken, means: pick a free one.
+    port = s.api_port if s.api_port and ("ENCORE_API_PORT" in env or _port_free(s.api_port)) else free_port()
     env.update({"ENCORE_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "ENCORE_REDIS_URL": s.redis_url,
                 "ENCORE_DATA_DIR": s.data_dir, "ENCORE_API_PORT": str(port)})
     env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
