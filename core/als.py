@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -71,9 +71,20 @@ class ImplicitALS:
 
     # ---- parameters -------------------------------------------------------------
     def get_params(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in (
-            "factors", "regularization", "alpha", "iterations", "confidence",
-            "epsilon", "solver", "cg_steps", "random_state")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "factors",
+                "regularization",
+                "alpha",
+                "iterations",
+                "confidence",
+                "epsilon",
+                "solver",
+                "cg_steps",
+                "random_state",
+            )
+        }
 
     def _check_params(self) -> None:
         if not (isinstance(self.factors, int) and self.factors > 0):
@@ -194,7 +205,7 @@ class ImplicitALS:
         return self.fold_in(_named(cols, self.user_factors_.shape[0], "cols"), self.user_factors_)
 
     # ---- persistence ------------------------------------------------------------
-    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+    def save(self, path: str | Path, **extra: Any) -> None:
         """Write factors, parameters and any extra arrays (e.g. id maps) to an .npz."""
         self._check_fitted()
         np.savez(

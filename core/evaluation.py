@@ -30,7 +30,11 @@ def holdout_split(
 
 
 def time_split(
-    user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, cutoff: float,
+    user: np.ndarray,
+    item: np.ndarray,
+    ts: np.ndarray,
+    weight: np.ndarray,
+    cutoff: float,
     shape: tuple[int, int],
 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Plays before `cutoff` train, plays after test (tracks already in train dropped from test)."""
@@ -56,13 +60,24 @@ class Metrics:
     users: int
 
     def as_dict(self, k: int) -> dict[str, float]:
-        return {f"precision@{k}": self.precision, f"map@{k}": self.map, f"ndcg@{k}": self.ndcg,
-                "auc": self.auc, "expected_percentile_rank": self.epr, "eval_users": self.users}
+        return {
+            f"precision@{k}": self.precision,
+            f"map@{k}": self.map,
+            f"ndcg@{k}": self.ndcg,
+            "auc": self.auc,
+            "expected_percentile_rank": self.epr,
+            "eval_users": self.users,
+        }
 
 
 def ranking_metrics(
-    user_factors: np.ndarray, item_factors: np.ndarray, train: sp.spmatrix, test: sp.spmatrix,
-    k: int = 10, max_users: int | None = 5000, seed: int = 0,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    train: sp.spmatrix,
+    test: sp.spmatrix,
+    k: int = 10,
+    max_users: int | None = 5000,
+    seed: int = 0,
 ) -> Metrics:
     """Metrics@k over users with held-out plays; train tracks are excluded from rankings.
 
@@ -105,5 +120,11 @@ def ranking_metrics(
             negatives = candidates - truth.size
             if negatives > 0:
                 auc.append(float(np.mean(1.0 - (higher / negatives).clip(0, 1))))
-    return Metrics(float(np.mean(prec)), float(np.mean(ap)), float(np.mean(ndcg)),
-                   float(np.mean(auc)) if auc else float("nan"), epr_num / epr_den, int(users.size))
+    return Metrics(
+        float(np.mean(prec)),
+        float(np.mean(ap)),
+        float(np.mean(ndcg)),
+        float(np.mean(auc)) if auc else float("nan"),
+        epr_num / epr_den,
+        int(users.size),
+    )

@@ -29,8 +29,14 @@ class PlayEvent:
         return float(self.count)
 
     def to_json(self) -> bytes:
-        d: dict[str, object] = {"v": 1, "user_id": self.user_id, "track_id": self.track_id,
-                                "ts": self.ts, "count": self.count, "private": self.private}
+        d: dict[str, object] = {
+            "v": 1,
+            "user_id": self.user_id,
+            "track_id": self.track_id,
+            "ts": self.ts,
+            "count": self.count,
+            "private": self.private,
+        }
         if self.ms_played is not None:
             d["ms_played"] = self.ms_played
         if self.event_id is not None:

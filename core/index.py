@@ -31,7 +31,7 @@ def _prep(vectors: np.ndarray, space: Space) -> np.ndarray:
     v = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
     if space == "cosine":
         norms = np.linalg.norm(v, axis=1, keepdims=True)
-        v = v / np.where(norms == 0, 1.0, norms)
+        v = (v / np.where(norms == 0, 1.0, norms)).astype(np.float32)
     return np.ascontiguousarray(v)
 
 
@@ -113,16 +113,25 @@ class ExactIndex:
 class HNSWIndex:
     """hnswlib graph, updated in place: upserts replace vectors, removals are marked deleted."""
 
-    def __init__(self, dim: int, space: Space = "ip", capacity: int = 1024, m: int = 16,
-                 ef_construction: int = 200, ef: int | None = None, threads: int = -1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        space: Space = "ip",
+        capacity: int = 1024,
+        m: int = 16,
+        ef_construction: int = 200,
+        ef: int | None = None,
+        threads: int = -1,
+    ) -> None:
         # Unit vectors crowd together: cosine needs a wider search for the same recall.
         ef = ef if ef is not None else (400 if space == "cosine" else 200)
         self.dim, self.space, self.ef, self.threads = dim, space, ef, threads
         self.m, self.ef_construction = m, ef_construction
         self.slots = _Slots()
         self.index = hnswlib.Index(space="ip", dim=dim)  # cosine = ip over unit vectors
-        self.index.init_index(max_elements=max(capacity, 16), M=m, ef_construction=ef_construction,
-                              allow_replace_deleted=False)
+        self.index.init_index(
+            max_elements=max(capacity, 16), M=m, ef_construction=ef_construction, allow_replace_deleted=False
+        )
         self.index.set_ef(ef)
         self.deleted = 0
 
@@ -137,8 +146,9 @@ class HNSWIndex:
         cap = self.index.get_max_elements()
         if need > cap:
             self.index.resize_index(max(need, 2 * cap))
-        self.index.add_items(_prep(vectors, self.space), labels, num_threads=self.threads,
-                             replace_deleted=False)
+        self.index.add_items(
+            _prep(vectors, self.space), labels, num_threads=self.threads, replace_deleted=False
+        )
 
     def remove(self, ids: Iterable[str]) -> None:
         for t in ids:
@@ -157,8 +167,11 @@ class HNSWIndex:
         while True:
             self.index.set_ef(max(self.ef, k))
             labels, dist = self.index.knn_query(_prep(vector, self.space), k=k, num_threads=1)
-            out = [(str(self.slots.ids[lab]), float(1.0 - d))
-                   for lab, d in zip(labels[0], dist[0], strict=True) if int(lab) not in excl]
+            out = [
+                (str(self.slots.ids[lab]), float(1.0 - d))
+                for lab, d in zip(labels[0], dist[0], strict=True)
+                if int(lab) not in excl
+            ]
             if len(out) >= want or k >= live:
                 self.index.set_ef(self.ef)
                 return out[:n]
@@ -178,8 +191,9 @@ class HNSWIndex:
         """Snapshot: the graph plus the id map beside it."""
         path = Path(path)
         self.index.save_index(str(path))
-        Path(str(path) + ".ids.json").write_text(json.dumps(
-            {"ids": self.slots.ids, "space": self.space, "dim": self.dim, "deleted": self.deleted}))
+        Path(str(path) + ".ids.json").write_text(
+            json.dumps({"ids": self.slots.ids, "space": self.space, "dim": self.dim, "deleted": self.deleted})
+        )
 
     @classmethod
     def load(cls, path: str | Path, ef: int = 200) -> HNSWIndex:

@@ -30,8 +30,11 @@ def top_n(
         if exclude is not None:
             block = exclude[s : s + batch].tocoo()
             scores[block.row, block.col] = -np.inf
-        part = np.argpartition(-scores, m - 1, axis=1)[:, :m] if m < n_items else (
-            np.tile(np.arange(n_items), (scores.shape[0], 1)))
+        part = (
+            np.argpartition(-scores, m - 1, axis=1)[:, :m]
+            if m < n_items
+            else (np.tile(np.arange(n_items), (scores.shape[0], 1)))
+        )
         ps = np.take_along_axis(scores, part, axis=1)
         order = np.argsort(-ps, axis=1, kind="stable")
         top = np.take_along_axis(part, order, axis=1)

@@ -98,8 +98,9 @@ class SyntheticMusic:
         skip = rng.random(total) < self.skip_rate
         ms = np.where(skip, rng.integers(1_000, SKIP_MS, total), rng.integers(SKIP_MS, 400_000, total))
         order = np.argsort(ts, kind="stable")
-        return PlayLog(user[order].astype(np.int32), track[order].astype(np.int32),
-                       ts[order], ms[order].astype(np.int64))
+        return PlayLog(
+            user[order].astype(np.int32), track[order].astype(np.int32), ts[order], ms[order].astype(np.int64)
+        )
 
     def matrix(self, before_ts: float | None = None) -> sp.csr_matrix:
         """Users × tracks raw play counts (skips excluded), optionally only plays before a time."""
@@ -133,5 +134,10 @@ class SyntheticMusic:
 def scaled(n_plays: int, seed: int = 0) -> SyntheticMusic:
     """A data set of about `n_plays` distinct user–track pairs at the bench's 5:2 user:track ratio."""
     n_users = max(100, n_plays // 20)
-    return SyntheticMusic(n_users=n_users, n_tracks=max(50, n_users * 2 // 5), mean_plays=30.0,
-                          n_genres=max(20, n_users // 2500), seed=seed)
+    return SyntheticMusic(
+        n_users=n_users,
+        n_tracks=max(50, n_users * 2 // 5),
+        mean_plays=30.0,
+        n_genres=max(20, n_users // 2500),
+        seed=seed,
+    )

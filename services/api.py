@@ -17,8 +17,12 @@ from services.config import Settings
 from services.serving import ServingState, Snapshot
 
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
-LATENCY = Histogram("encore_http_seconds", "HTTP latency", ["route"],
-                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+LATENCY = Histogram(
+    "encore_http_seconds",
+    "HTTP latency",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+)
 
 
 class Item(BaseModel):
@@ -63,8 +67,12 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         if thread:
             thread.join(timeout=5)
 
-    app = FastAPI(title="Encore", version="0.1.0", lifespan=lifespan,
-                  description="Streaming music recommendations: implicit ALS + fold-in + HNSW.")
+    app = FastAPI(
+        title="Encore",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Streaming music recommendations: implicit ALS + fold-in + HNSW.",
+    )
 
     @app.middleware("http")
     async def measure(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -91,20 +99,26 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         return [Item(track_id=t, score=float(len(snap.popular) - i)) for i, t in enumerate(out)]
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
-    def recommend(user_id: str = Path(min_length=1, max_length=256),
-                  n: int = Query(10, ge=1)) -> Recommendations:
+    def recommend(
+        user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)
+    ) -> Recommendations:
         check_n(n)
         snap = snapshot()
         version = snap.loaded.version
         vec = state.user_vector(version, user_id)
         played = set(state.history(user_id))
         if vec is None or not vec.any():
-            return Recommendations(user_id=user_id, model_version=version, source="popular",
-                                   items=popular(snap, n, played))
+            return Recommendations(
+                user_id=user_id, model_version=version, source="popular", items=popular(snap, n, played)
+            )
         with state.lock:
             hits = snap.ip.query(vec, n, exclude=played)
-        return Recommendations(user_id=user_id, model_version=version, source="personal",
-                               items=[Item(track_id=t, score=s) for t, s in hits])
+        return Recommendations(
+            user_id=user_id,
+            model_version=version,
+            source="personal",
+            items=[Item(track_id=t, score=s) for t, s in hits],
+        )
 
     @app.post("/recommendations", response_model=Recommendations)
     def recommend_anonymous(req: AnonymousRequest) -> Recommendations:
@@ -116,12 +130,14 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         vec = state.fold_in_plays(snap, plays)
         version = snap.loaded.version
         if vec is None or not vec.any():
-            return Recommendations(model_version=version, source="popular",
-                                   items=popular(snap, req.n, set(plays)))
+            return Recommendations(
+                model_version=version, source="popular", items=popular(snap, req.n, set(plays))
+            )
         with state.lock:
             hits = snap.ip.query(vec, req.n, exclude=plays)
-        return Recommendations(model_version=version, source="personal",
-                               items=[Item(track_id=t, score=s) for t, s in hits])
+        return Recommendations(
+            model_version=version, source="personal", items=[Item(track_id=t, score=s) for t, s in hits]
+        )
 
     @app.get("/similar/{track_id}", response_model=Similar)
     def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Similar:
@@ -132,8 +148,11 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
             if vec is None:
                 raise HTTPException(404, detail=f"unknown track {track_id!r}")
             hits = snap.cosine.query(vec, n, exclude=[track_id])
-        return Similar(track_id=track_id, model_version=snap.loaded.version,
-                       items=[Item(track_id=t, score=s) for t, s in hits])
+        return Similar(
+            track_id=track_id,
+            model_version=snap.loaded.version,
+            items=[Item(track_id=t, score=s) for t, s in hits],
+        )
 
     @app.get("/health")
     def health() -> dict[str, str]:

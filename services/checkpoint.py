@@ -31,8 +31,9 @@ class PlayMatrix:
     def applied(self, incarnation: str, partition: int) -> int:
         return self.offsets.get(f"{incarnation}|{partition}", -1)
 
-    def add(self, incarnation: str, partition: int, offset: int, user: str, track: str,
-            weight: float) -> bool:
+    def add(
+        self, incarnation: str, partition: int, offset: int, user: str, track: str, weight: float
+    ) -> bool:
         """Add one play unless its offset is already covered; returns whether it was new."""
         key = f"{incarnation}|{partition}"
         if offset <= self.offsets.get(key, -1):
@@ -62,8 +63,9 @@ class PlayMatrix:
         base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], base.shape[1]))
         base.resize(shape)
         if self._vals:
-            add = sp.csr_matrix((np.array(self._vals, dtype=np.float32), (self._rows, self._cols)),
-                                shape=shape)
+            add = sp.csr_matrix(
+                (np.array(self._vals, dtype=np.float32), (self._rows, self._cols)), shape=shape
+            )
             base = (base + add).tocsr()
             self._rows, self._cols, self._vals = [], [], []
         base.sum_duplicates()
@@ -79,11 +81,17 @@ class PlayMatrix:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         with open(tmp, "wb") as f:
-            np.savez(f, indptr=m.indptr, indices=m.indices, data=m.data,
-                     shape=np.array(m.shape), user_ids=np.array(self.user_ids, dtype=str),
-                     track_ids=np.array(self.track_ids, dtype=str),
-                     offsets=np.array(json.dumps(self.offsets)),
-                     checkpoint_time=np.array(checkpoint_time))
+            np.savez(
+                f,
+                indptr=m.indptr,
+                indices=m.indices,
+                data=m.data,
+                shape=np.array(m.shape),
+                user_ids=np.array(self.user_ids, dtype=str),
+                track_ids=np.array(self.track_ids, dtype=str),
+                offsets=np.array(json.dumps(self.offsets)),
+                checkpoint_time=np.array(checkpoint_time),
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,7 +110,11 @@ class PlayMatrix:
         with np.load(path, allow_pickle=False) as z:
             shape = tuple(int(x) for x in z["shape"])
             m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
-            pm = cls(user_ids=[str(u) for u in z["user_ids"]], track_ids=[str(t) for t in z["track_ids"]],
-                     offsets=json.loads(str(z["offsets"])), checkpoint_time=float(z["checkpoint_time"]))
+            pm = cls(
+                user_ids=[str(u) for u in z["user_ids"]],
+                track_ids=[str(t) for t in z["track_ids"]],
+                offsets=json.loads(str(z["offsets"])),
+                checkpoint_time=float(z["checkpoint_time"]),
+            )
         pm._base = m
         return pm

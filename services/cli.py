@@ -20,11 +20,15 @@ COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encore", description="Streaming music recommender.")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="the main job: servers (embedded if none set), demo plays, train, fold-in, API")
+    up = sub.add_parser(
+        "up", help="the main job: servers (embedded if none set), demo plays, train, fold-in, API"
+    )
     up.add_argument("--rate", type=float, default=300.0, help="demo plays per second")
     up.add_argument("--users", type=int, default=3000)
     up.add_argument("--tracks", type=int, default=1500)
-    up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
+    up.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)"
+    )
     sub.add_parser("embedded", help="start only the embedded broker and Redis")
     pr = sub.add_parser("produce", help="publish plays from a file or the synthetic generator")
     pr.add_argument("--file", help="JSON lines or CSV user_id,track_id,ts[,ms_played,count]")
@@ -59,14 +63,17 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     def handler(signum: int, frame: object) -> None:
         log.info("signal %d: stopping", signum)
         stop()
+
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
 def _require_servers(s: Settings) -> None:
     if not s.kafka_bootstrap or not s.redis_url:
-        raise ConfigError("set ENCORE_KAFKA_BOOTSTRAP and ENCORE_REDIS_URL (or run `encore up`, "
-                          "which starts embedded servers, or `encore embedded` to get addresses)")
+        raise ConfigError(
+            "set ENCORE_KAFKA_BOOTSTRAP and ENCORE_REDIS_URL (or run `encore up`, "
+            "which starts embedded servers, or `encore embedded` to get addresses)"
+        )
 
 
 def cmd_config(s: Settings, args: argparse.Namespace) -> int:
@@ -96,8 +103,11 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
     kafka_io.ensure_topics(s)
     if bool(args.file) == bool(args.synthetic):
         raise ConfigError("give exactly one of --file PATH or --synthetic")
-    source = read_plays_file(args.file) if args.file else synthetic_stream(
-        args.users, args.tracks, args.seed, args.limit, args.live)
+    source = (
+        read_plays_file(args.file)
+        if args.file
+        else synthetic_stream(args.users, args.tracks, args.seed, args.limit, args.live)
+    )
     stop = threading.Event()
     _stop_on_signals(stop.set)
     pub = PlayPublisher.connect(s.kafka_bootstrap, s.plays_topic)
@@ -183,10 +193,17 @@ def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     if args.action == "list":
         for v, score in r.zrange(keys.versions, 0, -1, withscores=True):
             meta = r.hgetall(keys.meta(v.decode()))
-            print(json.dumps({"version": v.decode(), "current": v.decode() == current,
-                              "published_at": score,
-                              "precision@10": float(meta.get(b"precision@10", b"nan")),
-                              "in_redis": bool(meta)}))
+            print(
+                json.dumps(
+                    {
+                        "version": v.decode(),
+                        "current": v.decode() == current,
+                        "published_at": score,
+                        "precision@10": float(meta.get(b"precision@10", b"nan")),
+                        "in_redis": bool(meta),
+                    }
+                )
+            )
         return 0
     if not r.exists(keys.meta(args.version)):
         raise EncoreError(f"version {args.version} is not in Redis (expired?); `encore model list`")
@@ -202,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"encore: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("kafka").setLevel(logging.WARNING)
     if args.command == "up":
         from services.up import cmd_up
+
         handler: Callable[[Settings, argparse.Namespace], int] = cmd_up
     else:
         handler = globals()[f"cmd_{args.command}"]

@@ -1,9 +1,9 @@
 """Lookup client: other Python services read vectors and top-N straight from Redis.
 
-    from services.client import EncoreClient
-    client = EncoreClient("redis://127.0.0.1:6379/0")
-    client.user_vector("u-123")          # float32 array or None
-    client.top_n("u-123", n=10)          # [(track_id, score), ...], played tracks excluded
+from services.client import EncoreClient
+client = EncoreClient("redis://127.0.0.1:6379/0")
+client.user_vector("u-123")          # float32 array or None
+client.top_n("u-123", n=10)          # [(track_id, score), ...], played tracks excluded
 """
 
 from __future__ import annotations
@@ -58,9 +58,14 @@ class EncoreClient:
         exclude = None
         if played:
             import scipy.sparse as sp
-            exclude = sp.csr_matrix((np.ones(len(played)), ([0] * len(played), played)), shape=(1, F.shape[0]))
+
+            exclude = sp.csr_matrix(
+                (np.ones(len(played)), ([0] * len(played), played)), shape=(1, F.shape[0])
+            )
         idx, scores = top_n(vec[None], F, n, exclude=exclude)
-        return [(self._model.track_ids[i], float(s)) for i, s in zip(idx[0], scores[0], strict=True) if i >= 0]
+        return [
+            (self._model.track_ids[i], float(s)) for i, s in zip(idx[0], scores[0], strict=True) if i >= 0
+        ]
 
     def close(self) -> None:
         self.r.close()

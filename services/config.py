@@ -62,8 +62,9 @@ class Settings:
         """Parse ENCORE_* variables; unknown names or bad values raise ConfigError."""
         env = os.environ if env is None else env
         known = {f"ENCORE_{f.name.upper()}": f for f in fields(cls)}
-        unknown = sorted(k for k in env if k.startswith("ENCORE_") and k not in known
-                         and not k.startswith("ENCORE_TEST_"))
+        unknown = sorted(
+            k for k in env if k.startswith("ENCORE_") and k not in known and not k.startswith("ENCORE_TEST_")
+        )
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; see `encore config`")
         values: dict[str, Any] = {}

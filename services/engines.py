@@ -23,11 +23,16 @@ class Engine(Protocol):
 
 
 def model_for(settings: Settings) -> ImplicitALS:
-    return ImplicitALS(factors=settings.factors, regularization=settings.regularization,
-                       alpha=settings.alpha, iterations=settings.iterations,
-                       confidence=settings.confidence,  # type: ignore[arg-type]
-                       epsilon=settings.epsilon, solver=settings.solver,  # type: ignore[arg-type]
-                       random_state=0)
+    return ImplicitALS(
+        factors=settings.factors,
+        regularization=settings.regularization,
+        alpha=settings.alpha,
+        iterations=settings.iterations,
+        confidence=settings.confidence,  # type: ignore[arg-type]
+        epsilon=settings.epsilon,
+        solver=settings.solver,  # type: ignore[arg-type]
+        random_state=0,
+    )
 
 
 class LocalEngine:
@@ -69,19 +74,44 @@ class SparkEngine:
         s = self.settings
         coo = plays.tocoo()
         rating = np.log1p(coo.data / s.epsilon) if s.confidence == "log" else coo.data
-        workdir = tempfile.mkdtemp(prefix="encore-spark-", dir=s.data_dir if os.path.isdir(s.data_dir) else None)
+        workdir = tempfile.mkdtemp(
+            prefix="encore-spark-", dir=s.data_dir if os.path.isdir(s.data_dir) else None
+        )
         path = os.path.join(workdir, "plays.parquet")
-        pq.write_table(pa.table({"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32),
-                                 "rating": rating.astype(np.float32)}), path)
-        spark = (SparkSession.builder.master(s.spark_master).appName("encore-train")
-                 .config("spark.ui.enabled", "false").config("spark.driver.memory", "4g")
-                 .config("spark.ui.showConsoleProgress", "false")
-                 .config("spark.sql.shuffle.partitions", "8").getOrCreate())
+        pq.write_table(
+            pa.table(
+                {
+                    "user": coo.row.astype(np.int32),
+                    "item": coo.col.astype(np.int32),
+                    "rating": rating.astype(np.float32),
+                }
+            ),
+            path,
+        )
+        spark = (
+            SparkSession.builder.master(s.spark_master)
+            .appName("encore-train")
+            .config("spark.ui.enabled", "false")
+            .config("spark.driver.memory", "4g")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.shuffle.partitions", "8")
+            .getOrCreate()
+        )
         try:
             df = spark.read.parquet(path)
-            als = ALS(rank=s.factors, maxIter=s.iterations, regParam=s.regularization,
-                      alpha=s.alpha, implicitPrefs=True, userCol="user", itemCol="item",
-                      ratingCol="rating", seed=0, nonnegative=False, coldStartStrategy="drop")
+            als = ALS(
+                rank=s.factors,
+                maxIter=s.iterations,
+                regParam=s.regularization,
+                alpha=s.alpha,
+                implicitPrefs=True,
+                userCol="user",
+                itemCol="item",
+                ratingCol="rating",
+                seed=0,
+                nonnegative=False,
+                coldStartStrategy="drop",
+            )
             fitted = als.fit(df)
             X = _collect(fitted.userFactors, plays.shape[0], s.factors)
             Y = _collect(fitted.itemFactors, plays.shape[1], s.factors)

@@ -45,12 +45,17 @@ class _Rebalance(ConsumerRebalanceListener):
 class FoldInWorker:
     """One member of the fold-in consumer group."""
 
-    def __init__(self, settings: Settings, r: redis.Redis, consumer: KafkaConsumer,
-                 producer: KafkaProducer, group: str = GROUP) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        r: redis.Redis,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        group: str = GROUP,
+    ) -> None:
         self.s, self.r, self.consumer, self.producer = settings, r, consumer, producer
         self.keys = Keys(settings.key_prefix)
-        self.store = HistoryStore(r, self.keys, group, settings.history_cap,
-                                  settings.track_listeners_cap)
+        self.store = HistoryStore(r, self.keys, group, settings.history_cap, settings.track_listeners_cap)
         self.model: LoadedModel | None = None
         self.incarnation = ""
         self.assignment_changed = True
@@ -90,8 +95,15 @@ class FoldInWorker:
 
     def _fold_tracks(self, tracks: list[str]) -> None:
         if self.model and tracks:
-            done = fold_new_tracks(self.r, self.keys, self.model, tracks,
-                                   self.s.cold_start_min_listeners, self.producer, self.s.updates_topic)
+            done = fold_new_tracks(
+                self.r,
+                self.keys,
+                self.model,
+                tracks,
+                self.s.cold_start_min_listeners,
+                self.producer,
+                self.s.updates_topic,
+            )
             metrics.TRACKS_FOLDED.inc(len(done))
 
     # ---- one micro-batch -----------------------------------------------------------
@@ -102,7 +114,9 @@ class FoldInWorker:
             ev = parse_play(m.value, limits)
             if isinstance(ev, InvalidEvent):
                 source = f"{m.topic}/{m.partition}/{m.offset}"
-                out.append(Record(m.partition, m.offset, "d", extra=dead_letter_json(ev.raw, ev.reason, source)))
+                out.append(
+                    Record(m.partition, m.offset, "d", extra=dead_letter_json(ev.raw, ev.reason, source))
+                )
                 continue
             w = ev.weight(self.s.min_ms_played)
             if w <= 0:
@@ -133,8 +147,11 @@ class FoldInWorker:
         entries = self.r.lrange(self.keys.pending_dlq, 0, -1)
         for raw in entries:
             d = json.loads(raw)
-            self.producer.send(self.s.dlq_topic, value=d["raw"].encode("latin-1"),
-                               headers=[("error", d["error"].encode()), ("source", d["source"].encode())])
+            self.producer.send(
+                self.s.dlq_topic,
+                value=d["raw"].encode("latin-1"),
+                headers=[("error", d["error"].encode()), ("source", d["source"].encode())],
+            )
         if entries:
             self.producer.flush()
             self.r.ltrim(self.keys.pending_dlq, len(entries), -1)
@@ -145,8 +162,15 @@ class FoldInWorker:
             return
         pending = self.store.pending(PENDING_PER_STEP)
         if pending:
-            refold_users(self.r, self.keys, self.store, self.model, [u for u, _ in pending],
-                         self.producer, self.s.updates_topic)
+            refold_users(
+                self.r,
+                self.keys,
+                self.store,
+                self.model,
+                [u for u, _ in pending],
+                self.producer,
+                self.s.updates_topic,
+            )
             self.producer.flush()
             self.store.mark_done(pending)
             metrics.USERS_FOLDED.inc(len(pending))
@@ -176,8 +200,13 @@ class FoldInWorker:
                     break
                 except (redis.RedisError, KafkaError, OSError) as exc:
                     metrics.RETRIES.inc()
-                    log.warning("batch of %d failed (%s: %s); retrying in %.1fs, nothing committed",
-                                len(messages), type(exc).__name__, exc, backoff)
+                    log.warning(
+                        "batch of %d failed (%s: %s); retrying in %.1fs, nothing committed",
+                        len(messages),
+                        type(exc).__name__,
+                        exc,
+                        backoff,
+                    )
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
             if on_batch and messages:
@@ -190,8 +219,9 @@ class FoldInWorker:
 def build(settings: Settings, group: str = GROUP) -> FoldInWorker:
     """Composition root of one worker."""
     kafka_io.ensure_topics(settings)
-    r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5,
-                             health_check_interval=10)
+    r = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10
+    )
     consumer = kafka_io.consumer(settings.kafka_bootstrap, group)
     producer = kafka_io.producer(settings.kafka_bootstrap)
     return FoldInWorker(settings, r, consumer, producer, group)

@@ -34,19 +34,24 @@ def history_rows(histories: list[dict[str, float]], model: LoadedModel) -> sp.cs
                 rows.append(i)
                 cols.append(j)
                 vals.append(w)
-    return sp.csr_matrix((np.array(vals, dtype=np.float32), (rows, cols)),
-                         shape=(len(histories), len(model.track_ids)))
+    return sp.csr_matrix(
+        (np.array(vals, dtype=np.float32), (rows, cols)), shape=(len(histories), len(model.track_ids))
+    )
 
 
 def refold_users(
-    r: redis.Redis, keys: Keys, store: HistoryStore, model: LoadedModel, users: list[str],
-    producer: KafkaProducer | None, updates_topic: str,
+    r: redis.Redis,
+    keys: Keys,
+    store: HistoryStore,
+    model: LoadedModel,
+    users: list[str],
+    producer: KafkaProducer | None,
+    updates_topic: str,
 ) -> np.ndarray:
     """Solve `users` against the frozen track factors, write vectors, announce them."""
     if not users:
         return np.zeros((0, model.model.factors), dtype=np.float32)
-    vectors = model.model.fold_in(history_rows(store.histories(users), model),
-                                  model.model.item_factors_)
+    vectors = model.model.fold_in(history_rows(store.histories(users), model), model.model.item_factors_)
     pipe = r.pipeline(transaction=False)
     for u, v in zip(users, vectors, strict=True):
         pipe.set(keys.user(model.version, u), encode_vector(v))
@@ -58,8 +63,13 @@ def refold_users(
 
 
 def fold_new_tracks(
-    r: redis.Redis, keys: Keys, model: LoadedModel, tracks: list[str], min_listeners: int,
-    producer: KafkaProducer | None, updates_topic: str,
+    r: redis.Redis,
+    keys: Keys,
+    model: LoadedModel,
+    tracks: list[str],
+    min_listeners: int,
+    producer: KafkaProducer | None,
+    updates_topic: str,
 ) -> list[str]:
     """Cold start: tracks unknown to the model get a vector from their listeners' vectors."""
     folded: list[str] = []
@@ -86,6 +96,8 @@ def fold_new_tracks(
         v = model.model.fold_in(col, np.stack(vecs), gram=model.user_gram)[0]
         r.set(keys.track(model.version, track), encode_vector(v))
         if producer is not None:
-            producer.send(updates_topic, key=f"track:{track}".encode(), value=update_message(model.version, v))
+            producer.send(
+                updates_topic, key=f"track:{track}".encode(), value=update_message(model.version, v)
+            )
         folded.append(track)
     return folded

@@ -92,8 +92,7 @@ def dead_letter_json(raw: bytes, reason: str, source: str) -> str:
 class HistoryStore:
     """Applies batches atomically and hands out pending fold-in work."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, group: str, history_cap: int,
-                 listeners_cap: int) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, group: str, history_cap: int, listeners_cap: int) -> None:
         self.r, self.keys, self.group = r, keys, group
         self.history_cap, self.listeners_cap = history_cap, listeners_cap
         self._apply = r.register_script(_APPLY)
@@ -103,11 +102,18 @@ class HistoryStore:
         """Apply records not yet applied for their partition; returns how many were new."""
         if not records:
             return 0
-        argv: list[object] = [self.keys.prefix, self.group, incarnation, self.history_cap,
-                              self.listeners_cap]
+        argv: list[object] = [self.keys.prefix, self.group, incarnation, self.history_cap, self.listeners_cap]
         for rec in records:
-            argv += [rec.partition, rec.offset, rec.kind, rec.user, rec.track,
-                     repr(rec.weight), repr(rec.ts), rec.extra]
+            argv += [
+                rec.partition,
+                rec.offset,
+                rec.kind,
+                rec.user,
+                rec.track,
+                repr(rec.weight),
+                repr(rec.ts),
+                rec.extra,
+            ]
         return int(self._apply(args=argv))
 
     def applied_offsets(self, incarnation: str) -> dict[int, int]:

@@ -25,8 +25,7 @@ GROUP_SETTINGS: dict[str, Any] = {
 
 
 def admin(bootstrap: str) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin",
-                            request_timeout_ms=15_000)
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=15_000)
 
 
 def ensure_topics(settings: Settings, retries: int = 30) -> None:

@@ -35,15 +35,26 @@ class LoadedModel:
 
 
 def new_version() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    return (
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    )
 
 
 def publish(
-    r: redis.Redis, keys: Keys, version: str, model: ImplicitALS, user_ids: list[str],
-    track_ids: list[str], meta: dict[str, object],
+    r: redis.Redis,
+    keys: Keys,
+    version: str,
+    model: ImplicitALS,
+    user_ids: list[str],
+    track_ids: list[str],
+    meta: dict[str, object],
 ) -> None:
     """Write every vector of `version` in pipelined chunks, then flip model:current in one step."""
-    for ids, F, key in ((user_ids, model.user_factors_, keys.user), (track_ids, model.item_factors_, keys.track)):
+    for ids, F, key in (
+        (user_ids, model.user_factors_, keys.user),
+        (track_ids, model.item_factors_, keys.track),
+    ):
         for s in range(0, len(ids), CHUNK):
             pipe = r.pipeline(transaction=False)
             for j in range(s, min(s + CHUNK, len(ids))):
@@ -51,11 +62,15 @@ def publish(
             pipe.execute()
     U = model.user_factors_.astype(np.float64)
     full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
-    full_meta.update({
-        "factors": str(model.factors), "params": json.dumps(model.get_params()),
-        "n_users": str(len(user_ids)), "n_tracks": str(len(track_ids)),
-        "user_gram": (U.T @ U).astype("<f8").tobytes(),
-    })
+    full_meta.update(
+        {
+            "factors": str(model.factors),
+            "params": json.dumps(model.get_params()),
+            "n_users": str(len(user_ids)),
+            "n_tracks": str(len(track_ids)),
+            "user_gram": (U.T @ U).astype("<f8").tobytes(),
+        }
+    )
     full_meta.setdefault("trained_at", str(time.time()))
     pipe = r.pipeline(transaction=True)
     pipe.hset(keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]

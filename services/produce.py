@@ -27,10 +27,19 @@ class PlayPublisher:
     def connect(cls, bootstrap: str, topic: str = "plays") -> PlayPublisher:
         return cls(kafka_io.producer(bootstrap), topic)
 
-    def publish(self, user_id: str, track_id: str, ts: float | None = None, ms_played: int | None = None,
-                count: int = 1, private: bool = False, event_id: str | None = None) -> None:
-        ev = PlayEvent(user_id, track_id, time.time() if ts is None else ts, ms_played, count,
-                       private, event_id)
+    def publish(
+        self,
+        user_id: str,
+        track_id: str,
+        ts: float | None = None,
+        ms_played: int | None = None,
+        count: int = 1,
+        private: bool = False,
+        event_id: str | None = None,
+    ) -> None:
+        ev = PlayEvent(
+            user_id, track_id, time.time() if ts is None else ts, ms_played, count, private, event_id
+        )
         self.producer.send(self.topic, key=user_id.encode(), value=ev.to_json())
 
     def publish_raw(self, key: bytes | None, value: bytes) -> None:
@@ -77,8 +86,9 @@ def read_plays_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
                 yield key, line
 
 
-def synthetic_stream(n_users: int, n_tracks: int, seed: int, limit: int | None,
-                     live: bool) -> Iterator[tuple[bytes | None, bytes]]:
+def synthetic_stream(
+    n_users: int, n_tracks: int, seed: int, limit: int | None, live: bool
+) -> Iterator[tuple[bytes | None, bytes]]:
     """Synthetic plays; `live` shifts timestamps to now so they look like fresh plays."""
     from core.synthetic import SyntheticMusic
 
@@ -89,8 +99,13 @@ def synthetic_stream(n_users: int, n_tracks: int, seed: int, limit: int | None,
         yield str(ev["user_id"]).encode(), json.dumps(ev).encode()
 
 
-def produce(publisher: PlayPublisher, source: Iterable[tuple[bytes | None, bytes]], rate: float = 0.0,
-            report_every: float = 5.0, stop: object = None) -> int:
+def produce(
+    publisher: PlayPublisher,
+    source: Iterable[tuple[bytes | None, bytes]],
+    rate: float = 0.0,
+    report_every: float = 5.0,
+    stop: object = None,
+) -> int:
     """Send `source` at `rate` events/s (0 = as fast as possible); returns the count sent."""
     n, t0, last = 0, time.monotonic(), time.monotonic()
     for key, value in source:

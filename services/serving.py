@@ -44,6 +44,8 @@ class ServingState:
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.updates_applied = 0
+        self._rebuilding = False
+        self._replay: list[tuple[bytes, bytes | None]] = []
 
     # ---- building --------------------------------------------------------------------
     def _snapshot_dir(self) -> Path:
@@ -79,8 +81,12 @@ class ServingState:
         snap = self.build(version)
         with self.lock:
             self.snapshot = snap
-        log.info("serving model %s (%d tracks, index ready in %.1fs)", version, len(snap.ip),
-                 time.perf_counter() - t0)
+        log.info(
+            "serving model %s (%d tracks, index ready in %.1fs)",
+            version,
+            len(snap.ip),
+            time.perf_counter() - t0,
+        )
 
     # ---- updates -----------------------------------------------------------------------
     def apply_update(self, key: bytes, value: bytes | None) -> None:
@@ -88,6 +94,8 @@ class ServingState:
         if snap is None or not key.startswith(b"track:"):
             return
         track = key[6:].decode()
+        if self._rebuilding:
+            self._replay.append((key, value))  # re-applied to the rebuilt indexes
         if value is None:
             with self.lock:
                 snap.ip.remove([track])
@@ -101,18 +109,25 @@ class ServingState:
             snap.ip.upsert([track], vec[None])
             snap.cosine.upsert([track], vec[None])
         self.updates_applied += 1
-        if snap.ip.deleted > REBUILD_DELETED_SHARE * max(len(snap.ip), 1):
+        if not self._rebuilding and snap.ip.deleted > REBUILD_DELETED_SHARE * max(len(snap.ip), 1):
+            self._rebuilding = True
             threading.Thread(target=self._rebuild, args=(snap,), daemon=True).start()
 
     def _rebuild(self, snap: Snapshot) -> None:
-        ids = list(snap.ip.slots.label)
-        vecs = np.stack([snap.ip.vector(t) for t in ids]) if ids else np.zeros((0, 1), np.float32)
+        """Rebuild both indexes without the deleted nodes, then swap them in."""
+        with self.lock:  # copy under the lock so no update lands between copy and swap
+            ids = list(snap.ip.slots.label)
+            vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
+            vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
         fresh = [HNSWIndex(vecs.shape[1], sp_, capacity=len(ids) + 1024) for sp_ in ("ip", "cosine")]  # type: ignore[arg-type]
         for idx in fresh:
             idx.upsert(ids, vecs)
         with self.lock:
             if self.snapshot is snap:
                 self.snapshot = Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular)
+            replay, self._replay, self._rebuilding = self._replay, [], False
+        for key, value in replay:
+            self.apply_update(key, value)
 
     def follow(self) -> None:
         """Background loop: model versions from Redis, vector changes from factor-updates."""
@@ -150,6 +165,7 @@ class ServingState:
         if not known:
             return None
         cols, vals = zip(*known, strict=True)
-        row = sp.csr_matrix((np.array(vals, dtype=np.float32), ([0] * len(cols), cols)),
-                            shape=(1, len(snap.loaded.track_ids)))
+        row = sp.csr_matrix(
+            (np.array(vals, dtype=np.float32), ([0] * len(cols), cols)), shape=(1, len(snap.loaded.track_ids))
+        )
         return snap.loaded.model.fold_in(row, snap.loaded.model.item_factors_)[0]

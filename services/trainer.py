@@ -14,14 +14,14 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from core.evaluation import holdout_split, ranking_metrics
-from core.recommend import popular_items
 from core.events import Limits, PlayEvent, parse_play
+from core.recommend import popular_items
 from services import kafka_io, model_store
 from services.checkpoint import PlayMatrix
 from services.config import Settings
 from services.engines import Engine, engine
-from services.folding import fold_new_tracks, refold_users
 from services.foldin import GROUP as FOLDIN_GROUP
+from services.folding import fold_new_tracks, refold_users
 from services.history_store import HistoryStore
 from services.keys import Keys
 
@@ -37,8 +37,14 @@ class GuardRejected(RuntimeError):
 class Trainer:
     """Single trainer instance: owns the checkpoint at `{data_dir}/checkpoint.npz`."""
 
-    def __init__(self, settings: Settings, r: redis.Redis, consumer: KafkaConsumer,
-                 producer: KafkaProducer, eng: Engine) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        r: redis.Redis,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        eng: Engine,
+    ) -> None:
         self.s, self.r, self.consumer, self.producer, self.engine = settings, r, consumer, producer, eng
         self.keys = Keys(settings.key_prefix)
         self.path = Path(settings.data_dir) / "checkpoint.npz"
@@ -95,12 +101,19 @@ class Trainer:
         """Checkpoint durably, then commit the offsets it covers."""
         sec, usec = self.r.time()
         self.state.save(self.path, sec + usec / 1e6)
-        offsets = {tp: OffsetAndMetadata(self.state.applied(self.incarnation, tp.partition) + 1, "", -1)
-                   for tp in self.tps if self.state.applied(self.incarnation, tp.partition) >= 0}
+        offsets = {
+            tp: OffsetAndMetadata(self.state.applied(self.incarnation, tp.partition) + 1, "", -1)
+            for tp in self.tps
+            if self.state.applied(self.incarnation, tp.partition) >= 0
+        }
         if offsets:
             self.consumer.commit(offsets)
-        log.info("checkpoint: %d users × %d tracks, %d plays", len(self.state.user_ids),
-                 len(self.state.track_ids), self.state.matrix().nnz)
+        log.info(
+            "checkpoint: %d users × %d tracks, %d plays",
+            len(self.state.user_ids),
+            len(self.state.track_ids),
+            self.state.matrix().nnz,
+        )
 
     # ---- train + publish -----------------------------------------------------------
     def train_and_publish(self) -> str:
@@ -112,25 +125,41 @@ class Trainer:
         t0 = time.perf_counter()
         model = self.engine.fit(train)
         train_s = time.perf_counter() - t0
-        metrics = ranking_metrics(model.user_factors_, model.item_factors_, train, test, k=10,
-                                  max_users=2000).as_dict(10)
+        metrics = ranking_metrics(
+            model.user_factors_, model.item_factors_, train, test, k=10, max_users=2000
+        ).as_dict(10)
         self._guard(metrics["precision@10"])
         model.user_factors_ = model.fold_in_users(plays)  # published users reflect every play
         version = model_store.new_version()
         artifact = Path(self.s.data_dir) / "models" / f"{version}.npz"
         artifact.parent.mkdir(parents=True, exist_ok=True)
-        model.save(artifact, user_ids=np.array(self.state.user_ids, dtype=str),
-                   track_ids=np.array(self.state.track_ids, dtype=str))
+        model.save(
+            artifact,
+            user_ids=np.array(self.state.user_ids, dtype=str),
+            track_ids=np.array(self.state.track_ids, dtype=str),
+        )
         t1 = time.perf_counter()
-        meta = {"engine": self.engine.name, "artifact": str(artifact.resolve()),
-                "checkpoint_time": repr(self.state.checkpoint_time), "n_plays": plays.nnz,
-                "train_seconds": round(train_s, 3), "offsets": json.dumps(self.state.offsets),
-                "metrics": json.dumps(metrics),
-                "popular": json.dumps([self.state.track_ids[i] for i in popular_items(plays, 1000)]), **{k: repr(v) for k, v in metrics.items()}}
-        model_store.publish(self.r, self.keys, version, model, self.state.user_ids,
-                            self.state.track_ids, meta)
-        log.info("published %s in %.1fs: precision@10 %.4f ndcg@10 %.4f", version,
-                 time.perf_counter() - t1, metrics["precision@10"], metrics["ndcg@10"])
+        meta = {
+            "engine": self.engine.name,
+            "artifact": str(artifact.resolve()),
+            "checkpoint_time": repr(self.state.checkpoint_time),
+            "n_plays": plays.nnz,
+            "train_seconds": round(train_s, 3),
+            "offsets": json.dumps(self.state.offsets),
+            "metrics": json.dumps(metrics),
+            "popular": json.dumps([self.state.track_ids[i] for i in popular_items(plays, 1000)]),
+            **{k: repr(v) for k, v in metrics.items()},
+        }
+        model_store.publish(
+            self.r, self.keys, version, model, self.state.user_ids, self.state.track_ids, meta
+        )
+        log.info(
+            "published %s in %.1fs: precision@10 %.4f ndcg@10 %.4f",
+            version,
+            time.perf_counter() - t1,
+            metrics["precision@10"],
+            metrics["ndcg@10"],
+        )
         self.catch_up(version)
         self.expire_old_versions()
         self.plays_since_train = 0
@@ -142,22 +171,31 @@ class Trainer:
             return
         old = self.r.hget(self.keys.meta(current), "precision@10")
         if old is not None and precision < self.s.publish_guard * float(old):
-            raise GuardRejected(f"new model's holdout precision@10 {precision:.4f} is below "
-                                f"{self.s.publish_guard} × current {float(old):.4f}; not published")
+            raise GuardRejected(
+                f"new model's holdout precision@10 {precision:.4f} is below "
+                f"{self.s.publish_guard} × current {float(old):.4f}; not published"
+            )
 
     def catch_up(self, version: str) -> int:
         """Re-fold users whose histories changed after the checkpoint; fold new tracks."""
         loaded = model_store.load(self.r, self.keys, version)
         since = self.state.checkpoint_time - CATCH_UP_MARGIN_S
         users = [u.decode() for u in self.r.zrangebyscore(self.keys.dirty_users, since, "+inf")]
-        store = HistoryStore(self.r, self.keys, FOLDIN_GROUP, self.s.history_cap,
-                             self.s.track_listeners_cap)
+        store = HistoryStore(self.r, self.keys, FOLDIN_GROUP, self.s.history_cap, self.s.track_listeners_cap)
         for s in range(0, len(users), 5000):
-            refold_users(self.r, self.keys, store, loaded, users[s : s + 5000], self.producer,
-                         self.s.updates_topic)
+            refold_users(
+                self.r, self.keys, store, loaded, users[s : s + 5000], self.producer, self.s.updates_topic
+            )
         tracks = [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
-        fold_new_tracks(self.r, self.keys, loaded, tracks, self.s.cold_start_min_listeners,
-                        self.producer, self.s.updates_topic)
+        fold_new_tracks(
+            self.r,
+            self.keys,
+            loaded,
+            tracks,
+            self.s.cold_start_min_listeners,
+            self.producer,
+            self.s.updates_topic,
+        )
         self.producer.flush()
         log.info("catch-up: re-folded %d users changed since the checkpoint", len(users))
         return len(users)
@@ -187,7 +225,8 @@ class Trainer:
             self.ingest(1.0)
             now = time.time()
             due = now - last_train >= self.s.retrain_interval_s or (
-                self.s.retrain_min_new_plays and self.plays_since_train >= self.s.retrain_min_new_plays)
+                self.s.retrain_min_new_plays and self.plays_since_train >= self.s.retrain_min_new_plays
+            )
             if now - last_ckpt >= 30 or (due and self.state.pending):
                 self.checkpoint()
                 last_ckpt = now

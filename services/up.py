@@ -35,9 +35,14 @@ class Children:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env,
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         self.procs[name] = proc
         return proc
 
@@ -58,23 +63,35 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if not s.kafka_bootstrap or not s.redis_url:
         embedded = EmbeddedServers.start(kafka=not s.kafka_bootstrap, redis=not s.redis_url)
-        s = s.with_(kafka_bootstrap=s.kafka_bootstrap or embedded.kafka_bootstrap,
-                    redis_url=s.redis_url or embedded.redis_url,
-                    data_dir=os.path.join(embedded.workdir, "data"))
+        s = s.with_(
+            kafka_bootstrap=s.kafka_bootstrap or embedded.kafka_bootstrap,
+            redis_url=s.redis_url or embedded.redis_url,
+            data_dir=os.path.join(embedded.workdir, "data"),
+        )
     # Port 0, or the default port already taken, means: pick a free one.
     port = s.api_port if s.api_port and ("ENCORE_API_PORT" in env or _port_free(s.api_port)) else free_port()
-    env.update({"ENCORE_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "ENCORE_REDIS_URL": s.redis_url,
-                "ENCORE_DATA_DIR": s.data_dir, "ENCORE_API_PORT": str(port)})
+    env.update(
+        {
+            "ENCORE_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+            "ENCORE_REDIS_URL": s.redis_url,
+            "ENCORE_DATA_DIR": s.data_dir,
+            "ENCORE_API_PORT": str(port),
+        }
+    )
     env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
     kafka_io.ensure_topics(s)
     kids = Children(env, Path(s.data_dir if embedded else tempfile.mkdtemp(prefix="encore-up-")) / "logs")
     stop = threading.Event()
     import signal
+
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        print(f"encore up: Kafka {s.kafka_bootstrap}, Redis {s.redis_url}"
-              f"{' (embedded)' if embedded else ''}; logs in {kids.log_dir}", flush=True)
+        print(
+            f"encore up: Kafka {s.kafka_bootstrap}, Redis {s.redis_url}"
+            f"{' (embedded)' if embedded else ''}; logs in {kids.log_dir}",
+            flush=True,
+        )
         backlog = args.users * 10
         demo = ["--synthetic", "--users", str(args.users), "--tracks", str(args.tracks)]
         kids.start("foldin", "foldin")
@@ -83,8 +100,9 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
         kids.start("train", "train")
         kids.start("produce", "produce", *demo, "--seed", "1", "--live", "--rate", str(args.rate))
         url = f"http://{s.api_host}:{port}"
-        print(f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …",
-              flush=True)
+        print(
+            f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …", flush=True
+        )
         while not stop.is_set() and not (_get(f"{url}/ready") or {}).get("ready"):
             if any(p.poll() not in (None, 0) for p in kids.procs.values()):
                 print("encore up: a service exited; see the logs", file=sys.stderr)
@@ -110,6 +128,7 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
 
 def _port_free(port: int) -> bool:
     import socket
+
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))

@@ -35,10 +35,12 @@ def servers() -> Iterator[dict[str, object]]:
         if (not kafka or not redis) and _docker_answers():
             if not kafka:
                 from testcontainers.kafka import KafkaContainer
+
                 kc = stack.enter_context(KafkaContainer().with_kraft())
                 kafka = kc.get_bootstrap_server()
             if not redis:
                 from testcontainers.redis import RedisContainer
+
                 rc = stack.enter_context(RedisContainer())
                 redis = f"redis://{rc.get_container_host_ip()}:{rc.get_exposed_port(6379)}/0"
         if not kafka or not redis:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 
 import pytest
@@ -26,21 +25,34 @@ pytestmark = pytest.mark.e2e
 
 def _env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
-    env.update({"ENCORE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "ENCORE_REDIS_URL": settings.redis_url,
-                "ENCORE_PLAYS_TOPIC": settings.plays_topic, "ENCORE_DLQ_TOPIC": settings.dlq_topic,
-                "ENCORE_UPDATES_TOPIC": settings.updates_topic, "ENCORE_KEY_PREFIX": settings.key_prefix,
-                "ENCORE_FACTORS": str(settings.factors), "ENCORE_BATCH_MAX_EVENTS": "500",
-                "ENCORE_DATA_DIR": settings.data_dir})
+    env.update(
+        {
+            "ENCORE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "ENCORE_REDIS_URL": settings.redis_url,
+            "ENCORE_PLAYS_TOPIC": settings.plays_topic,
+            "ENCORE_DLQ_TOPIC": settings.dlq_topic,
+            "ENCORE_UPDATES_TOPIC": settings.updates_topic,
+            "ENCORE_KEY_PREFIX": settings.key_prefix,
+            "ENCORE_FACTORS": str(settings.factors),
+            "ENCORE_BATCH_MAX_EVENTS": "500",
+            "ENCORE_DATA_DIR": settings.data_dir,
+        }
+    )
     return env
 
 
 def _start(env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "foldin"], env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "foldin"],
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )  # noqa: SIM115
 
 
-def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_client: redis.Redis,
-                                                      tmp_path) -> None:
+def test_kill9_loses_nothing_and_counts_nothing_twice(
+    settings: Settings, redis_client: redis.Redis, tmp_path
+) -> None:
     data = SyntheticMusic(n_users=500, n_tracks=400, seed=21)
     publish_synthetic_model(settings, redis_client, data)
     kafka_io.ensure_topics(settings)
@@ -55,8 +67,11 @@ def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_
     events = list(data.events(20_000))
     for j, ev in enumerate(events):
         if j % 200 == 7:  # malformed ones mixed in
-            raw = [b"{broken", json.dumps({**ev, "count": -1}).encode(),
-                   json.dumps({**ev, "user_id": ""}).encode()][j % 3]
+            raw = [
+                b"{broken",
+                json.dumps({**ev, "count": -1}).encode(),
+                json.dumps({**ev, "user_id": ""}).encode(),
+            ][j % 3]
             bad.append(raw)
             pub.publish_raw(b"bad", raw)
         if j % 97 == 3:
@@ -73,9 +88,11 @@ def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_
             worker = _start(env, log)
     pub.flush()
     try:
+
         def caught_up() -> bool:
             raw = redis_client.hgetall(keys.offsets("encore-foldin"))
             return sum(int(v) + 1 for v in raw.values()) >= len(events) + len(bad)
+
         assert wait_for(caught_up, timeout=120), open(log).read()[-3000:]
     finally:
         worker.send_signal(signal.SIGTERM)

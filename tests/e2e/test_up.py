@@ -45,9 +45,14 @@ def _children(pid: int) -> set[int]:
 def test_encore_up_end_to_end(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
     env["ENCORE_API_PORT"] = "0"
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--users", "1500",
-                             "--tracks", "800", "--rate", "100"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--users", "1500", "--tracks", "800", "--rate", "100"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 240

@@ -19,8 +19,15 @@ from services.keys import Keys
 def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:
     model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(data.matrix())
     version = model_store.new_version()
-    model_store.publish(r, Keys(settings.key_prefix), version, model, list(data.user_ids),
-                        list(data.track_ids), {"checkpoint_time": time.time()})
+    model_store.publish(
+        r,
+        Keys(settings.key_prefix),
+        version,
+        model,
+        list(data.user_ids),
+        list(data.track_ids),
+        {"checkpoint_time": time.time()},
+    )
     return version
 
 

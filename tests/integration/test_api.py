@@ -57,18 +57,21 @@ def test_personal_popular_anonymous_similar(api) -> None:
     assert "encore_http_requests_total" in client.get("/metrics").text
 
 
-@pytest.mark.parametrize("method, path, body, code", [
-    ("get", "/similar/no-such-track", None, 404),
-    ("get", "/recommendations/u5?n=0", None, 422),
-    ("get", "/recommendations/u5?n=-3", None, 422),
-    ("get", "/recommendations/u5?n=100000", None, 422),
-    ("get", "/recommendations/u5?n=abc", None, 422),
-    ("get", "/similar/t3?n=0", None, 422),
-    ("post", "/recommendations", b"{not json", 422),
-    ("post", "/recommendations", {"plays": [{"track_id": "t1", "count": -1}]}, 422),
-    ("post", "/recommendations", {"plays": "t1"}, 422),
-    ("post", "/recommendations", {"plays": [], "n": 1000}, 422),
-])
+@pytest.mark.parametrize(
+    "method, path, body, code",
+    [
+        ("get", "/similar/no-such-track", None, 404),
+        ("get", "/recommendations/u5?n=0", None, 422),
+        ("get", "/recommendations/u5?n=-3", None, 422),
+        ("get", "/recommendations/u5?n=100000", None, 422),
+        ("get", "/recommendations/u5?n=abc", None, 422),
+        ("get", "/similar/t3?n=0", None, 422),
+        ("post", "/recommendations", b"{not json", 422),
+        ("post", "/recommendations", {"plays": [{"track_id": "t1", "count": -1}]}, 422),
+        ("post", "/recommendations", {"plays": "t1"}, 422),
+        ("post", "/recommendations", {"plays": [], "n": 1000}, 422),
+    ],
+)
 def test_bad_input_is_4xx_never_500(api, method: str, path: str, body, code: int) -> None:
     client = api[0]
     if method == "get":
@@ -84,11 +87,15 @@ def test_bad_input_is_4xx_never_500(api, method: str, path: str, body, code: int
 def test_factor_update_moves_a_track_in_place(api) -> None:
     client, state, version, _ = api
     vec = state.snapshot.ip.vector("t5")
-    state.apply_update(b"track:t5", __import__("json").dumps(
-        {"model_version": version, "vector": list(map(float, -vec))}).encode())
+    state.apply_update(
+        b"track:t5",
+        __import__("json").dumps({"model_version": version, "vector": list(map(float, -vec))}).encode(),
+    )
     np.testing.assert_allclose(state.snapshot.ip.vector("t5"), -vec, rtol=1e-6)
-    state.apply_update(b"track:new-one", __import__("json").dumps(
-        {"model_version": version, "vector": list(map(float, vec))}).encode())
+    state.apply_update(
+        b"track:new-one",
+        __import__("json").dumps({"model_version": version, "vector": list(map(float, vec))}).encode(),
+    )
     assert "new-one" in state.snapshot.cosine
     r = client.get("/similar/new-one?n=3")
     assert r.status_code == 200
@@ -107,3 +114,18 @@ def test_lookup_client(api, settings: Settings) -> None:
     assert len(set(hnsw) & {t for t, _ in top}) >= 8
     assert c.user_vector("nobody") is None
     c.close()
+
+
+def test_deletions_trigger_a_background_rebuild(api) -> None:
+    client, state, _, _ = api
+    before = state.snapshot
+    gone = [f"t{i}" for i in range(100, 200)]
+    for t in gone:
+        state.apply_update(f"track:{t}".encode(), None)
+    from tests.integration.helpers import wait_for
+
+    assert wait_for(lambda: state.snapshot is not before, timeout=30)
+    snap = state.snapshot
+    assert snap.ip.deleted == 0 and len(snap.ip) == len(before.loaded.track_ids) - 100
+    items = client.get("/recommendations/u5?n=50").json()["items"]
+    assert len(items) == 50 and not set(gone) & {i["track_id"] for i in items}

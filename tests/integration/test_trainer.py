@@ -25,8 +25,11 @@ def _feed(settings: Settings, n_users: int = 400, n_tracks: int = 200, seed: int
     return SyntheticMusic(n_users=n_users, n_tracks=n_tracks, seed=seed)
 
 
-def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redis_client: redis.Redis) -> None:
+def test_train_once_publishes_a_model_that_knows_tastes(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
     from services import kafka_io
+
     kafka_io.ensure_topics(settings)
     data = _feed(settings)
     t = trainer.build(settings)
@@ -81,11 +84,14 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     t2.consumer.close()
 
 
-def test_catch_up_refolds_users_who_played_after_the_checkpoint(settings: Settings,
-                                                                redis_client: redis.Redis) -> None:
+def test_catch_up_refolds_users_who_played_after_the_checkpoint(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
     from services.history_store import HistoryStore, Record
+
     keys = Keys(settings.key_prefix)
     from services import kafka_io
+
     kafka_io.ensure_topics(settings)
     _feed(settings, 200, 100, seed=5)
     t = trainer.build(settings)

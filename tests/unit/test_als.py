@@ -62,13 +62,16 @@ def test_fold_in_equals_explicit_half_step() -> None:
     model = ImplicitALS(factors=6, iterations=5, solver="cholesky", random_state=0).fit(m)
     folded = model.fold_in_users(m[[0, 5, 7]])
     conf = model._with_confidence(m)
-    ref = als_kernels.reference_half_step(conf.indptr, conf.indices, conf.data,
-                                          model.item_factors_, model.regularization)
+    ref = als_kernels.reference_half_step(
+        conf.indptr, conf.indices, conf.data, model.item_factors_, model.regularization
+    )
     np.testing.assert_allclose(folded, ref[[0, 5, 7]], rtol=1e-3, atol=1e-4)
     items = model.fold_in_items(m.T.tocsr()[[2]])
     ref_items = als_kernels.reference_half_step(
         *(lambda c: (c.indptr, c.indices, c.data))(model._with_confidence(m.T.tocsr())),
-        model.user_factors_, model.regularization)
+        model.user_factors_,
+        model.regularization,
+    )
     np.testing.assert_allclose(items[0], ref_items[2], rtol=1e-3, atol=1e-4)
     assert folded.dtype == np.float32
 
@@ -83,8 +86,9 @@ def test_zero_users_get_zero_vectors_and_factors_are_float32() -> None:
 def test_confidence_functions() -> None:
     p = np.array([0.0, 1.0, 9.0])
     np.testing.assert_allclose(ImplicitALS(alpha=2, confidence="linear").confidence_of(p), [1, 3, 19])
-    np.testing.assert_allclose(ImplicitALS(alpha=2, epsilon=1, confidence="log").confidence_of(p),
-                               1 + 2 * np.log1p(p), rtol=1e-6)
+    np.testing.assert_allclose(
+        ImplicitALS(alpha=2, epsilon=1, confidence="log").confidence_of(p), 1 + 2 * np.log1p(p), rtol=1e-6
+    )
 
 
 def test_save_load_round_trip(tmp_path) -> None:
@@ -101,19 +105,26 @@ def test_save_load_round_trip(tmp_path) -> None:
 def test_load_rejects_nan(tmp_path) -> None:
     model = ImplicitALS(factors=4, iterations=1, random_state=0).fit(_tiny())
     model.item_factors_[0, 0] = np.nan
-    np.savez(tmp_path / "bad.npz", user_factors=model.user_factors_, item_factors=model.item_factors_,
-             params=np.array('{"factors": 4}'))
+    np.savez(
+        tmp_path / "bad.npz",
+        user_factors=model.user_factors_,
+        item_factors=model.item_factors_,
+        params=np.array('{"factors": 4}'),
+    )
     with pytest.raises(DivergedError):
         ImplicitALS.load(tmp_path / "bad.npz")
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (sp.csr_matrix(np.array([[1.0, -1.0]])), "negative"),
-    (sp.csr_matrix(np.array([[1.0, np.nan]])), "NaN"),
-    (sp.csr_matrix(np.array([[1.0, np.inf]])), "NaN or infinite"),
-    (np.ones((2, 2)), "scipy.sparse"),
-    (sp.csr_matrix((3, 4)), "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (sp.csr_matrix(np.array([[1.0, -1.0]])), "negative"),
+        (sp.csr_matrix(np.array([[1.0, np.nan]])), "NaN"),
+        (sp.csr_matrix(np.array([[1.0, np.inf]])), "NaN or infinite"),
+        (np.ones((2, 2)), "scipy.sparse"),
+        (sp.csr_matrix((3, 4)), "empty"),
+    ],
+)
 def test_fit_rejects_bad_input(bad, msg: str) -> None:
     with pytest.raises(InvalidPlaysError, match=msg):
         ImplicitALS(factors=2, iterations=1).fit(bad)

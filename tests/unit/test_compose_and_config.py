@@ -33,20 +33,28 @@ def test_compose_commands_and_settings_are_real() -> None:
 
 
 def test_settings_from_env() -> None:
-    s = Settings.from_env({"ENCORE_FACTORS": "32", "ENCORE_SOLVER": "cholesky",
-                           "ENCORE_REDIS_URL": "redis://user:secret@host:6379/0"})
+    s = Settings.from_env(
+        {
+            "ENCORE_FACTORS": "32",
+            "ENCORE_SOLVER": "cholesky",
+            "ENCORE_REDIS_URL": "redis://user:secret@host:6379/0",
+        }
+    )
     assert s.factors == 32 and s.solver == "cholesky"
     shown = dict((n, v) for n, v, _ in s.describe())
     assert "secret" not in shown["ENCORE_REDIS_URL"] and "host:6379" in shown["ENCORE_REDIS_URL"]
 
 
-@pytest.mark.parametrize("env, msg", [
-    ({"ENCORE_FACTROS": "8"}, "unknown setting"),
-    ({"ENCORE_FACTORS": "many"}, "expected int"),
-    ({"ENCORE_FACTORS": "0"}, ">= 1"),
-    ({"ENCORE_SOLVER": "lu"}, "one of"),
-    ({"ENCORE_PLAYS_TOPIC": ""}, "must not be empty"),
-])
+@pytest.mark.parametrize(
+    "env, msg",
+    [
+        ({"ENCORE_FACTROS": "8"}, "unknown setting"),
+        ({"ENCORE_FACTORS": "many"}, "expected int"),
+        ({"ENCORE_FACTORS": "0"}, ">= 1"),
+        ({"ENCORE_SOLVER": "lu"}, "one of"),
+        ({"ENCORE_PLAYS_TOPIC": ""}, "must not be empty"),
+    ],
+)
 def test_bad_settings_rejected(env: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         Settings.from_env(env)

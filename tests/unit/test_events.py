@@ -29,24 +29,27 @@ def test_valid_event_and_weights() -> None:
     assert parse_play(ev.to_json(), LIM) == ev
 
 
-@pytest.mark.parametrize("raw, reason", [
-    (b"{not json", "malformed JSON"),
-    (b"\xff\xfe", "malformed JSON"),
-    (b"[1,2]", "JSON object"),
-    (_raw(user_id=...), "user_id"),
-    (_raw(user_id=""), "user_id"),
-    (_raw(track_id=7), "track_id"),
-    (_raw(track_id="x" * 257), "longer than 256"),
-    (_raw(ts="yesterday"), "ts must be"),
-    (_raw(ts=NOW + 10 * 86_400), "future"),
-    (_raw(count=0), "count must be >= 1"),
-    (_raw(count=-2), "count must be >= 1"),
-    (_raw(count=10**9), "maximum"),
-    (_raw(count=1.5), "integer"),
-    (_raw(ms_played=-1), "ms_played"),
-    (_raw(private="yes"), "private"),
-    (None, "null"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "malformed JSON"),
+        (b"\xff\xfe", "malformed JSON"),
+        (b"[1,2]", "JSON object"),
+        (_raw(user_id=...), "user_id"),
+        (_raw(user_id=""), "user_id"),
+        (_raw(track_id=7), "track_id"),
+        (_raw(track_id="x" * 257), "longer than 256"),
+        (_raw(ts="yesterday"), "ts must be"),
+        (_raw(ts=NOW + 10 * 86_400), "future"),
+        (_raw(count=0), "count must be >= 1"),
+        (_raw(count=-2), "count must be >= 1"),
+        (_raw(count=10**9), "maximum"),
+        (_raw(count=1.5), "integer"),
+        (_raw(ms_played=-1), "ms_played"),
+        (_raw(private="yes"), "private"),
+        (None, "null"),
+    ],
+)
 def test_invalid_events_become_values(raw: bytes | None, reason: str) -> None:
     out = parse_play(raw, LIM)
     assert isinstance(out, InvalidEvent)

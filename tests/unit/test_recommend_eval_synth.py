@@ -51,7 +51,8 @@ def test_holdout_split_partitions_plays() -> None:
 
 
 def test_time_split_is_causal() -> None:
-    u = np.array([0, 0, 1, 1]); i = np.array([0, 1, 0, 0]); ts = np.array([1.0, 5.0, 2.0, 6.0])
+    u, i = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 0])
+    ts = np.array([1.0, 5.0, 2.0, 6.0])
     train, test = time_split(u, i, ts, np.ones(4, dtype=np.float32), 3.0, (2, 2))
     assert train.toarray().tolist() == [[1, 0], [1, 0]]
     assert test.toarray().tolist() == [[0, 1], [0, 0]]  # user 1 replayed a train track
