@@ -100,14 +100,14 @@ class ServingState:
             with self.lock:
                 snap.ip.remove([track])
                 snap.cosine.remove([track])
-            return
-        d = json.loads(value)
-        if d.get("model_version") != snap.loaded.version:
-            return
-        vec = np.asarray(d["vector"], dtype=np.float32)
-        with self.lock:
-            snap.ip.upsert([track], vec[None])
-            snap.cosine.upsert([track], vec[None])
+        else:
+            d = json.loads(value)
+            if d.get("model_version") != snap.loaded.version:
+                return
+            vec = np.asarray(d["vector"], dtype=np.float32)
+            with self.lock:
+                snap.ip.upsert([track], vec[None])
+                snap.cosine.upsert([track], vec[None])
         self.updates_applied += 1
         if not self._rebuilding and snap.ip.deleted > REBUILD_DELETED_SHARE * max(len(snap.ip), 1):
             self._rebuilding = True
