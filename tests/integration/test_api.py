@@ -124,8 +124,9 @@ def test_deletions_trigger_a_background_rebuild(api) -> None:
         state.apply_update(f"track:{t}".encode(), None)
     from tests.integration.helpers import wait_for
 
-    assert wait_for(lambda: state.snapshot is not before, timeout=30)
+    assert wait_for(lambda: state.snapshot is not before and not state._rebuilding, timeout=30)
     snap = state.snapshot
-    assert snap.ip.deleted == 0 and len(snap.ip) == len(before.loaded.track_ids) - 100
+    # Deletions that arrived while it rebuilt were replayed onto the new graph.
+    assert snap.ip.deleted < 50 and len(snap.ip) == len(before.loaded.track_ids) - 100
     items = client.get("/recommendations/u5?n=50").json()["items"]
     assert len(items) == 50 and not set(gone) & {i["track_id"] for i in items}
