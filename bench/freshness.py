@@ -1,0 +1,175 @@
+"""Speed-layer freshness: produce → user's updated vector readable in Redis.
+
+    python -m bench.freshness [--rate 500] [--seconds 20] [--backlog 200000]
+
+Embedded broker and Redis, a model at factors=64 published, one `encore foldin` process.
+(1) At a fixed background produce rate, probe users (one play each, fresh ids) are timed from
+send to their vector key existing in Redis: p50/p99. (2) Maximum sustained throughput: a
+backlog of plays is produced first, then one worker is timed until it has applied all of it.
+Writes bench/results/freshness.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import redis
+
+from bench.common import write
+from core.als import ImplicitALS
+from core.synthetic import SyntheticMusic
+from services import kafka_io, model_store
+from services.config import Settings
+from services.embedded import EmbeddedServers
+from services.keys import Keys
+from services.produce import PlayPublisher
+
+
+def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
+        "ENCORE_REDIS_URL": servers.redis_url,
+        "ENCORE_PLAYS_TOPIC": settings.plays_topic,
+        "ENCORE_KEY_PREFIX": settings.key_prefix,
+        "ENCORE_BATCH_MAX_MS": "20",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "foldin"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--backlog", type=int, default=200_000)
+    args = ap.parse_args()
+    data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
+    model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
+    out: dict[str, Any] = {"factors": 64, "tracks": data.n_tracks}
+    with EmbeddedServers.start() as servers:
+        r = redis.Redis.from_url(servers.redis_url)
+        for phase in ("latency", "throughput"):
+            settings = Settings(
+                kafka_bootstrap=servers.kafka_bootstrap,
+                redis_url=servers.redis_url,
+                plays_topic=f"plays-{phase}",
+                key_prefix=f"{phase}:",
+            )
+            keys = Keys(settings.key_prefix)
+            kafka_io.ensure_topics(settings)
+            version = model_store.new_version()
+            model_store.publish(r, keys, version, model, list(data.user_ids), list(data.track_ids), {})
+            pub = PlayPublisher.connect(servers.kafka_bootstrap, settings.plays_topic)
+            events = list(data.events(args.backlog if phase == "throughput" else int(args.rate * args.seconds)))
+            if phase == "latency":
+                out["latency"] = latency(servers, settings, r, keys, version, pub, events, args.rate)
+            else:
+                for ev in events:
+                    pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
+                pub.flush()
+                t0 = time.perf_counter()
+                proc = _worker(servers, settings)
+
+                while applied(r, keys) < len(events) and time.perf_counter() - t0 < 900:
+                    time.sleep(0.2)
+                took = time.perf_counter() - t0
+                out["throughput"] = {
+                    "events": len(events),
+                    "seconds_incl_group_join": took,
+                    "events_per_s": len(events) / took,
+                }
+                print(f"  throughput: {out['throughput']}")
+                proc.terminate()
+                proc.wait(timeout=30)
+            pub.close()
+    write("freshness", out)
+
+
+def applied(r: redis.Redis, keys: Keys) -> int:
+    raw = r.hgetall(keys.offsets("encore-foldin"))
+    return sum(int(v) + 1 for v in raw.values())
+
+
+def latency(
+    servers: EmbeddedServers,
+    settings: Settings,
+    r: redis.Redis,
+    keys: Keys,
+    version: str,
+    pub: PlayPublisher,
+    events: list[dict[str, object]],
+    rate: float,
+) -> dict[str, Any]:
+    proc = _worker(servers, settings)
+    pub.publish("warm-up", "t1", ms_played=100_000)
+    pub.flush()
+    while not r.exists(keys.user(version, "warm-up")):
+        time.sleep(0.05)  # the group has formed and the model is loaded
+    sent: dict[str, float] = {}
+    done: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() or len(done) < len(sent):
+            waiting = [u for u in list(sent) if u not in done]
+            if waiting:
+                pipe = r.pipeline(transaction=False)
+                for u in waiting:
+                    pipe.exists(keys.user(version, u))
+                now = time.perf_counter()
+                for u, ok in zip(waiting, pipe.execute(), strict=True):
+                    if ok:
+                        done[u] = now
+            time.sleep(0.002)
+            if stop.is_set() and time.perf_counter() - stop_at[0] > 30:
+                break
+
+    stop_at = [0.0]
+    th = threading.Thread(target=watch)
+    th.start()
+    t0 = time.perf_counter()
+    for i, ev in enumerate(events):
+        due = t0 + i / rate
+        if due > time.perf_counter():
+            time.sleep(due - time.perf_counter())
+        pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
+        if i % 25 == 0:
+            probe = f"probe-{i}"
+            t_send = time.perf_counter()
+            pub.publish(probe, str(ev["track_id"]), ms_played=100_000)
+            pub.producer.flush()
+            sent[probe] = t_send
+    pub.flush()
+    stop_at[0] = time.perf_counter()
+    stop.set()
+    th.join()
+    proc.terminate()
+    proc.wait(timeout=30)
+    lat = [done[u] - sent[u] for u in sent if u in done]
+    res = {
+        "rate": rate,
+        "probes": len(sent),
+        "seen": len(lat),
+        "p50_ms": float(np.percentile(lat, 50) * 1000),
+        "p99_ms": float(np.percentile(lat, 99) * 1000),
+        "max_ms": float(max(lat) * 1000),
+    }
+    print(f"  latency: {res}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Batch layer end to end: checkpoint load → train → publish, local engine vs Spark vs implicit.
+
+    python -m bench.retrain [--size large] [--iterations 15] [--spark-iterations 3]
+
+The play matrix is written as the trainer's checkpoint; the local engine's run is the trainer's
+own `train_and_publish` path (holdout split, fit, evaluation, fold-in of all users, artifact,
+pipelined publish to Redis, flip). implicit is timed on bare training of the same matrix and
+iterations; Spark local[2] on `--spark-iterations` (reported per iteration and extrapolated),
+since a full 15-iteration Spark run at 10M plays takes tens of minutes here.
+Writes bench/results/retrain.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import redis  # noqa: E402
+
+from bench.common import dataset, write  # noqa: E402
+from core.als import ImplicitALS  # noqa: E402
+from core.evaluation import holdout_split, ranking_metrics  # noqa: E402
+from services.checkpoint import PlayMatrix  # noqa: E402
+from services.config import Settings  # noqa: E402
+from services.embedded import EmbeddedServers  # noqa: E402
+from services.engines import SparkEngine  # noqa: E402
+from services.trainer import build as build_trainer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="large")
+    ap.add_argument("--iterations", type=int, default=15)
+    ap.add_argument("--spark-iterations", type=int, default=3)
+    args = ap.parse_args()
+    data = dataset(args.size)
+    m = data.matrix()
+    out: dict[str, Any] = {
+        "size": args.size,
+        "users": m.shape[0],
+        "tracks": m.shape[1],
+        "nnz": int(m.nnz),
+        "iterations": args.iterations,
+        "factors": 64,
+    }
+    workdir = tempfile.mkdtemp(prefix="encore-bench-")
+    pm = PlayMatrix(user_ids=list(data.user_ids), track_ids=list(data.track_ids), offsets={"bench|0": 0})
+    pm._base = m
+    pm.save(os.path.join(workdir, "checkpoint.npz"), time.time())
+    settings = Settings(data_dir=workdir, iterations=args.iterations, factors=64, spark_master="local[2]")
+    train, test = holdout_split(m, fraction=settings.holdout_fraction, seed=0)
+
+    # implicit, bare training on the same training split and confidence.
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    conf = train.copy()
+    conf.data = ImplicitALS().confidence_of(train.data)
+    imp = AlternatingLeastSquares(
+        factors=64,
+        regularization=settings.regularization,
+        alpha=1.0,
+        iterations=args.iterations,
+        random_state=0,
+    )
+    t0 = time.perf_counter()
+    imp.fit(conf, show_progress=False)
+    out["implicit_train_s"] = time.perf_counter() - t0
+    out["implicit_precision@10"] = ranking_metrics(
+        imp.user_factors, imp.item_factors, train, test, max_users=2000
+    ).precision
+    print(f"  implicit: {out['implicit_train_s']:.1f}s, p@10 {out['implicit_precision@10']:.4f}")
+
+    with EmbeddedServers.start() as servers:
+        settings = settings.with_(redis_url=servers.redis_url, kafka_bootstrap=servers.kafka_bootstrap)
+        r = redis.Redis.from_url(servers.redis_url)
+        t0 = time.perf_counter()
+        trainer = build_trainer(settings)  # loads the checkpoint; the plays topic is empty
+        load_s = time.perf_counter() - t0
+        version = trainer.train_and_publish()
+        total = time.perf_counter() - t0
+        meta = r.hgetall(trainer.keys.meta(version))
+        out["local"] = {
+            "checkpoint_load_s": load_s,
+            "end_to_end_s": total,
+            "train_s": float(meta[b"train_seconds"]),
+            "precision@10": float(meta[b"precision@10"]),
+        }
+        out["local_end_to_end_over_implicit_train"] = total / out["implicit_train_s"]
+        print(f"  local: {out['local']}")
+        trainer.consumer.close()
+        trainer.producer.close()
+
+    spark_settings = settings.with_(iterations=args.spark_iterations)
+    t0 = time.perf_counter()
+    sm = SparkEngine(spark_settings).fit(train)
+    spark_s = time.perf_counter() - t0
+    out["spark"] = {
+        "iterations": args.spark_iterations,
+        "wall_s": spark_s,
+        "s_per_iter_incl_startup": spark_s / args.spark_iterations,
+        "precision@10_at_these_iterations": ranking_metrics(
+            sm.user_factors_, sm.item_factors_, train, test, max_users=2000
+        ).precision,
+    }
+    print(f"  spark: {out['spark']}")
+    write("retrain", out)
+
+
+if __name__ == "__main__":
+    main()

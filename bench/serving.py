@@ -1,0 +1,198 @@
+"""Track index and HTTP serving: HNSW vs brute force, measured in the same run.
+
+    python -m bench.serving [--sizes 200000,1000000] [--http-size 200000] [--rate 500]
+
+In process (factors=64, inner product): build time, top-10 latency p50/p99 for HNSW and for
+exact numpy search, recall@10 of HNSW vs exact, cost of replacing one vector. Over HTTP: an
+`encore serve` process on embedded Redis and broker, open-loop load at a fixed rate on
+/recommendations/{user}; latency p50/p99 and errors. Writes bench/results/serving.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import numpy as np
+
+from bench.common import write
+from core.index import ExactIndex, HNSWIndex
+
+
+def track_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Clustered vectors with a spread of norms, shaped like ALS track factors."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(50, n // 2000), dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        v = centers[rng.integers(0, len(centers), m)] + 0.7 * rng.standard_normal((m, dim)).astype(np.float32)
+        out[s : s + m] = v * rng.lognormal(0, 0.3, (m, 1)).astype(np.float32)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000, q))
+
+
+def in_process(n: int, queries: int = 1000) -> dict[str, Any]:
+    v = track_vectors(n)
+    ids = [f"t{i}" for i in range(n)]
+    q = track_vectors(queries, seed=99)
+    t0 = time.perf_counter()
+    hnsw = HNSWIndex(64, "ip", capacity=n)
+    hnsw.upsert(ids, v)
+    build = time.perf_counter() - t0
+    exact = ExactIndex(64, "ip")
+    exact.upsert(ids, v)
+    h_lat, e_lat, hits = [], [], 0
+    for i in range(queries):
+        t = time.perf_counter()
+        got = hnsw.query(q[i], 10)
+        h_lat.append(time.perf_counter() - t)
+        if i < 300:  # exact search is slow: a subset gives both its latency and the recall truth
+            t = time.perf_counter()
+            truth = exact.query(q[i], 10)
+            e_lat.append(time.perf_counter() - t)
+            hits += len({a for a, _ in truth} & {a for a, _ in got})
+    upd = track_vectors(1000, seed=7)
+    t = time.perf_counter()
+    for j in range(1000):
+        hnsw.upsert([ids[j * 7 % n]], upd[j : j + 1])
+    update_ms = (time.perf_counter() - t) / 1000 * 1000
+    res = {
+        "tracks": n,
+        "build_s": build,
+        "build_items_per_s": n / build,
+        "hnsw_p50_ms": pct(h_lat, 50),
+        "hnsw_p99_ms": pct(h_lat, 99),
+        "exact_p50_ms": pct(e_lat, 50),
+        "exact_p99_ms": pct(e_lat, 99),
+        "recall@10": hits / (10 * min(queries, 300)),
+        "update_ms_per_vector": update_ms,
+    }
+    res["speedup_p50_exact_over_hnsw"] = res["exact_p50_ms"] / res["hnsw_p50_ms"]
+    res["speedup_p99_exact_over_hnsw"] = res["exact_p99_ms"] / res["hnsw_p99_ms"]
+    print(f"  {n} tracks: {res}")
+    return res
+
+
+def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
+    import redis
+
+    from core.als import ImplicitALS
+    from services import model_store
+    from services.embedded import EmbeddedServers, free_port
+    from services.keys import Keys
+
+    servers = EmbeddedServers.start()
+    try:
+        n_users = 20_000
+        model = ImplicitALS(factors=64)
+        model.item_factors_ = track_vectors(n_tracks)
+        model.user_factors_ = track_vectors(n_users, seed=5)
+        r = redis.Redis.from_url(servers.redis_url)
+        model_store.publish(
+            r,
+            Keys(),
+            "bench",
+            model,
+            [f"u{i}" for i in range(n_users)],
+            [f"t{i}" for i in range(n_tracks)],
+            {},
+        )
+        port = free_port()
+        env = {
+            **os.environ,
+            "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
+            "ENCORE_REDIS_URL": servers.redis_url,
+            "ENCORE_DATA_DIR": servers.workdir,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 900:
+            try:
+                if urllib.request.urlopen(f"{url}/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        ready_s = time.perf_counter() - t0
+        lat: list[float] = []
+        errors = [0]
+        total = int(rate * seconds)
+        start = time.perf_counter() + 0.5
+        lock = threading.Lock()
+
+        def worker(k: int, step: int) -> None:
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            for i in range(k, total, step):
+                due = start + i / rate
+                now = time.perf_counter()
+                if due > now:
+                    time.sleep(due - now)
+                try:
+                    conn.request("GET", f"/recommendations/u{i % n_users}?n=10")
+                    resp = conn.getresponse()
+                    resp.read()
+                    ok = resp.status == 200
+                except OSError:
+                    ok = False
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                # Open loop: latency counts from when the request was due, not when it was sent.
+                with lock:
+                    lat.append(time.perf_counter() - due)
+                    errors[0] += 0 if ok else 1
+
+        threads = [threading.Thread(target=worker, args=(k, 16)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        achieved = total / (time.perf_counter() - start)
+        proc.terminate()
+        proc.wait(timeout=30)
+        res = {
+            "tracks": n_tracks,
+            "target_rps": rate,
+            "achieved_rps": achieved,
+            "requests": total,
+            "errors": errors[0],
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "index_ready_s": ready_s,
+        }
+        print(f"  HTTP: {res}")
+        return res
+    finally:
+        servers.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="200000,1000000")
+    ap.add_argument("--http-size", type=int, default=200_000)
+    ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    args = ap.parse_args()
+    out: dict[str, Any] = {"in_process": [in_process(int(n)) for n in args.sizes.split(",")]}
+    if args.http_size:
+        out["http"] = http(args.http_size, args.rate, args.seconds)
+    write("serving", out)
+
+
+if __name__ == "__main__":
+    main()
