@@ -1,6 +1,6 @@
 """Speed-layer freshness: produce → user's updated vector readable in Redis.
 
-    python -m bench.freshness [--rate 500] [--seconds 20] [--backlog 200000]
+    python -m bench.freshness [--rate 5000] [--seconds 20] [--backlog 200000]
 
 Embedded broker and Redis, a model at factors=64 published, one `encore foldin` process.
 (1) At a fixed background produce rate, probe users (one play each, fresh ids) are timed from
@@ -52,7 +52,7 @@ def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[by
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=float, default=500.0)
+    ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--backlog", type=int, default=200_000)
     args = ap.parse_args()

@@ -153,9 +153,7 @@ class ImplicitALS:
                 conf.indptr, conf.indices, conf.data, Y, self._gram(Y, np.float32), X, self.cg_steps
             )
         else:
-            als_kernels.cholesky_half_step(
-                conf.indptr, conf.indices, conf.data, Y, self._gram(Y, np.float64), X
-            )
+            als_kernels.cholesky_half_step(conf.indptr, conf.indices, conf.data, Y, self._gram(Y, np.float64), X)
 
     def loss(self, plays: sp.spmatrix) -> float:
         """The weighted squared loss plus L2 penalty of the fitted factors on `plays`."""

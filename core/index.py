@@ -146,9 +146,7 @@ class HNSWIndex:
         cap = self.index.get_max_elements()
         if need > cap:
             self.index.resize_index(max(need, 2 * cap))
-        self.index.add_items(
-            _prep(vectors, self.space), labels, num_threads=self.threads, replace_deleted=False
-        )
+        self.index.add_items(_prep(vectors, self.space), labels, num_threads=self.threads, replace_deleted=False)
 
     def remove(self, ids: Iterable[str]) -> None:
         for t in ids:

@@ -99,9 +99,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         return [Item(track_id=t, score=float(len(snap.popular) - i)) for i, t in enumerate(out)]
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
-    def recommend(
-        user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)
-    ) -> Recommendations:
+    def recommend(user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Recommendations:
         check_n(n)
         snap = snapshot()
         version = snap.loaded.version
@@ -130,9 +128,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         vec = state.fold_in_plays(snap, plays)
         version = snap.loaded.version
         if vec is None or not vec.any():
-            return Recommendations(
-                model_version=version, source="popular", items=popular(snap, req.n, set(plays))
-            )
+            return Recommendations(model_version=version, source="popular", items=popular(snap, req.n, set(plays)))
         with state.lock:
             hits = snap.ip.query(vec, req.n, exclude=plays)
         return Recommendations(

@@ -31,9 +31,7 @@ class PlayMatrix:
     def applied(self, incarnation: str, partition: int) -> int:
         return self.offsets.get(f"{incarnation}|{partition}", -1)
 
-    def add(
-        self, incarnation: str, partition: int, offset: int, user: str, track: str, weight: float
-    ) -> bool:
+    def add(self, incarnation: str, partition: int, offset: int, user: str, track: str, weight: float) -> bool:
         """Add one play unless its offset is already covered; returns whether it was new."""
         key = f"{incarnation}|{partition}"
         if offset <= self.offsets.get(key, -1):
@@ -63,9 +61,7 @@ class PlayMatrix:
         base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], base.shape[1]))
         base.resize(shape)
         if self._vals:
-            add = sp.csr_matrix(
-                (np.array(self._vals, dtype=np.float32), (self._rows, self._cols)), shape=shape
-            )
+            add = sp.csr_matrix((np.array(self._vals, dtype=np.float32), (self._rows, self._cols)), shape=shape)
             base = (base + add).tocsr()
             self._rows, self._cols, self._vals = [], [], []
         base.sum_duplicates()

@@ -20,15 +20,11 @@ COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encore", description="Streaming music recommender.")
     sub = p.add_subparsers(dest="command", required=True)
-    up = sub.add_parser(
-        "up", help="the main job: servers (embedded if none set), demo plays, train, fold-in, API"
-    )
+    up = sub.add_parser("up", help="the main job: servers (embedded if none set), demo plays, train, fold-in, API")
     up.add_argument("--rate", type=float, default=300.0, help="demo plays per second")
     up.add_argument("--users", type=int, default=3000)
     up.add_argument("--tracks", type=int, default=1500)
-    up.add_argument(
-        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)"
-    )
+    up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
     sub.add_parser("embedded", help="start only the embedded broker and Redis")
     pr = sub.add_parser("produce", help="publish plays from a file or the synthetic generator")
     pr.add_argument("--file", help="JSON lines or CSV user_id,track_id,ts[,ms_played,count]")

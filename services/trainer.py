@@ -125,9 +125,9 @@ class Trainer:
         t0 = time.perf_counter()
         model = self.engine.fit(train)
         train_s = time.perf_counter() - t0
-        metrics = ranking_metrics(
-            model.user_factors_, model.item_factors_, train, test, k=10, max_users=2000
-        ).as_dict(10)
+        metrics = ranking_metrics(model.user_factors_, model.item_factors_, train, test, k=10, max_users=2000).as_dict(
+            10
+        )
         self._guard(metrics["precision@10"])
         model.user_factors_ = model.fold_in_users(plays)  # published users reflect every play
         version = model_store.new_version()
@@ -150,9 +150,7 @@ class Trainer:
             "popular": json.dumps([self.state.track_ids[i] for i in popular_items(plays, 1000)]),
             **{k: repr(v) for k, v in metrics.items()},
         }
-        model_store.publish(
-            self.r, self.keys, version, model, self.state.user_ids, self.state.track_ids, meta
-        )
+        model_store.publish(self.r, self.keys, version, model, self.state.user_ids, self.state.track_ids, meta)
         log.info(
             "published %s in %.1fs: precision@10 %.4f ndcg@10 %.4f",
             version,
@@ -183,9 +181,7 @@ class Trainer:
         users = [u.decode() for u in self.r.zrangebyscore(self.keys.dirty_users, since, "+inf")]
         store = HistoryStore(self.r, self.keys, FOLDIN_GROUP, self.s.history_cap, self.s.track_listeners_cap)
         for s in range(0, len(users), 5000):
-            refold_users(
-                self.r, self.keys, store, loaded, users[s : s + 5000], self.producer, self.s.updates_topic
-            )
+            refold_users(self.r, self.keys, store, loaded, users[s : s + 5000], self.producer, self.s.updates_topic)
         tracks = [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
         fold_new_tracks(
             self.r,

@@ -100,9 +100,7 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
         kids.start("train", "train")
         kids.start("produce", "produce", *demo, "--seed", "1", "--live", "--rate", str(args.rate))
         url = f"http://{s.api_host}:{port}"
-        print(
-            f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …", flush=True
-        )
+        print(f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …", flush=True)
         while not stop.is_set() and not (_get(f"{url}/ready") or {}).get("ready"):
             if any(p.poll() not in (None, 0) for p in kids.procs.values()):
                 print("encore up: a service exited; see the logs", file=sys.stderr)

@@ -50,9 +50,7 @@ def _start(env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
     )  # noqa: SIM115
 
 
-def test_kill9_loses_nothing_and_counts_nothing_twice(
-    settings: Settings, redis_client: redis.Redis, tmp_path
-) -> None:
+def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
     data = SyntheticMusic(n_users=500, n_tracks=400, seed=21)
     publish_synthetic_model(settings, redis_client, data)
     kafka_io.ensure_topics(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -34,24 +35,42 @@ def test_group_of_two_sees_each_event_once(settings: Settings) -> None:
     settings = settings.with_(plays_partitions=4)
     kafka_io.ensure_topics(settings)
     kafka_io.ensure_topics(settings)  # idempotent
-    _produce(settings, 10_000)
     group = f"g-{settings.key_prefix}"
-    a = kafka_io.consumer(settings.kafka_bootstrap, group, settings.plays_topic)
-    b = kafka_io.consumer(settings.kafka_bootstrap, group, settings.plays_topic)
     seen: Counter = Counter()
-    per_consumer = [Counter(), Counter()]
-    deadline = time.monotonic() + 90
-    while sum(seen.values()) < 10_000 and time.monotonic() < deadline:
-        for i, c in enumerate((a, b)):
-            for records in c.poll(timeout_ms=200).values():
-                per_consumer[i].update(int(r.value) for r in records)
-                seen.update(int(r.value) for r in records)
+    lock = threading.Lock()
+    stop = threading.Event()
+    assignments: list[set] = [set(), set()]
+
+    def member(i: int) -> None:
+        # Each member polls continuously in its own thread, as real group members do.
+        c = kafka_io.consumer(settings.kafka_bootstrap, group, settings.plays_topic)
+        try:
+            while not stop.is_set():
+                for records in c.poll(timeout_ms=200).values():
+                    with lock:
+                        seen.update(int(r.value) for r in records)
+                    c.commit()
+                assignments[i] = {tp.partition for tp in c.assignment()}
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    # Produce once the group has formed, so no rebalance hands records from one member to the other.
+    formed = time.monotonic() + 60
+    while time.monotonic() < formed and not (all(assignments) and len(assignments[0] | assignments[1]) == 4):
+        time.sleep(0.1)
+    _produce(settings, 10_000)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (sum(seen.values()) < 10_000 or not all(assignments)):
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
     assert set(seen) == set(range(10_000))
     assert max(seen.values()) == 1
-    assert a.assignment() and b.assignment()
-    assert not (a.assignment() & b.assignment())
-    a.close()
-    b.close()
+    assert all(assignments) and not (assignments[0] & assignments[1])
 
 
 def test_commit_stop_restart_reads_the_rest_once(settings: Settings) -> None:

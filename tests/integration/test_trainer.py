@@ -25,9 +25,7 @@ def _feed(settings: Settings, n_users: int = 400, n_tracks: int = 200, seed: int
     return SyntheticMusic(n_users=n_users, n_tracks=n_tracks, seed=seed)
 
 
-def test_train_once_publishes_a_model_that_knows_tastes(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
+def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redis_client: redis.Redis) -> None:
     from services import kafka_io
 
     kafka_io.ensure_topics(settings)
@@ -84,9 +82,7 @@ def test_train_once_publishes_a_model_that_knows_tastes(
     t2.consumer.close()
 
 
-def test_catch_up_refolds_users_who_played_after_the_checkpoint(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
+def test_catch_up_refolds_users_who_played_after_the_checkpoint(settings: Settings, redis_client: redis.Redis) -> None:
     from services.history_store import HistoryStore, Record
 
     keys = Keys(settings.key_prefix)
