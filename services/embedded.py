@@ -148,6 +148,17 @@ class EmbeddedServers:
         log.info("embedded Redis on %s", self.redis_url)
         return proc
 
+    def restart_redis(self, down_s: float = 0.0) -> None:
+        """Stop Redis and start it again on the same port and directory (its AOF is replayed)."""
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/")[0])
+        old = [p for p in self.procs if "redis" in str(p.args)]
+        for p in old:
+            p.terminate()
+            p.wait(timeout=10)
+            self.procs.remove(p)
+        time.sleep(down_s)
+        self.start_redis(port)
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             if proc.poll() is None:

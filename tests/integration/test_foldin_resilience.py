@@ -1,0 +1,98 @@
+"""The speed layer under rebalances and a Redis restart: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import defaultdict
+
+import pytest
+import redis
+
+from core.synthetic import SyntheticMusic
+from services import kafka_io
+from services.config import Settings
+from services.embedded import EmbeddedServers
+from services.keys import Keys
+from services.produce import PlayPublisher
+from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _produce_expected(settings: Settings, events: list[dict], pub: PlayPublisher, expected: dict) -> None:
+    for ev in events:
+        pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
+        if int(ev["ms_played"]) >= settings.min_ms_played:
+            expected[str(ev["user_id"])][str(ev["track_id"])] += 1.0
+    pub.flush()
+
+
+def _applied(r: redis.Redis, keys: Keys, group: str) -> int:
+    return sum(int(v) + 1 for v in r.hgetall(keys.offsets(group)).values())
+
+
+def _check(r: redis.Redis, keys: Keys, expected: dict) -> None:
+    for user, tracks in expected.items():
+        stored = {k.decode(): float(v) for k, v in r.hgetall(keys.history(user)).items()}
+        assert stored == dict(tracks), user
+
+
+def test_two_workers_and_rebalances_lose_nothing(settings: Settings, redis_client: redis.Redis) -> None:
+    data = SyntheticMusic(n_users=300, n_tracks=200, seed=12)
+    publish_synthetic_model(settings, redis_client, data)
+    kafka_io.ensure_topics(settings)
+    keys, group = Keys(settings.key_prefix), f"g-{uuid.uuid4().hex[:6]}"
+    events = list(data.events(6000))
+    expected: dict = defaultdict(lambda: defaultdict(float))
+    pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+    a = WorkerThread(settings, group)
+    _produce_expected(settings, events[:2000], pub, expected)
+    b = WorkerThread(settings, group)  # joins: rebalance
+    _produce_expected(settings, events[2000:4000], pub, expected)
+    assert wait_for(lambda: bool(b.worker.consumer.assignment()), timeout=30)
+    a.stop()  # leaves: rebalance again, b takes every partition
+    _produce_expected(settings, events[4000:], pub, expected)
+    try:
+        assert wait_for(lambda: _applied(redis_client, keys, group) >= len(events), timeout=90)
+    finally:
+        b.stop()
+    _check(redis_client, keys, expected)
+
+
+def test_redis_restart_mid_stream_loses_nothing(servers: dict, tmp_path) -> None:
+    own = EmbeddedServers.start(kafka=False)  # a Redis of its own, so the restart hurts no other test
+    try:
+        tag = uuid.uuid4().hex[:8]
+        settings = Settings(
+            kafka_bootstrap=str(servers["kafka"]),
+            redis_url=own.redis_url,
+            plays_topic=f"plays-{tag}",
+            dlq_topic=f"dlq-{tag}",
+            updates_topic=f"up-{tag}",
+            key_prefix=f"r-{tag}:",
+            factors=16,
+            data_dir=str(tmp_path),
+        )
+        r = redis.Redis.from_url(own.redis_url)
+        data = SyntheticMusic(n_users=300, n_tracks=200, seed=13)
+        publish_synthetic_model(settings, r, data)
+        kafka_io.ensure_topics(settings)
+        keys, group = Keys(settings.key_prefix), f"g-{tag}"
+        events = list(data.events(4000))
+        expected: dict = defaultdict(lambda: defaultdict(float))
+        pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+        w = WorkerThread(settings, group)
+        _produce_expected(settings, events[:2000], pub, expected)
+        assert wait_for(lambda: _applied(r, keys, group) > 0, timeout=30)
+        time.sleep(1.5)  # let appendfsync everysec persist what is applied
+        own.restart_redis(down_s=2.0)
+        _produce_expected(settings, events[2000:], pub, expected)
+        try:
+            assert wait_for(lambda: _applied(r, keys, group) >= len(events), timeout=90)
+        finally:
+            w.stop()
+        _check(r, keys, expected)
+    finally:
+        own.stop()
