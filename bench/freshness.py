@@ -144,7 +144,7 @@ def latency(
     for i, ev in enumerate(events):
         due = t0 + i / rate
         if due > time.perf_counter():
-            time.sleep(due - time.perf_counter())
+            time.sleep(max(0.0, due - time.perf_counter()))
         pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
         if i % 25 == 0:
             probe = f"probe-{i}"

@@ -218,6 +218,11 @@ def build(settings: Settings, group: str = GROUP) -> FoldInWorker:
     """Composition root of one worker."""
     kafka_io.ensure_topics(settings)
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
-    consumer = kafka_io.consumer(settings.kafka_bootstrap, group)
-    producer = kafka_io.producer(settings.kafka_bootstrap)
+    consumer = kafka_io.consumer(
+        settings.kafka_bootstrap, group, max_poll_records=settings.batch_max_events, fetch_max_bytes=64 * 2**20
+    )
+    # Vector updates are idempotent (the latest wins): batch them harder than plays.
+    producer = kafka_io.producer(
+        settings.kafka_bootstrap, linger_ms=20, batch_size=1 << 20, max_in_flight_requests_per_connection=5
+    )
     return FoldInWorker(settings, r, consumer, producer, group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 
@@ -18,10 +19,23 @@ log = logging.getLogger(__name__)
 
 
 def update_message(version: str, vector: np.ndarray | None) -> bytes | None:
-    """Value of a `factor-updates` record; None (a tombstone) removes the entity."""
+    """Value of a `factor-updates` record; None (a tombstone) removes the entity.
+
+    `vector` is base64 of the float32 little-endian bytes (the Redis encoding): a JSON list of
+    64 floats costs several times more to build and parse on the hot path.
+    """
     if vector is None:
         return None
-    return json.dumps({"model_version": version, "vector": [float(x) for x in vector]}).encode()
+    b64 = base64.b64encode(encode_vector(vector)).decode()
+    return json.dumps({"model_version": version, "dtype": "float32le", "vector": b64}).encode()
+
+
+def parse_update(value: bytes) -> tuple[str, np.ndarray]:
+    """(model version, vector) of a `factor-updates` value; accepts a base64 or a list vector."""
+    d = json.loads(value)
+    v = d["vector"]
+    vec = decode_vector(base64.b64decode(v)) if isinstance(v, str) else np.asarray(v, dtype=np.float32)
+    return str(d["model_version"]), vec
 
 
 def history_rows(histories: list[dict[str, float]], model: LoadedModel) -> sp.csr_matrix:

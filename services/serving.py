@@ -17,6 +17,7 @@ from kafka import TopicPartition
 from core.index import HNSWIndex
 from services import kafka_io, model_store
 from services.config import Settings
+from services.folding import parse_update
 from services.keys import Keys, decode_vector
 from services.model_store import LoadedModel
 
@@ -101,10 +102,9 @@ class ServingState:
                 snap.ip.remove([track])
                 snap.cosine.remove([track])
         else:
-            d = json.loads(value)
-            if d.get("model_version") != snap.loaded.version:
+            version, vec = parse_update(value)
+            if version != snap.loaded.version:
                 return
-            vec = np.asarray(d["vector"], dtype=np.float32)
             with self.lock:
                 snap.ip.upsert([track], vec[None])
                 snap.cosine.upsert([track], vec[None])
