@@ -28,7 +28,7 @@ from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services import kafka_io, model_store
 from services.config import Settings
-from services.embedded import EmbeddedServers
+from services.embedded import EmbeddedServers, _die_with_parent
 from services.keys import Keys
 from services.produce import PlayPublisher
 
@@ -46,6 +46,7 @@ def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[by
         [sys.executable, "-m", "services.cli", "foldin"],
         env=env,
         stdout=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
         stderr=subprocess.DEVNULL,
     )
 

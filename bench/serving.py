@@ -88,7 +88,7 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
 
     from core.als import ImplicitALS
     from services import model_store
-    from services.embedded import EmbeddedServers, free_port
+    from services.embedded import EmbeddedServers, _die_with_parent, free_port
     from services.keys import Keys
 
     servers = EmbeddedServers.start()
@@ -118,6 +118,7 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
             [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
             stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
