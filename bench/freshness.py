@@ -28,7 +28,7 @@ from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services import kafka_io, model_store
 from services.config import Settings
-from services.embedded import EmbeddedServers, _die_with_parent
+from services.embedded import EmbeddedServers, spawn
 from services.keys import Keys
 from services.produce import PlayPublisher
 
@@ -42,13 +42,8 @@ def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[by
         "ENCORE_KEY_PREFIX": settings.key_prefix,
         "ENCORE_BATCH_MAX_MS": "20",
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "foldin"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
-        stderr=subprocess.DEVNULL,
-    )
+    log = os.path.join(servers.workdir, f"foldin-{settings.plays_topic}.log")
+    return spawn([sys.executable, "-m", "services.cli", "foldin"], log, env)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -88,7 +87,7 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
 
     from core.als import ImplicitALS
     from services import model_store
-    from services.embedded import EmbeddedServers, _die_with_parent, free_port
+    from services.embedded import EmbeddedServers, free_port, spawn
     from services.keys import Keys
 
     servers = EmbeddedServers.start()
@@ -114,13 +113,8 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
             "ENCORE_REDIS_URL": servers.redis_url,
             "ENCORE_DATA_DIR": servers.workdir,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-            stderr=subprocess.DEVNULL,
-        )
+        cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(port)]
+        proc = spawn(cmd, os.path.join(servers.workdir, "serve.log"), env)
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 900:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from core.recommend import top_n
+from core.recommend import masked_scores, top_of_scores
 
 
 def holdout_split(
@@ -96,8 +96,8 @@ def ranking_metrics(
     for s in range(0, users.size, 256):
         batch = users[s : s + 256]
         tr, te = train[batch], test[batch]
-        idx, _ = top_n(user_factors[batch], item_factors, k, exclude=tr)
-        scores = user_factors[batch] @ item_factors.T
+        scores = masked_scores(user_factors[batch], item_factors, tr)  # one matmul serves every metric
+        idx, _ = top_of_scores(scores, k)
         for r in range(batch.size):
             truth = te.indices[te.indptr[r] : te.indptr[r + 1]]
             weights = te.data[te.indptr[r] : te.indptr[r + 1]]
@@ -107,9 +107,8 @@ def ranking_metrics(
             cum = np.cumsum(hits) / np.arange(1, k + 1)
             ap.append(float((cum * hits).sum()) / denom)
             ndcg.append(float((hits * discount).sum()) / float(discount[:denom].sum()))
-            row = scores[r].copy()
+            row = scores[r]
             seen = tr.indices[tr.indptr[r] : tr.indptr[r + 1]]
-            row[seen] = -np.inf
             candidates = n_items - seen.size
             sorted_row = np.sort(row)
             higher = candidates - np.searchsorted(sorted_row, row[truth], side="right") + seen.size

@@ -6,6 +6,34 @@ import numpy as np
 import scipy.sparse as sp
 
 
+def masked_scores(user_vectors: np.ndarray, item_factors: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:
+    """Inner-product scores of a batch of users, with each row's excluded items at -inf."""
+    scores = np.atleast_2d(np.asarray(user_vectors, dtype=np.float32)) @ item_factors.T
+    if exclude is not None:
+        block = exclude.tocoo()
+        scores[block.row, block.col] = -np.inf
+    return scores
+
+
+def top_of_scores(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the indices and scores of the min(n, columns) best entries, best first.
+
+    Entries at -inf never fill the list: their slots hold index -1.
+    """
+    n_items = scores.shape[1]
+    m = min(n, n_items)
+    if m < n_items:
+        part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
+    else:
+        part = np.tile(np.arange(n_items), (scores.shape[0], 1))
+    ps = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    top = np.take_along_axis(part, order, axis=1)
+    top_scores = np.take_along_axis(ps, order, axis=1)
+    top[~np.isfinite(top_scores)] = -1
+    return top, top_scores
+
+
 def top_n(
     user_vectors: np.ndarray,
     item_factors: np.ndarray,
@@ -21,27 +49,14 @@ def top_n(
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
     U = np.atleast_2d(np.asarray(user_vectors, dtype=np.float32))
-    n_items = item_factors.shape[0]
-    m = min(n, n_items)
+    m = min(n, item_factors.shape[0])
     idx_out = np.full((U.shape[0], m), -1, dtype=np.int64)
     score_out = np.full((U.shape[0], m), -np.inf, dtype=np.float32)
     for s in range(0, U.shape[0], batch):
-        scores = U[s : s + batch] @ item_factors.T
-        if exclude is not None:
-            block = exclude[s : s + batch].tocoo()
-            scores[block.row, block.col] = -np.inf
-        part = (
-            np.argpartition(-scores, m - 1, axis=1)[:, :m]
-            if m < n_items
-            else (np.tile(np.arange(n_items), (scores.shape[0], 1)))
+        block = None if exclude is None else exclude[s : s + batch]
+        idx_out[s : s + batch], score_out[s : s + batch] = top_of_scores(
+            masked_scores(U[s : s + batch], item_factors, block), n
         )
-        ps = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-ps, axis=1, kind="stable")
-        top = np.take_along_axis(part, order, axis=1)
-        top_scores = np.take_along_axis(ps, order, axis=1)
-        top[~np.isfinite(top_scores)] = -1
-        idx_out[s : s + batch] = top
-        score_out[s : s + batch] = top_scores
     return idx_out, score_out
 
 

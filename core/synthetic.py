@@ -129,15 +129,3 @@ class SyntheticMusic:
                 "count": 1,
                 "event_id": f"e{self.seed}-{j}",
             }
-
-
-def scaled(n_plays: int, seed: int = 0) -> SyntheticMusic:
-    """A data set of about `n_plays` distinct user–track pairs at the bench's 5:2 user:track ratio."""
-    n_users = max(100, n_plays // 20)
-    return SyntheticMusic(
-        n_users=n_users,
-        n_tracks=max(50, n_users * 2 // 5),
-        mean_plays=30.0,
-        n_genres=max(20, n_users // 2500),
-        seed=seed,
-    )

@@ -58,15 +58,15 @@ class PlayMatrix:
         """The full matrix (compacts the appended plays into the base)."""
         shape = (len(self.user_ids), len(self.track_ids))
         base = self._base if self._base is not None else sp.csr_matrix(shape, dtype=np.float32)
-        base = sp.csr_matrix((base.data, base.indices, base.indptr), shape=(base.shape[0], base.shape[1]))
-        base.resize(shape)
+        if base.shape != shape:
+            base.resize(shape)  # new users/tracks append rows/columns
         if self._vals:
             add = sp.csr_matrix((np.array(self._vals, dtype=np.float32), (self._rows, self._cols)), shape=shape)
             base = (base + add).tocsr()
             self._rows, self._cols, self._vals = [], [], []
         base.sum_duplicates()
         base.sort_indices()
-        self._base = base.astype(np.float32)
+        self._base = base.astype(np.float32, copy=False)
         return self._base
 
     def save(self, path: str | Path, checkpoint_time: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import redis
+import scipy.sparse as sp
 
 from core.recommend import top_n
 from services import model_store
@@ -57,8 +58,6 @@ class EncoreClient:
         F = self._model.model.item_factors_
         exclude = None
         if played:
-            import scipy.sparse as sp
-
             exclude = sp.csr_matrix((np.ones(len(played)), ([0] * len(played), played)), shape=(1, F.shape[0]))
         idx, scores = top_n(vec[None], F, n, exclude=exclude)
         return [(self._model.track_ids[i], float(s)) for i, s in zip(idx[0], scores[0], strict=True) if i >= 0]

@@ -60,12 +60,22 @@ def redis_binary() -> str:
     return path
 
 
-def _spawn(cmd: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    # Children die with us on Linux (PR_SET_PDEATHSIG), so a kill -9 leaves no orphan.
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-    )
+def spawn(
+    cmd: list[str], log_path: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a child whose output is appended to `log_path` and which dies with this process.
+
+    Children die with us on Linux (PR_SET_PDEATHSIG), so even a kill -9 leaves no orphan.
+    """
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
 
 
 def _die_with_parent() -> None:
@@ -116,7 +126,7 @@ class EmbeddedServers:
             "--cluster-id",
             f"encore-{uuid.uuid4().hex[:12]}",
         ]
-        proc = _spawn(cmd, os.path.join(self.workdir, "tansu.log"))
+        proc = spawn(cmd, os.path.join(self.workdir, "tansu.log"))
         self.procs.append(proc)
         _wait_port(port, proc, "tansu broker")
         self.kafka_bootstrap = f"127.0.0.1:{port}"
@@ -141,7 +151,7 @@ class EmbeddedServers:
             "--protected-mode",
             "no",
         ]
-        proc = _spawn(cmd, os.path.join(self.workdir, "redis.log"))
+        proc = spawn(cmd, os.path.join(self.workdir, "redis.log"))
         self.procs.append(proc)
         _wait_port(port, proc, "redis-server")
         self.redis_url = f"redis://127.0.0.1:{port}/0"

@@ -7,6 +7,7 @@ flush the producer; only then commit the Kafka offsets.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -140,8 +141,6 @@ class FoldInWorker:
         self.commit(messages)
 
     def flush_dead_letters(self) -> None:
-        import json
-
         entries = self.r.lrange(self.keys.pending_dlq, 0, -1)
         for raw in entries:
             d = json.loads(raw)

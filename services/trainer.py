@@ -79,9 +79,11 @@ class Trainer:
             for recs in batch.values():
                 for m in recs:
                     ev = parse_play(m.value, limits)
-                    w = ev.weight(self.s.min_ms_played) if isinstance(ev, PlayEvent) else 0.0
-                    user = ev.user_id if isinstance(ev, PlayEvent) else ""
-                    track = ev.track_id if isinstance(ev, PlayEvent) else ""
+                    # Invalid events still advance the offset, with no weight (the fold-in worker
+                    # dead-letters them).
+                    user, track, w = ("", "", 0.0)
+                    if isinstance(ev, PlayEvent):
+                        user, track, w = ev.user_id, ev.track_id, ev.weight(self.s.min_ms_played)
                     if self.state.add(self.incarnation, m.partition, m.offset, user, track, w) and w > 0:
                         added += 1
         self.plays_since_train += added

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from services import kafka_io
 from services.config import Settings
-from services.embedded import EmbeddedServers, _die_with_parent, free_port
+from services.embedded import EmbeddedServers, free_port, spawn
 
 
 def _get(url: str) -> dict[str, object] | None:
@@ -30,19 +32,12 @@ class Children:
     """Child `encore` processes sharing one environment; stopped together."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir, self.procs = env, log_dir, {}  # type: ignore[var-annotated]
+        self.env, self.log_dir = env, log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )
+        proc = spawn([sys.executable, "-m", "services.cli", *args], self.log_dir / f"{name}.log", self.env)
         self.procs[name] = proc
         return proc
 
@@ -82,7 +77,6 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
     kafka_io.ensure_topics(s)
     kids = Children(env, Path(s.data_dir if embedded else tempfile.mkdtemp(prefix="encore-up-")) / "logs")
     stop = threading.Event()
-    import signal
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -125,7 +119,6 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
 
 
 def _port_free(port: int) -> bool:
-    import socket
 
     with socket.socket() as sock:
         try:

@@ -29,6 +29,16 @@ def _produce_expected(settings: Settings, events: list[dict], pub: PlayPublisher
     pub.flush()
 
 
+def _stream(settings: Settings, r: redis.Redis, seed: int, n_events: int) -> tuple:
+    """A published model, the topics, and synthetic events with their expected histories (empty yet)."""
+    data = SyntheticMusic(n_users=300, n_tracks=200, seed=seed)
+    publish_synthetic_model(settings, r, data)
+    kafka_io.ensure_topics(settings)
+    expected: dict = defaultdict(lambda: defaultdict(float))
+    pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+    return Keys(settings.key_prefix), f"g-{uuid.uuid4().hex[:6]}", list(data.events(n_events)), expected, pub
+
+
 def _applied(r: redis.Redis, keys: Keys, group: str) -> int:
     return sum(int(v) + 1 for v in r.hgetall(keys.offsets(group)).values())
 
@@ -40,13 +50,7 @@ def _check(r: redis.Redis, keys: Keys, expected: dict) -> None:
 
 
 def test_two_workers_and_rebalances_lose_nothing(settings: Settings, redis_client: redis.Redis) -> None:
-    data = SyntheticMusic(n_users=300, n_tracks=200, seed=12)
-    publish_synthetic_model(settings, redis_client, data)
-    kafka_io.ensure_topics(settings)
-    keys, group = Keys(settings.key_prefix), f"g-{uuid.uuid4().hex[:6]}"
-    events = list(data.events(6000))
-    expected: dict = defaultdict(lambda: defaultdict(float))
-    pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+    keys, group, events, expected, pub = _stream(settings, redis_client, seed=12, n_events=6000)
     a = WorkerThread(settings, group)
     _produce_expected(settings, events[:2000], pub, expected)
     b = WorkerThread(settings, group)  # joins: rebalance
@@ -76,13 +80,7 @@ def test_redis_restart_mid_stream_loses_nothing(servers: dict, tmp_path) -> None
             data_dir=str(tmp_path),
         )
         r = redis.Redis.from_url(own.redis_url)
-        data = SyntheticMusic(n_users=300, n_tracks=200, seed=13)
-        publish_synthetic_model(settings, r, data)
-        kafka_io.ensure_topics(settings)
-        keys, group = Keys(settings.key_prefix), f"g-{tag}"
-        events = list(data.events(4000))
-        expected: dict = defaultdict(lambda: defaultdict(float))
-        pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+        keys, group, events, expected, pub = _stream(settings, r, seed=13, n_events=4000)
         w = WorkerThread(settings, group)
         _produce_expected(settings, events[:2000], pub, expected)
         assert wait_for(lambda: _applied(r, keys, group) > 0, timeout=30)
