@@ -175,21 +175,49 @@ class ImplicitALS:
         if not hasattr(self, "item_factors_"):
             raise NotFittedError("this ImplicitALS is not fitted yet: call fit() or load()")
 
-    def fold_in(self, rows: object, frozen: np.ndarray, gram: np.ndarray | None = None) -> np.ndarray:
-        """Exact least-squares solve of `rows` (raw plays over the columns of `frozen`).
+    def fold_in(
+        self,
+        rows: object,
+        frozen: np.ndarray,
+        gram: np.ndarray | None = None,
+        start: np.ndarray | None = None,
+        steps: int | None = None,
+    ) -> np.ndarray:
+        """Least-squares solve of `rows` (raw plays over the columns of `frozen`).
 
-        `gram` is FᵀF of the whole frozen side; pass it when `frozen` holds only the vectors the
-        rows touch (the speed layer folds a track in from its listeners alone).
+        `gram` is FᵀF of the whole frozen side (without λ); pass it when `frozen` holds only the
+        vectors the rows touch (the speed layer folds a track in from its listeners alone), or
+        to avoid recomputing it per call. Rows are solved exactly (Cholesky) unless `start`
+        gives them a non-zero current vector: those take `steps` (default max(cg_steps, 3))
+        warm-started conjugate-gradient steps, which is what a single new play needs.
         """
         m = check_plays(rows, name="rows", n_cols=frozen.shape[0])
         conf = self._with_confidence(m)
         frozen = np.ascontiguousarray(frozen, dtype=np.float32)
+        k = frozen.shape[1]
         if gram is None:
             full = self._gram(frozen, np.float64)
         else:
-            full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(frozen.shape[1])
-        out = np.zeros((m.shape[0], frozen.shape[1]), dtype=np.float32)
-        als_kernels.cholesky_half_step(conf.indptr, conf.indices, conf.data, frozen, full, out)
+            full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(k)
+        out = np.zeros((m.shape[0], k), dtype=np.float32)
+        warm = np.zeros(m.shape[0], dtype=bool)
+        if start is not None:
+            if start.shape != out.shape:
+                raise ValueError(f"start has shape {start.shape}, expected {out.shape}")
+            warm = np.isfinite(start).all(axis=1) & (start != 0).any(axis=1)
+        cold = np.flatnonzero(~warm)
+        if len(cold):
+            sub = conf[cold] if len(cold) < m.shape[0] else conf
+            x = np.zeros((len(cold), k), dtype=np.float32)
+            als_kernels.cholesky_half_step(sub.indptr, sub.indices, sub.data, frozen, full, x)
+            out[cold] = x
+        hot = np.flatnonzero(warm)
+        if len(hot) and start is not None:
+            sub = conf[hot] if len(hot) < m.shape[0] else conf
+            x = np.ascontiguousarray(start[hot], dtype=np.float32)
+            n_steps = steps if steps is not None else max(self.cg_steps, 3)
+            als_kernels.cg_half_step(sub.indptr, sub.indices, sub.data, frozen, full.astype(np.float32), x, n_steps)
+            out[hot] = x
         return out
 
     def fold_in_users(self, rows: object) -> np.ndarray:

@@ -6,6 +6,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import orjson
+
 MAX_ID_BYTES = 256
 
 
@@ -84,8 +86,8 @@ def parse_play(raw: bytes | None, limits: Limits) -> PlayEvent | InvalidEvent:
     if raw is None:
         return InvalidEvent(b"", "null message value")
     try:
-        d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         return InvalidEvent(raw, f"malformed JSON: {exc}"[:200])
     if not isinstance(d, dict):
         return InvalidEvent(raw, "event must be a JSON object")

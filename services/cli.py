@@ -121,8 +121,7 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     worker = foldin.build(s, args.group)
     _stop_on_signals(worker.close)
     worker.run()
-    worker.consumer.close()
-    worker.producer.close()
+    worker.shutdown()
     return 0
 
 

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from core.events import InvalidEvent, Limits, parse_play
-from services import kafka_io, metrics
+from services import confluent_io, kafka_io, metrics
 from services.config import Settings
+from services.confluent_io import UpdatePublisher
 from services.folding import fold_new_tracks, refold_users
 from services.history_store import HistoryStore, Record, dead_letter_json
 from services.keys import Keys
@@ -32,17 +32,6 @@ GROUP = "encore-foldin"
 PENDING_PER_STEP = 5000
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, worker: FoldInWorker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        self.worker.on_assigned(list(assigned))
-
-
 class FoldInWorker:
     """One member of the fold-in consumer group."""
 
@@ -50,8 +39,8 @@ class FoldInWorker:
         self,
         settings: Settings,
         r: redis.Redis,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        consumer: Consumer,
+        producer: UpdatePublisher,
         group: str = GROUP,
     ) -> None:
         self.s, self.r, self.consumer, self.producer = settings, r, consumer, producer
@@ -61,14 +50,18 @@ class FoldInWorker:
         self.incarnation = ""
         self.assignment_changed = True
         self.stop_event = threading.Event()
-        consumer.subscribe([settings.plays_topic], listener=_Rebalance(self))
+        self._lag_at = 0.0
+        consumer.subscribe([settings.plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     # ---- partition assignment ----------------------------------------------------
-    # kafka-python runs rebalance callbacks on its IO thread, where blocking calls are not
-    # allowed: the callback only flags the change and the loop does the work.
-    def on_assigned(self, assigned: list[TopicPartition]) -> None:
+    # librdkafka calls these inside consume(), between two batches: a batch is always
+    # committed (or abandoned uncommitted) before its partitions can move.
+    def _on_assign(self, _c: Consumer, assigned: list[Any]) -> None:
         self.assignment_changed = True
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+    def _on_revoke(self, _c: Consumer, revoked: list[Any]) -> None:
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     def _check_incarnation(self) -> None:
         if self.assignment_changed or not self.incarnation:
@@ -108,24 +101,26 @@ class FoldInWorker:
             metrics.TRACKS_FOLDED.inc(len(done))
 
     # ---- one micro-batch -----------------------------------------------------------
-    def to_records(self, messages: list[Any]) -> list[Record]:
+    def to_records(self, messages: list[Message]) -> list[Record]:
         limits = Limits(now=time.time(), max_future_s=self.s.max_future_s, max_count=self.s.max_count)
         out = []
+        index = self.model.track_index if self.model is not None else {}
         for m in messages:
-            ev = parse_play(m.value, limits)
+            part, off = m.partition(), m.offset()
+            ev = parse_play(m.value() or b"", limits)
             if isinstance(ev, InvalidEvent):
-                source = f"{m.topic}/{m.partition}/{m.offset}"
-                out.append(Record(m.partition, m.offset, "d", extra=dead_letter_json(ev.raw, ev.reason, source)))
+                source = f"{m.topic()}/{part}/{off}"
+                out.append(Record(part, off, "d", extra=dead_letter_json(ev.raw, ev.reason, source)))
                 continue
             w = ev.weight(self.s.min_ms_played)
             if w <= 0:
-                out.append(Record(m.partition, m.offset, "n"))
+                out.append(Record(part, off, "n"))
                 continue
-            new = "new" if self.model is None or ev.track_id not in self.model.track_index else ""
-            out.append(Record(m.partition, m.offset, "p", ev.user_id, ev.track_id, w, ev.ts, new))
+            new = "" if ev.track_id in index else "new"
+            out.append(Record(part, off, "p", ev.user_id, ev.track_id, w, ev.ts, new))
         return out
 
-    def process(self, messages: list[Any]) -> None:
+    def process(self, messages: list[Message]) -> None:
         """Apply, fold, flush, then commit; raises on Redis/broker errors (caller retries)."""
         self.refresh_model()
         self._check_incarnation()
@@ -157,45 +152,47 @@ class FoldInWorker:
     def fold_pending(self) -> None:
         if self.model is None:
             return
-        pending = self.store.pending(PENDING_PER_STEP)
-        if pending:
-            refold_users(
-                self.r,
-                self.keys,
-                self.store,
-                self.model,
-                [u for u, _ in pending],
-                self.producer,
-                self.s.updates_topic,
-            )
+        users, upto = self.store.pending(PENDING_PER_STEP)
+        if users:
+            refold_users(self.r, self.keys, self.store, self.model, users, self.producer, self.s.updates_topic)
             self.producer.flush()
-            self.store.mark_done(pending)
-            metrics.USERS_FOLDED.inc(len(pending))
+            self.store.mark_done(upto)
+            metrics.USERS_FOLDED.inc(len(users))
 
-    def commit(self, messages: list[Any]) -> None:
-        last: dict[TopicPartition, int] = {}
+    def commit(self, messages: list[Message]) -> None:
+        last: dict[int, int] = {}
         for m in messages:
-            tp = TopicPartition(m.topic, m.partition)
-            last[tp] = max(last.get(tp, -1), m.offset)
-        if last:
-            self.consumer.commit({tp: OffsetAndMetadata(o + 1, "", -1) for tp, o in last.items()})
+            last[m.partition()] = max(last.get(m.partition(), -1), m.offset())
+        confluent_io.commit(self.consumer, self.s.plays_topic, last)
+
+    def update_lag(self) -> None:
+        """Messages behind the end of the assigned partitions, at most once a second."""
+        if time.monotonic() - self._lag_at < 1.0:
+            return
+        self._lag_at = time.monotonic()
+        lag = 0
+        for tp in self.consumer.position(self.consumer.assignment()):
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)  # updated by every fetch
+            lag += max(0, high - tp.offset) if tp.offset >= 0 else high
+        metrics.LAG.set(lag)
 
     # ---- loop ----------------------------------------------------------------------
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
         backoff = 0.5
         while not self.stop_event.is_set():
-            batch = self.consumer.poll(timeout_ms=self.s.batch_max_ms, max_records=self.s.batch_max_events)
-            messages = [m for recs in batch.values() for m in recs]
+            raw = self.consumer.consume(num_messages=self.s.batch_max_events, timeout=self.s.batch_max_ms / 1000)
+            messages = confluent_io.data_messages(raw)
             metrics.EVENTS_IN.inc(len(messages))
             while not self.stop_event.is_set():
                 t0 = time.perf_counter()
                 try:
-                    if messages or self.model is None or self.store.pending(1):
+                    if messages or self.model is None or self.store.pending(1)[0]:
                         self.process(messages)
+                    self.update_lag()
                     backoff = 0.5
                     metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
                     break
-                except (redis.RedisError, KafkaError, OSError) as exc:
+                except (redis.RedisError, KafkaError, KafkaException, OSError) as exc:
                     metrics.RETRIES.inc()
                     log.warning(
                         "batch of %d failed (%s: %s); retrying in %.1fs, nothing committed",
@@ -210,18 +207,18 @@ class FoldInWorker:
                 on_batch(len(messages))
 
     def close(self) -> None:
+        """Ask the loop to stop after the current batch."""
         self.stop_event.set()
+
+    def shutdown(self) -> None:
+        """Leave the group and flush the producer (after `run` has returned)."""
+        self.consumer.close()
+        self.producer.close()
 
 
 def build(settings: Settings, group: str = GROUP) -> FoldInWorker:
     """Composition root of one worker."""
     kafka_io.ensure_topics(settings)
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=10)
-    consumer = kafka_io.consumer(
-        settings.kafka_bootstrap, group, max_poll_records=settings.batch_max_events, fetch_max_bytes=64 * 2**20
-    )
-    # Vector updates are idempotent (the latest wins): batch them harder than plays.
-    producer = kafka_io.producer(
-        settings.kafka_bootstrap, linger_ms=20, batch_size=1 << 20, max_in_flight_requests_per_connection=5
-    )
-    return FoldInWorker(settings, r, consumer, producer, group)
+    consumer = confluent_io.consumer(settings.kafka_bootstrap, group)
+    return FoldInWorker(settings, r, consumer, UpdatePublisher(settings.kafka_bootstrap), group)

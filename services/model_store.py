@@ -28,10 +28,17 @@ class LoadedModel:
     user_gram: np.ndarray
     meta: dict[str, str]
     track_index: dict[str, int] = field(default_factory=dict)
+    track_index_b: dict[bytes, int] = field(default_factory=dict)  # same, keyed by Redis bytes
+    item_gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # YᵀY, float64
 
     def __post_init__(self) -> None:
         if not self.track_index:
             self.track_index = {t: i for i, t in enumerate(self.track_ids)}
+        if not self.track_index_b:
+            self.track_index_b = {t.encode(): i for t, i in self.track_index.items()}
+        if self.item_gram.size == 0 and hasattr(self.model, "item_factors_"):
+            y = self.model.item_factors_.astype(np.float64)
+            self.item_gram = y.T @ y
 
 
 def new_version() -> str:

@@ -42,8 +42,7 @@ class WorkerThread:
     def stop(self) -> None:
         self.worker.close()
         self.thread.join(timeout=30)
-        self.worker.consumer.close()
-        self.worker.producer.close()
+        self.worker.shutdown()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.1) -> bool:

@@ -130,6 +130,29 @@ def test_fit_rejects_bad_input(bad, msg: str) -> None:
         ImplicitALS(factors=2, iterations=1).fit(bad)
 
 
+def test_warm_started_fold_in_tracks_one_new_play() -> None:
+    """A user's current vector plus one new play: warm CG lands on the exact solve; cold rows stay exact."""
+    data = SyntheticMusic(n_users=300, n_tracks=120, mean_plays=15, n_genres=6, seed=4)
+    m = data.matrix()
+    model = ImplicitALS(factors=16, iterations=6, random_state=0).fit(m)
+    rows = m[:50].tolil()
+    for u in range(50):
+        rows[u, (u * 7) % 120] += 1.0  # one more play each
+    rows = rows.tocsr()
+    exact = model.fold_in_users(rows)
+    start = model.fold_in_users(m[:50])
+    start[10:20] = 0.0  # no vector yet: these must be solved exactly
+    warm = model.fold_in(rows, model.item_factors_, start=start)
+    np.testing.assert_allclose(warm[10:20], exact[10:20], rtol=1e-3, atol=1e-4)
+    err_warm = np.linalg.norm(warm - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    err_start = np.linalg.norm(start - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    moved = np.r_[0:10, 20:50]
+    assert np.median(err_warm[moved]) < 0.2 * np.median(err_start[moved])
+    assert err_warm[moved].max() < 0.05
+    with pytest.raises(ValueError, match="start has shape"):
+        model.fold_in(rows, model.item_factors_, start=start[:3])
+
+
 def test_fold_in_bad_input() -> None:
     with pytest.raises(NotFittedError):
         ImplicitALS().fold_in_users(sp.csr_matrix((1, 20)))

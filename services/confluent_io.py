@@ -1,0 +1,106 @@
+"""librdkafka clients (confluent-kafka) for the speed layer's hot path.
+
+kafka-python decodes records and checks CRCs in pure Python, and its `send` costs tens of
+microseconds per record; at tens of thousands of plays per second that is most of a core.
+The fold-in worker therefore consumes and produces through librdkafka. Admin calls and the
+low-rate producers elsewhere stay on kafka-python.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+log = logging.getLogger(__name__)
+
+ProduceFailed = KafkaException
+
+
+def consumer(bootstrap: str, group: str, **overrides: Any) -> Consumer:
+    """Group consumer: manual commits, earliest reset, and a group that forms in seconds."""
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 300_000,
+        "fetch.wait.max.ms": 10,
+        "queued.min.messages": 100_000,
+        "logger": log,
+    }
+    cfg.update(overrides)
+    return Consumer(cfg)
+
+
+def data_messages(messages: list[Message]) -> list[Message]:
+    """Drop error events (partition EOF, transport hiccups librdkafka retries by itself)."""
+    out = []
+    for m in messages:
+        err = m.error()
+        if err is None:
+            out.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer: %s", err)
+    return out
+
+
+class UpdatePublisher:
+    """Producer whose `flush` raises unless every record sent since the last flush is acknowledged.
+
+    `send(topic, value, key, headers)` matches kafka-python's signature, so fold-in code can be
+    handed either producer.
+    """
+
+    def __init__(self, bootstrap: str, **overrides: Any) -> None:
+        cfg: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "linger.ms": 10,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 1_000_000,
+            "message.timeout.ms": 30_000,
+            "delivery.report.only.error": True,  # `_delivered` runs for failures only
+            "partitioner": "murmur2_random",  # the same partition for a key as Java clients
+            "logger": log,
+        }
+        cfg.update(overrides)
+        self.producer = Producer(cfg)
+        self.errors: list[str] = []
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                self.producer.poll(0.05)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        left = self.producer.flush(timeout)
+        errors, self.errors = self.errors, []
+        if left or errors:
+            raise ProduceFailed(f"{left} record(s) undelivered, {len(errors)} failed: {errors[:3]}")
+
+    def close(self) -> None:
+        self.producer.flush(10.0)
+
+
+def commit(c: Consumer, topic: str, last: dict[int, int]) -> None:
+    """Synchronously commit `last offset + 1` per partition."""
+    if last:
+        c.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
