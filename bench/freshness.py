@@ -40,7 +40,6 @@ def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[by
         "ENCORE_REDIS_URL": servers.redis_url,
         "ENCORE_PLAYS_TOPIC": settings.plays_topic,
         "ENCORE_KEY_PREFIX": settings.key_prefix,
-        "ENCORE_BATCH_MAX_MS": "20",
     }
     log = os.path.join(servers.workdir, f"foldin-{settings.plays_topic}.log")
     return spawn([sys.executable, "-m", "services.cli", "foldin"], log, env)
@@ -78,14 +77,19 @@ def main() -> None:
                 pub.flush()
                 t0 = time.perf_counter()
                 proc = _worker(servers, settings)
-
-                while applied(r, keys) < len(events) and time.perf_counter() - t0 < 900:
-                    time.sleep(0.2)
-                took = time.perf_counter() - t0
+                first, first_n = 0.0, 0
+                while (n := applied(r, keys)) < len(events) and time.perf_counter() - t0 < 900:
+                    if n and not first:
+                        first, first_n = time.perf_counter(), n
+                    time.sleep(0.05)
+                end = time.perf_counter()
                 out["throughput"] = {
                     "events": len(events),
-                    "seconds_incl_group_join": took,
-                    "events_per_s": len(events) / took,
+                    "seconds_incl_group_join": end - t0,
+                    "events_per_s_incl_group_join": len(events) / (end - t0),
+                    # sustained: from the first applied batch to the last, excluding start-up
+                    "events_per_s": (len(events) - first_n) / (end - first),
+                    "target_events_per_s": 20_000,
                 }
                 print(f"  throughput: {out['throughput']}")
                 proc.terminate()

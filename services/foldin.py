@@ -121,21 +121,36 @@ class FoldInWorker:
         return out
 
     def process(self, messages: list[Message]) -> None:
-        """Apply, fold, flush, then commit; raises on Redis/broker errors (caller retries)."""
+        """Apply, fold, flush, settle, then commit; raises on Redis/broker errors (caller retries).
+
+        Dead letters and re-solved users leave their Redis queues only after the producer has
+        flushed, and the Kafka offsets are committed last: a crash anywhere repeats work that
+        is idempotent (re-solving, re-announcing) and never loses or double-counts a play.
+        """
         self.refresh_model()
         self._check_incarnation()
         records = self.to_records(messages)
         applied = self.store.apply(self.incarnation, records)
         metrics.EVENTS_APPLIED.inc(applied)
         metrics.EVENTS_SKIPPED.inc(len(records) - applied)
-        self.flush_dead_letters()
-        self.fold_pending()
+        dead = self.send_dead_letters()
+        folded, upto = self.fold_pending()
         if self.model is not None:
             self._fold_tracks(sorted({r.track for r in records if r.kind == "p" and r.extra == "new"}))
         self.producer.flush()
+        if dead or folded:
+            pipe = self.r.pipeline(transaction=False)
+            if dead:
+                pipe.ltrim(self.keys.pending_dlq, dead, -1)
+            if folded:
+                self.store.mark_done(upto, pipe)
+            pipe.execute()
+        metrics.DEAD_LETTERS.inc(dead)
+        metrics.USERS_FOLDED.inc(folded)
         self.commit(messages)
 
-    def flush_dead_letters(self) -> None:
+    def send_dead_letters(self) -> int:
+        """Produce the dead letters queued by `apply`; returns how many (trimmed after flush)."""
         entries = self.r.lrange(self.keys.pending_dlq, 0, -1)
         for raw in entries:
             d = json.loads(raw)
@@ -144,20 +159,16 @@ class FoldInWorker:
                 value=d["raw"].encode("latin-1"),
                 headers=[("error", d["error"].encode()), ("source", d["source"].encode())],
             )
-        if entries:
-            self.producer.flush()
-            self.r.ltrim(self.keys.pending_dlq, len(entries), -1)
-            metrics.DEAD_LETTERS.inc(len(entries))
+        return len(entries)
 
-    def fold_pending(self) -> None:
+    def fold_pending(self) -> tuple[int, float]:
+        """Re-solve and announce pending users; returns (count, pending score they cover)."""
         if self.model is None:
-            return
+            return 0, 0.0
         users, upto = self.store.pending(PENDING_PER_STEP)
         if users:
             refold_users(self.r, self.keys, self.store, self.model, users, self.producer, self.s.updates_topic)
-            self.producer.flush()
-            self.store.mark_done(upto)
-            metrics.USERS_FOLDED.inc(len(users))
+        return len(users), upto
 
     def commit(self, messages: list[Message]) -> None:
         last: dict[int, int] = {}

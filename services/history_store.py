@@ -190,17 +190,20 @@ class HistoryStore:
         All users at the cut-off score are included (a batch is never split), so `mark_done`
         can drop everything up to that score: anything queued later has a higher score.
         """
-        rows = self.r.zrange(self.keys.pending_users, 0, limit - 1, withscores=True)
+        rows = self.r.zrange(self.keys.pending_users, 0, limit - 1)
         if not rows:
             return [], 0.0
-        upto = rows[-1][1]
+        upto = float(self.r.zscore(self.keys.pending_users, rows[-1]) or 0.0)
         if len(rows) == limit:
-            rows = self.r.zrangebyscore(self.keys.pending_users, "-inf", upto, withscores=True)
-        return [u.decode() for u, _ in rows], upto
+            rows = self.r.zrangebyscore(self.keys.pending_users, "-inf", upto)
+        return [u.decode() for u in rows], upto
 
-    def mark_done(self, upto: float) -> int:
-        """Forget pending users queued at or before score `upto` (they have been re-solved)."""
-        return int(self.r.zremrangebyscore(self.keys.pending_users, "-inf", upto))
+    def mark_done(self, upto: float, pipe: Any = None) -> None:
+        """Forget pending users queued at or before score `upto` (they have been re-solved).
+
+        With `pipe` (a redis-py pipeline) the command is only queued on it.
+        """
+        (pipe if pipe is not None else self.r).zremrangebyscore(self.keys.pending_users, "-inf", upto)
 
     def queue_users(self, users: list[str]) -> None:
         if users:
