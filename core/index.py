@@ -110,6 +110,12 @@ class ExactIndex:
         return track_id in self.slots.label
 
 
+# Search breadth. Inner-product graphs over ALS-like vectors (clustered, spread of norms) need a
+# wide search: on 200k such tracks recall@10 was 0.910 at ef=200, 0.947 at 400, 0.966 at 800,
+# with p99 0.40, 0.68 and 0.91 ms (bench/serving). Queries raise it further when over-fetching.
+DEFAULT_EF = 800
+
+
 class HNSWIndex:
     """hnswlib graph, updated in place: upserts replace vectors, removals are marked deleted."""
 
@@ -123,8 +129,7 @@ class HNSWIndex:
         ef: int | None = None,
         threads: int = -1,
     ) -> None:
-        # Unit vectors crowd together: cosine needs a wider search for the same recall.
-        ef = ef if ef is not None else (400 if space == "cosine" else 200)
+        ef = ef if ef is not None else DEFAULT_EF
         self.dim, self.space, self.ef, self.threads = dim, space, ef, threads
         self.m, self.ef_construction = m, ef_construction
         self.slots = _Slots()
@@ -194,7 +199,8 @@ class HNSWIndex:
         )
 
     @classmethod
-    def load(cls, path: str | Path, ef: int = 200) -> HNSWIndex:
+    def load(cls, path: str | Path, ef: int = 0) -> HNSWIndex:
+        ef = ef or DEFAULT_EF
         meta = json.loads(Path(str(path) + ".ids.json").read_text())
         obj = cls.__new__(cls)
         obj.dim, obj.space, obj.ef, obj.threads = meta["dim"], meta["space"], ef, -1

@@ -9,9 +9,18 @@ low-rate producers elsewhere stay on kafka-python.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,14 @@ def consumer(bootstrap: str, group: str, **overrides: Any) -> Consumer:
     }
     cfg.update(overrides)
     return Consumer(cfg)
+
+
+def reader(bootstrap: str, topic: str) -> Consumer:
+    """A group-less consumer assigned every partition of `topic` from the beginning."""
+    c = consumer(bootstrap, f"encore-reader-{uuid.uuid4().hex[:12]}")
+    parts = c.list_topics(topic, timeout=15).topics[topic].partitions or {0: None}
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    return c
 
 
 def data_messages(messages: list[Message]) -> list[Message]:

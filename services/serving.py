@@ -8,14 +8,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
 import scipy.sparse as sp
-from kafka import TopicPartition
 
 from core.index import HNSWIndex
-from services import kafka_io, model_store
+from services import confluent_io, kafka_io, model_store
 from services.config import Settings
 from services.folding import parse_update
 from services.keys import Keys, decode_vector
@@ -130,22 +130,22 @@ class ServingState:
             self.apply_update(key, value)
 
     def follow(self) -> None:
-        """Background loop: model versions from Redis, vector changes from factor-updates."""
+        """Background loop: model versions from Redis, track changes from factor-updates.
+
+        The topic also carries every user update (tens of thousands a second at full speed);
+        librdkafka decodes them off the GIL and only `track:` keys reach Python code.
+        """
         consumer = None
         while not self.stop_event.is_set():
             try:
                 self.refresh()
                 if consumer is None:
                     kafka_io.ensure_topics(self.s)
-                    consumer = kafka_io.consumer(self.s.kafka_bootstrap, None)
-                    parts = consumer.partitions_for_topic(self.s.updates_topic) or {0}
-                    tps = [TopicPartition(self.s.updates_topic, p) for p in parts]
-                    consumer.assign(tps)
-                    consumer.seek_to_beginning(*tps)  # replay this version's track changes
-                for recs in consumer.poll(timeout_ms=200, max_records=2000).values():
-                    for m in recs:
-                        if m.key:
-                            self.apply_update(m.key, m.value)
+                    consumer = confluent_io.reader(self.s.kafka_bootstrap, self.s.updates_topic)
+                for m in confluent_io.data_messages(consumer.consume(num_messages=5000, timeout=0.2)):
+                    key = m.key()
+                    if key and key.startswith(b"track:"):
+                        self.apply_update(key, m.value())
             except Exception as exc:  # keep serving the last good snapshot
                 log.warning("serving follower: %s: %s; retrying", type(exc).__name__, exc)
                 self.stop_event.wait(1.0)
@@ -153,12 +153,13 @@ class ServingState:
             consumer.close()
 
     # ---- queries -----------------------------------------------------------------------
-    def user_vector(self, version: str, user_id: str) -> np.ndarray | None:
-        raw = self.r.get(self.keys.user(version, user_id))
-        return None if raw is None else decode_vector(raw)
-
-    def history(self, user_id: str) -> dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.r.hgetall(self.keys.history(user_id)).items()}
+    async def user_context(self, ar: Any, version: str, user_id: str) -> tuple[np.ndarray | None, set[str]]:
+        """A user's vector in `version` and the tracks they played, in one round trip (asyncio)."""
+        async with ar.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.user(version, user_id))
+            pipe.hkeys(self.keys.history(user_id))
+            raw, played = await pipe.execute()
+        return (None if raw is None else decode_vector(raw)), {t.decode() for t in played}
 
     def fold_in_plays(self, snap: Snapshot, plays: dict[str, float]) -> np.ndarray | None:
         known = [(snap.loaded.track_index[t], c) for t, c in plays.items() if t in snap.loaded.track_index]
@@ -168,4 +169,4 @@ class ServingState:
         row = sp.csr_matrix(
             (np.array(vals, dtype=np.float32), ([0] * len(cols), cols)), shape=(1, len(snap.loaded.track_ids))
         )
-        return snap.loaded.model.fold_in(row, snap.loaded.model.item_factors_)[0]
+        return snap.loaded.model.fold_in(row, snap.loaded.model.item_factors_, gram=snap.loaded.item_gram)[0]

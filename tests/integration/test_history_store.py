@@ -42,9 +42,7 @@ def test_partial_replay_applies_only_the_new_tail(settings: Settings, redis_clie
     assert _hist(redis_client, keys, "u1")["t0"] == expected["t0"] + 1.0
 
 
-def test_dead_letters_and_noops_advance_offsets_without_history(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
+def test_dead_letters_and_noops_advance_offsets_without_history(settings: Settings, redis_client: redis.Redis) -> None:
     store, keys = _store(settings, redis_client)
     recs = [
         Record(0, 0, "d", extra='{"raw": "x", "error": "bad", "source": "p/0/0"}'),
