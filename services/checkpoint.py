@@ -1,14 +1,24 @@
-"""The trainer's durable play matrix: accumulate plays, checkpoint atomically with offsets."""
+"""The trainer's durable play matrix: accumulate plays, checkpoint atomically with offsets.
+
+Optional time decay (`half_life_s` > 0): a play of weight w at time ts counts
+w · 2^(−(now − ts)/half_life) when a model is trained at `now`. Weights are stored relative to
+an anchor time, w · 2^((ts − anchor)/half_life), so adding a play never rewrites the others;
+`training_matrix(now)` scales everything to `now`, and the anchor moves forward (rescaling the
+stored weights once) before the exponent could leave float32's range.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+MAX_HALF_LIVES = 60.0  # 2^60 stays far inside float32's range (2^127)
 
 
 @dataclass
@@ -19,6 +29,8 @@ class PlayMatrix:
     track_ids: list[str] = field(default_factory=list)
     offsets: dict[str, int] = field(default_factory=dict)  # "incarnation|partition" → offset
     checkpoint_time: float = 0.0
+    half_life_s: float = 0.0  # 0 = no time decay
+    anchor: float = math.nan  # set by the first decayed play
     _base: sp.csr_matrix | None = None
     _rows: list[int] = field(default_factory=list)
     _cols: list[int] = field(default_factory=list)
@@ -31,7 +43,9 @@ class PlayMatrix:
     def applied(self, incarnation: str, partition: int) -> int:
         return self.offsets.get(f"{incarnation}|{partition}", -1)
 
-    def add(self, incarnation: str, partition: int, offset: int, user: str, track: str, weight: float) -> bool:
+    def add(
+        self, incarnation: str, partition: int, offset: int, user: str, track: str, weight: float, ts: float = 0.0
+    ) -> bool:
         """Add one play unless its offset is already covered; returns whether it was new."""
         key = f"{incarnation}|{partition}"
         if offset <= self.offsets.get(key, -1):
@@ -39,6 +53,12 @@ class PlayMatrix:
         self.offsets[key] = offset
         if weight <= 0:
             return True
+        if self.half_life_s > 0:
+            if math.isnan(self.anchor):
+                self.anchor = ts
+            if (ts - self.anchor) / self.half_life_s > MAX_HALF_LIVES:
+                self._reanchor(ts)
+            weight *= 2.0 ** ((ts - self.anchor) / self.half_life_s)
         u = self._uidx.setdefault(user, len(self.user_ids))
         if u == len(self.user_ids):
             self.user_ids.append(user)
@@ -69,6 +89,30 @@ class PlayMatrix:
         self._base = base.astype(np.float32, copy=False)
         return self._base
 
+    def _reanchor(self, t: float) -> None:
+        """Move the anchor to `t`, rescaling the stored weights (compacts pending plays)."""
+        m = self.matrix()
+        m.data *= np.float32(2.0 ** ((self.anchor - t) / self.half_life_s))
+        self.anchor = t
+
+    def training_matrix(self, now: float) -> sp.csr_matrix:
+        """The matrix as a model trained at `now` sees it: decayed to `now` when decay is on."""
+        m = self.matrix()
+        if self.half_life_s <= 0 or math.isnan(self.anchor):
+            return m
+        out = m.copy()
+        out.data *= np.float32(2.0 ** ((self.anchor - now) / self.half_life_s))
+        return out
+
+    def check_half_life(self, half_life_s: float) -> None:
+        """Adopt the configured half-life; a checkpoint built with another one cannot be reused."""
+        if self.user_ids and half_life_s != self.half_life_s:
+            raise ValueError(
+                f"the checkpoint was built with a decay half-life of {self.half_life_s} s, the settings say "
+                f"{half_life_s} s; keep the setting or delete the checkpoint to rebuild it from the topic"
+            )
+        self.half_life_s = half_life_s
+
     def save(self, path: str | Path, checkpoint_time: float) -> None:
         """Atomic: write a temporary file, fsync, rename over the previous checkpoint."""
         m = self.matrix()
@@ -87,6 +131,7 @@ class PlayMatrix:
                 track_ids=np.array(self.track_ids, dtype=str),
                 offsets=np.array(json.dumps(self.offsets)),
                 checkpoint_time=np.array(checkpoint_time),
+                decay=np.array([self.half_life_s, self.anchor]),
             )
             f.flush()
             os.fsync(f.fileno())
@@ -112,5 +157,7 @@ class PlayMatrix:
                 offsets=json.loads(str(z["offsets"])),
                 checkpoint_time=float(z["checkpoint_time"]),
             )
+            if "decay" in z.files:
+                pm.half_life_s, pm.anchor = (float(x) for x in z["decay"])
         pm._base = m
         return pm

@@ -46,6 +46,7 @@ class Settings:
     max_count: int = _s(1000, "events with count above this are dead letters", min=1)
     retrain_interval_s: float = _s(600.0, "seconds between scheduled retrains", min=1.0)
     retrain_min_new_plays: int = _s(0, "also retrain after this many new plays (0 = off)", min=0)
+    decay_half_life_days: float = _s(0.0, "batch layer: a play's weight halves every this many days (0 = off)", min=0.0)
     holdout_fraction: float = _s(0.1, "share of each user's tracks held out for evaluation")
     publish_guard: float = _s(0.5, "refuse a model whose precision@10 < guard × current's")
     version_grace_s: float = _s(300.0, "seconds an old model version is kept after a flip")

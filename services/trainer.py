@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from core.evaluation import holdout_split, ranking_metrics
@@ -19,6 +19,7 @@ from core.recommend import popular_items
 from services import kafka_io, model_store
 from services.checkpoint import PlayMatrix
 from services.config import Settings
+from services.confluent_io import UpdatePublisher
 from services.engines import Engine, engine
 from services.foldin import GROUP as FOLDIN_GROUP
 from services.folding import fold_new_tracks, refold_users
@@ -42,13 +43,14 @@ class Trainer:
         settings: Settings,
         r: redis.Redis,
         consumer: KafkaConsumer,
-        producer: KafkaProducer,
+        producer: UpdatePublisher,
         eng: Engine,
     ) -> None:
         self.s, self.r, self.consumer, self.producer, self.engine = settings, r, consumer, producer, eng
         self.keys = Keys(settings.key_prefix)
         self.path = Path(settings.data_dir) / "checkpoint.npz"
         self.state = PlayMatrix.load(self.path)
+        self.state.check_half_life(settings.decay_half_life_days * 86_400.0)
         self.stop_event = threading.Event()
         self.plays_since_train = 0
         self._assign()
@@ -81,10 +83,10 @@ class Trainer:
                     ev = parse_play(m.value, limits)
                     # Invalid events still advance the offset, with no weight (the fold-in worker
                     # dead-letters them).
-                    user, track, w = ("", "", 0.0)
+                    user, track, w, ts = ("", "", 0.0, 0.0)
                     if isinstance(ev, PlayEvent):
-                        user, track, w = ev.user_id, ev.track_id, ev.weight(self.s.min_ms_played)
-                    if self.state.add(self.incarnation, m.partition, m.offset, user, track, w) and w > 0:
+                        user, track, w, ts = ev.user_id, ev.track_id, ev.weight(self.s.min_ms_played), ev.ts
+                    if self.state.add(self.incarnation, m.partition, m.offset, user, track, w, ts) and w > 0:
                         added += 1
         self.plays_since_train += added
         return added
@@ -120,7 +122,7 @@ class Trainer:
     # ---- train + publish -----------------------------------------------------------
     def train_and_publish(self) -> str:
         """Train on the last checkpoint, evaluate, guard, publish, catch up; returns the version."""
-        plays = self.state.matrix()
+        plays = self.state.training_matrix(self.state.checkpoint_time)
         if plays.nnz == 0:
             raise ValueError("no plays to train on yet")
         train, test = holdout_split(plays, fraction=self.s.holdout_fraction, seed=0)
@@ -243,5 +245,5 @@ def build(settings: Settings, engine_name: str = "local") -> Trainer:
     kafka_io.ensure_topics(settings)
     r = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
     consumer = kafka_io.consumer(settings.kafka_bootstrap, GROUP)
-    producer = kafka_io.producer(settings.kafka_bootstrap)
+    producer = UpdatePublisher(settings.kafka_bootstrap)
     return Trainer(settings, r, consumer, producer, engine(engine_name, settings))

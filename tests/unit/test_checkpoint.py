@@ -1,0 +1,62 @@
+"""PlayMatrix: offsets fencing, time decay and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.checkpoint import MAX_HALF_LIVES, PlayMatrix
+
+pytestmark = pytest.mark.unit
+DAY = 86_400.0
+
+
+def test_replayed_offsets_are_not_counted_twice(tmp_path) -> None:
+    pm = PlayMatrix()
+    assert pm.add("inc", 0, 0, "u1", "t1", 2.0)
+    assert not pm.add("inc", 0, 0, "u1", "t1", 2.0)
+    assert pm.add("inc", 1, 0, "u1", "t1", 1.0)
+    pm.save(tmp_path / "c.npz", 1.0)
+    back = PlayMatrix.load(tmp_path / "c.npz")
+    assert back.matrix()[0, 0] == 3.0
+    assert not back.add("inc", 1, 0, "u1", "t1", 1.0)
+    assert back.add("other-incarnation", 1, 0, "u1", "t1", 1.0)
+
+
+def test_decay_halves_a_play_per_half_life(tmp_path) -> None:
+    pm = PlayMatrix(half_life_s=30 * DAY)
+    t0 = 1_700_000_000.0
+    pm.add("inc", 0, 0, "u1", "old", 4.0, t0)
+    pm.add("inc", 0, 1, "u1", "new", 4.0, t0 + 60 * DAY)
+    pm.add("inc", 0, 2, "u2", "old", 1.0, t0 + 30 * DAY)
+    m = pm.training_matrix(t0 + 60 * DAY).toarray()
+    np.testing.assert_allclose(m, [[1.0, 4.0], [0.5, 0.0]], rtol=1e-5)  # columns: old, new
+    np.testing.assert_allclose(pm.training_matrix(t0 + 90 * DAY).toarray(), m / 2, rtol=1e-5)
+    pm.save(tmp_path / "c.npz", t0)
+    back = PlayMatrix.load(tmp_path / "c.npz")
+    np.testing.assert_allclose(back.training_matrix(t0 + 60 * DAY).toarray(), m, rtol=1e-5)
+    assert PlayMatrix().training_matrix(t0).shape == (0, 0)  # no decay, no plays
+
+
+def test_reanchoring_keeps_weights_finite_and_equal() -> None:
+    hl = 1.0
+    pm = PlayMatrix(half_life_s=hl)
+    pm.add("inc", 0, 0, "u", "a", 1.0, 0.0)
+    pm.add("inc", 0, 1, "u", "b", 1.0, 10.0)
+    far = (MAX_HALF_LIVES + 5) * hl
+    pm.add("inc", 0, 2, "u", "c", 1.0, far)  # would overflow the exponent without re-anchoring
+    assert pm.anchor == far
+    m = pm.training_matrix(far).toarray()[0]
+    assert np.all(np.isfinite(pm.matrix().data))
+    np.testing.assert_allclose(m, [2.0**-far, 2.0 ** (10 - far), 1.0], rtol=1e-4)
+
+
+def test_a_checkpoint_with_another_half_life_is_refused(tmp_path) -> None:
+    pm = PlayMatrix(half_life_s=DAY)
+    pm.add("inc", 0, 0, "u", "t", 1.0, 5.0)
+    pm.save(tmp_path / "c.npz", 1.0)
+    back = PlayMatrix.load(tmp_path / "c.npz")
+    back.check_half_life(DAY)
+    with pytest.raises(ValueError, match="half-life"):
+        back.check_half_life(0.0)
+    PlayMatrix().check_half_life(0.0)  # an empty matrix adopts any setting
