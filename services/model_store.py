@@ -12,7 +12,7 @@ import numpy as np
 import redis
 
 from core.als import ImplicitALS
-from services.keys import Keys, decode_vector, encode_vector
+from services.keys import Keys, decode_vector
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
@@ -56,16 +56,16 @@ def publish(
     track_ids: list[str],
     meta: dict[str, object],
 ) -> None:
-    """Write every vector of `version` in pipelined chunks, then flip model:current in one step."""
+    """Write every vector of `version` in chunks (one MSET each), then flip model:current in one step."""
     for ids, F, key in (
         (user_ids, model.user_factors_, keys.user),
         (track_ids, model.item_factors_, keys.track),
     ):
+        raw = np.ascontiguousarray(F, dtype="<f4").tobytes()
+        width = 4 * F.shape[1]
         for s in range(0, len(ids), CHUNK):
-            pipe = r.pipeline(transaction=False)
-            for j in range(s, min(s + CHUNK, len(ids))):
-                pipe.set(key(version, ids[j]), encode_vector(F[j]))
-            pipe.execute()
+            hi = min(s + CHUNK, len(ids))
+            r.mset({key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)})
     U = model.user_factors_.astype(np.float64)
     full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
     full_meta.update(

@@ -133,7 +133,10 @@ class Trainer:
             10
         )
         self._guard(metrics["precision@10"])
-        model.user_factors_ = model.fold_in_users(plays)  # published users reflect every play
+        # Published users reflect every play, held-out ones included: warm-started from the
+        # trained vectors, a few CG steps suffice (an exact solve of every user costs more than
+        # a training iteration).
+        model.user_factors_ = model.fold_in(plays, model.item_factors_, start=model.user_factors_)
         version = model_store.new_version()
         artifact = Path(self.s.data_dir) / "models" / f"{version}.npz"
         artifact.parent.mkdir(parents=True, exist_ok=True)

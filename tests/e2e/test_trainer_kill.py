@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -49,7 +48,9 @@ def _expected(upto: int) -> Counter[tuple[str, str]]:
 
 def _as_counter(pm: PlayMatrix) -> Counter[tuple[str, str]]:
     coo = pm.matrix().tocoo()
-    return Counter({(pm.user_ids[r], pm.track_ids[c]): float(v) for r, c, v in zip(coo.row, coo.col, coo.data)})
+    return Counter(
+        {(pm.user_ids[r], pm.track_ids[c]): float(v) for r, c, v in zip(coo.row, coo.col, coo.data, strict=True)}
+    )
 
 
 def test_kill9_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
