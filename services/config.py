@@ -55,6 +55,7 @@ class Settings:
     api_host: str = _s("127.0.0.1", "HTTP API bind address")
     api_port: int = _s(8000, "HTTP API port", min=0, max=65535)
     metrics_port: int = _s(0, "Prometheus port of workers (0 = off)", min=0, max=65535)
+    index_ef: int = _s(800, "HNSW search breadth: higher = better recall, slower queries", min=10)
     max_n: int = _s(100, "largest n the API accepts", min=1)
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

@@ -60,9 +60,9 @@ class ServingState:
         for space in ("ip", "cosine"):
             path = self._snapshot_dir() / f"{version}-{space}.bin"
             if path.exists():
-                indexes.append(HNSWIndex.load(path))
+                indexes.append(HNSWIndex.load(path, ef=self.s.index_ef))
                 continue
-            idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024))  # type: ignore[arg-type]
+            idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024), ef=self.s.index_ef)  # type: ignore[arg-type]
             idx.upsert(ids, F)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,10 @@ class ServingState:
                 log.warning("could not save index snapshot %s: %s", path, exc)
             indexes.append(idx)
         popular = json.loads(loaded.meta.get("popular", "[]")) or ids[:1000]
-        return Snapshot(loaded, indexes[0], indexes[1], popular)
+        snap = Snapshot(loaded, indexes[0], indexes[1], popular)
+        if ids:  # load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests
+            self.fold_in_plays(snap, {ids[0]: 1.0})
+        return snap
 
     def refresh(self) -> None:
         """Swap in the current version once its indexes are built (the old one answers meanwhile)."""
@@ -119,7 +122,10 @@ class ServingState:
             ids = list(snap.ip.slots.label)
             vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
             vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
-        fresh = [HNSWIndex(vecs.shape[1], sp_, capacity=len(ids) + 1024) for sp_ in ("ip", "cosine")]  # type: ignore[arg-type]
+        fresh = [
+            HNSWIndex(vecs.shape[1], sp_, capacity=len(ids) + 1024, ef=self.s.index_ef)  # type: ignore[arg-type]
+            for sp_ in ("ip", "cosine")
+        ]
         for idx in fresh:
             idx.upsert(ids, vecs)
         with self.lock:
