@@ -199,8 +199,8 @@ class HNSWIndex:
         )
 
     @classmethod
-    def load(cls, path: str | Path, ef: int = 0) -> HNSWIndex:
-        ef = ef or DEFAULT_EF
+    def load(cls, path: str | Path, ef: int | None = None) -> HNSWIndex:
+        ef = DEFAULT_EF if ef is None else ef
         meta = json.loads(Path(str(path) + ".ids.json").read_text())
         obj = cls.__new__(cls)
         obj.dim, obj.space, obj.ef, obj.threads = meta["dim"], meta["space"], ef, -1

@@ -210,11 +210,6 @@ class HistoryStore:
             seq = self.r.incr(f"{self.keys.prefix}foldin:seq")
             self.r.zadd(self.keys.pending_users, dict.fromkeys(users, seq))
 
-    def histories(self, users: list[str]) -> list[dict[str, float]]:
-        return [
-            {flat[j].decode(): float(flat[j + 1]) for j in range(0, len(flat), 2)} for flat in self.raw_histories(users)
-        ]
-
     def raw_histories(self, users: list[str]) -> list[list[bytes]]:
         """Flat [track, weight, track, weight, ...] replies, one per user, in one round trip."""
         out: list[list[bytes]] = []
