@@ -107,11 +107,11 @@ def ranking_metrics(
             cum = np.cumsum(hits) / np.arange(1, k + 1)
             ap.append(float((cum * hits).sum()) / denom)
             ndcg.append(float((hits * discount).sum()) / float(discount[:denom].sum()))
-            row = scores[r]
-            seen = tr.indices[tr.indptr[r] : tr.indptr[r + 1]]
-            candidates = n_items - seen.size
-            sorted_row = np.sort(row)
-            higher = candidates - np.searchsorted(sorted_row, row[truth], side="right") + seen.size
+            row = scores[r]  # train tracks are -inf: never counted as ranked above a held-out one
+            seen_size = tr.indptr[r + 1] - tr.indptr[r]
+            candidates = n_items - seen_size
+            # Tracks ranked above each held-out one: a count per held-out track (no sort of the row).
+            higher = np.count_nonzero(row[None, :] > row[truth][:, None], axis=1)
             # Percentile rank: 0 = top of the list, 1 = bottom.
             pr = higher / max(candidates - 1, 1)
             epr_num += float((weights * pr).sum())

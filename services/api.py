@@ -183,7 +183,12 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         snap = state.snapshot
         if snap is None:
             return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
-        return JSONResponse({"ready": True, "model_version": snap.loaded.version, "tracks": len(snap.ip)})
+        body: dict[str, Any] = {"ready": True, "model_version": snap.loaded.version, "tracks": len(snap.ip)}
+        body["index"] = {  # search breadth per index and, when it was chosen by measurement, the recall seen
+            space: {"ef": idx.ef, "recall@10": snap.ef[space].recall if snap.ef else None}
+            for space, idx in (("ip", snap.ip), ("cosine", snap.cosine))
+        }
+        return JSONResponse(body)
 
     @app.get("/metrics")
     def prom() -> Response:

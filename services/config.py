@@ -55,7 +55,8 @@ class Settings:
     api_host: str = _s("127.0.0.1", "HTTP API bind address")
     api_port: int = _s(8000, "HTTP API port", min=0, max=65535)
     metrics_port: int = _s(0, "Prometheus port of workers (0 = off)", min=0, max=65535)
-    index_ef: int = _s(800, "HNSW search breadth: higher = better recall, slower queries", min=10)
+    index_ef: int = _s(0, "HNSW search breadth (0 = the smallest reaching ENCORE_INDEX_RECALL)", min=0)
+    index_recall: float = _s(0.96, "recall@10 vs exact search that the auto-chosen ef must reach", min=0.5, max=1.0)
     max_n: int = _s(100, "largest n the API accepts", min=1)
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

@@ -16,6 +16,7 @@ from services.keys import Keys, decode_vector
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
+QUERY_SAMPLE = 256
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LoadedModel:
     track_index: dict[str, int] = field(default_factory=dict)
     track_index_b: dict[bytes, int] = field(default_factory=dict)  # same, keyed by Redis bytes
     item_gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # YᵀY, float64
+    query_sample: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # user vectors
 
     def __post_init__(self) -> None:
         if not self.track_index:
@@ -75,6 +77,7 @@ def publish(
             "n_users": str(len(user_ids)),
             "n_tracks": str(len(track_ids)),
             "user_gram": (U.T @ U).astype("<f8").tobytes(),
+            "query_sample": _query_sample(model.user_factors_).tobytes(),
         }
     )
     full_meta.setdefault("trained_at", str(time.time()))
@@ -83,6 +86,13 @@ def publish(
     pipe.set(keys.track_ids(version), "\n".join(track_ids))
     pipe.execute()
     flip(r, keys, version)
+
+
+def _query_sample(users: np.ndarray, size: int = QUERY_SAMPLE, seed: int = 0) -> np.ndarray:
+    """Up to `size` random non-zero user vectors: what serving tunes its search breadth on."""
+    live = np.flatnonzero(np.any(users != 0, axis=1))
+    pick = np.sort(np.random.default_rng(seed).choice(live, size=min(size, live.size), replace=False))
+    return np.ascontiguousarray(users[pick], dtype="<f4")
 
 
 def flip(r: redis.Redis, keys: Keys, version: str) -> None:
@@ -105,6 +115,7 @@ def load(r: redis.Redis, keys: Keys, version: str) -> LoadedModel:
     if not meta_raw:
         raise LookupError(f"model version {version} has no meta in Redis")
     gram_bytes = meta_raw.pop(b"user_gram")
+    sample_bytes = meta_raw.pop(b"query_sample", b"")
     meta = {k.decode(): v.decode() for k, v in meta_raw.items()}
     model = ImplicitALS(**json.loads(meta["params"]))
     ids_raw = r.get(keys.track_ids(version)) or b""
@@ -125,7 +136,8 @@ def load(r: redis.Redis, keys: Keys, version: str) -> LoadedModel:
     model.item_factors_ = items
     model.user_factors_ = np.zeros((0, model.factors), dtype=np.float32)
     gram = np.frombuffer(gram_bytes, dtype="<f8").reshape(model.factors, model.factors).copy()
-    return LoadedModel(version, model, track_ids, gram, meta)
+    sample = np.frombuffer(sample_bytes, dtype="<f4").reshape(-1, model.factors).astype(np.float32)
+    return LoadedModel(version, model, track_ids, gram, meta, query_sample=sample)
 
 
 def load_current(r: redis.Redis, keys: Keys) -> LoadedModel | None:

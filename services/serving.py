@@ -15,6 +15,7 @@ import redis
 import scipy.sparse as sp
 
 from core.index import HNSWIndex
+from core.index_tuning import EfChoice, tune_ef
 from services import confluent_io, kafka_io, model_store
 from services.config import Settings
 from services.folding import parse_update
@@ -33,6 +34,7 @@ class Snapshot:
     ip: HNSWIndex
     cosine: HNSWIndex
     popular: list[str]
+    ef: dict[str, EfChoice] | None = None  # per space, when ef was chosen by measured recall
 
 
 class ServingState:
@@ -56,22 +58,36 @@ class ServingState:
         loaded = model_store.load(self.r, self.keys, version)
         F = loaded.model.item_factors_
         ids = loaded.track_ids
-        indexes = []
+        indexes, chosen = [], {}
+        fixed_ef = self.s.index_ef or None
         for space in ("ip", "cosine"):
             path = self._snapshot_dir() / f"{version}-{space}.bin"
             if path.exists():
-                indexes.append(HNSWIndex.load(path, ef=self.s.index_ef))
-                continue
-            idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024), ef=self.s.index_ef)  # type: ignore[arg-type]
-            idx.upsert(ids, F)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                idx.save(path)
-            except OSError as exc:
-                log.warning("could not save index snapshot %s: %s", path, exc)
+                idx = HNSWIndex.load(path, ef=fixed_ef)
+            else:
+                idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024), ef=fixed_ef)  # type: ignore[arg-type]
+                idx.upsert(ids, F)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    idx.save(path)
+                except OSError as exc:
+                    log.warning("could not save index snapshot %s: %s", path, exc)
+            if fixed_ef is None:
+                # Personal queries are user vectors (the trainer ships a sample); similar-track
+                # queries are the indexed tracks themselves.
+                users = loaded.query_sample if space == "ip" else None
+                chosen[space] = tune_ef(idx, ids, F, queries=users, target=self.s.index_recall)
+                log.info(
+                    "index %s/%s: ef=%d (recall@10 %.3f on %d sampled queries)",
+                    version,
+                    space,
+                    chosen[space].ef,
+                    chosen[space].recall,
+                    chosen[space].queries,
+                )
             indexes.append(idx)
         popular = json.loads(loaded.meta.get("popular", "[]")) or ids[:1000]
-        snap = Snapshot(loaded, indexes[0], indexes[1], popular)
+        snap = Snapshot(loaded, indexes[0], indexes[1], popular, chosen or None)
         if ids:  # load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests
             self.fold_in_plays(snap, {ids[0]: 1.0})
         return snap
@@ -122,15 +138,14 @@ class ServingState:
             ids = list(snap.ip.slots.label)
             vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
             vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
-        fresh = [
-            HNSWIndex(vecs.shape[1], sp_, capacity=len(ids) + 1024, ef=self.s.index_ef)  # type: ignore[arg-type]
-            for sp_ in ("ip", "cosine")
+        fresh = [  # same search breadth as the indexes they replace
+            HNSWIndex(vecs.shape[1], old.space, capacity=len(ids) + 1024, ef=old.ef) for old in (snap.ip, snap.cosine)
         ]
         for idx in fresh:
             idx.upsert(ids, vecs)
         with self.lock:
             if self.snapshot is snap:
-                self.snapshot = Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular)
+                self.snapshot = Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular, snap.ef)
             replay, self._replay, self._rebuilding = self._replay, [], False
         for key, value in replay:
             self.apply_update(key, value)

@@ -122,21 +122,32 @@ class Trainer:
     # ---- train + publish -----------------------------------------------------------
     def train_and_publish(self) -> str:
         """Train on the last checkpoint, evaluate, guard, publish, catch up; returns the version."""
+        stages: dict[str, float] = {}
+        clock = [time.perf_counter()]
+
+        def stage(name: str) -> None:
+            now = time.perf_counter()
+            stages[name] = round(now - clock[0], 3)
+            clock[0] = now
+
         plays = self.state.training_matrix(self.state.checkpoint_time)
         if plays.nnz == 0:
             raise ValueError("no plays to train on yet")
         train, test = holdout_split(plays, fraction=self.s.holdout_fraction, seed=0)
-        t0 = time.perf_counter()
+        stage("prepare")
         model = self.engine.fit(train)
-        train_s = time.perf_counter() - t0
+        stage("fit")
+        train_s = stages["fit"]
         metrics = ranking_metrics(model.user_factors_, model.item_factors_, train, test, k=10, max_users=2000).as_dict(
             10
         )
         self._guard(metrics["precision@10"])
+        stage("evaluate")
         # Published users reflect every play, held-out ones included: warm-started from the
         # trained vectors, a few CG steps suffice (an exact solve of every user costs more than
         # a training iteration).
         model.user_factors_ = model.fold_in(plays, model.item_factors_, start=model.user_factors_)
+        stage("fold_in_users")
         version = model_store.new_version()
         artifact = Path(self.s.data_dir) / "models" / f"{version}.npz"
         artifact.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +156,7 @@ class Trainer:
             user_ids=np.array(self.state.user_ids, dtype=str),
             track_ids=np.array(self.state.track_ids, dtype=str),
         )
-        t1 = time.perf_counter()
+        stage("artifact")
         meta = {
             "engine": self.engine.name,
             "artifact": str(artifact.resolve()),
@@ -157,16 +168,20 @@ class Trainer:
             "popular": json.dumps([self.state.track_ids[i] for i in popular_items(plays, 1000)]),
             **{k: repr(v) for k, v in metrics.items()},
         }
+        stage("meta")
         model_store.publish(self.r, self.keys, version, model, self.state.user_ids, self.state.track_ids, meta)
-        log.info(
-            "published %s in %.1fs: precision@10 %.4f ndcg@10 %.4f",
-            version,
-            time.perf_counter() - t1,
-            metrics["precision@10"],
-            metrics["ndcg@10"],
-        )
+        stage("publish")
         self.catch_up(version)
         self.expire_old_versions()
+        stage("catch_up")
+        self.r.hset(self.keys.meta(version), "stage_seconds", json.dumps(stages))
+        log.info(
+            "published %s: precision@10 %.4f ndcg@10 %.4f; seconds per stage %s",
+            version,
+            metrics["precision@10"],
+            metrics["ndcg@10"],
+            stages,
+        )
         self.plays_since_train = 0
         return version
 

@@ -53,7 +53,10 @@ def test_personal_popular_anonymous_similar(api) -> None:
     r = client.get("/similar/t3?n=7").json()
     assert len(r["items"]) == 7 and "t3" not in {i["track_id"] for i in r["items"]}
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json()["ready"] is True
+    ready = client.get("/ready").json()
+    assert ready["ready"] is True
+    for space in ("ip", "cosine"):  # search breadth measured per index on the model's query sample
+        assert ready["index"][space]["recall@10"] >= 0.96 and ready["index"][space]["ef"] >= 40
     assert "encore_http_requests_total" in client.get("/metrics").text
 
 
