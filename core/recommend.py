@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.sparse as sp
+from numba import prange
 
 
 def masked_scores(user_vectors: np.ndarray, item_factors: np.ndarray, exclude: sp.csr_matrix | None) -> np.ndarray:
@@ -15,13 +17,41 @@ def masked_scores(user_vectors: np.ndarray, item_factors: np.ndarray, exclude: s
     return scores
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _top_rows(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass per row keeping the m best in a sorted buffer (ties: earlier column first)."""
+    rows, cols = scores.shape
+    idx = np.full((rows, m), -1, dtype=np.int64)
+    val = np.empty((rows, m), dtype=scores.dtype)
+    val[:] = -np.inf
+    for r in prange(rows):
+        filled = 0
+        for c in range(cols):
+            s = scores[r, c]
+            if not s > val[r, m - 1] or not s > -np.inf:  # also skips NaN
+                continue
+            pos = filled if filled < m else m - 1
+            while pos > 0 and val[r, pos - 1] < s:
+                val[r, pos] = val[r, pos - 1]
+                idx[r, pos] = idx[r, pos - 1]
+                pos -= 1
+            val[r, pos] = s
+            idx[r, pos] = c
+            if filled < m:
+                filled += 1
+    return idx, val
+
+
 def top_of_scores(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the indices and scores of the min(n, columns) best entries, best first.
 
-    Entries at -inf never fill the list: their slots hold index -1.
+    Entries at -inf never fill the list: their slots hold index -1. Small n (the usual case)
+    takes a single compiled pass per row; argpartition was ~3 ms a row at 200k columns.
     """
     n_items = scores.shape[1]
     m = min(n, n_items)
+    if 0 < m <= 128 and scores.dtype in (np.float32, np.float64):
+        return _top_rows(np.ascontiguousarray(scores), m)  # type: ignore[no-any-return]
     if m < n_items:
         part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
     else:

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from core.evaluation import holdout_split, ranking_metrics, time_split
-from core.recommend import similar_items, top_n
+from core.recommend import similar_items, top_n, top_of_scores
 from core.synthetic import SKIP_MS, SyntheticMusic
 
 pytestmark = pytest.mark.unit
@@ -24,6 +24,26 @@ def test_top_n_excludes_and_orders() -> None:
     assert idx[0].tolist() == [3, 2, 1, 0, -1]
     with pytest.raises(ValueError):
         top_n(user, items, 0)
+
+
+@pytest.mark.parametrize("n", [1, 10, 128, 200])  # 200: the argpartition path
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_of_scores_matches_a_stable_full_sort(n, dtype) -> None:
+    rng = np.random.default_rng(0)
+    s = rng.standard_normal((60, 3000)).astype(dtype)
+    s[rng.random(s.shape) < 0.3] = -np.inf  # excluded entries
+    s[5, :] = -np.inf  # nothing eligible
+    s[6, 4:] = -np.inf  # fewer eligible than n
+    s[7, :] = 1.0  # all tied: earlier columns first
+    idx, val = top_of_scores(s, n)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :n]
+    want_v = np.take_along_axis(s, order, axis=1)
+    want_i = np.where(np.isfinite(want_v), order, -1)
+    np.testing.assert_array_equal(val, want_v)
+    if n <= 128:
+        np.testing.assert_array_equal(idx, want_i)
+    else:  # argpartition breaks ties arbitrarily; the scores still match
+        np.testing.assert_array_equal(idx == -1, want_i == -1)
 
 
 def test_similar_by_cosine_excludes_self() -> None:
