@@ -43,20 +43,20 @@ def cg_half_step(
                 continue
             # r = b - A x
             for f in range(k):
-                acc = 0.0
+                acc = np.float32(0.0)
                 for g in range(k):
                     acc += YtY[f, g] * X[u, g]
                 r[f] = -acc
             for j in range(start, end):
                 i = indices[j]
                 ci = conf[j]
-                dot = 0.0
+                dot = np.float32(0.0)
                 for f in range(k):
                     dot += Y[i, f] * X[u, f]
-                w = ci - (ci - 1.0) * dot
+                w = ci - (ci - np.float32(1.0)) * dot
                 for f in range(k):
                     r[f] += w * Y[i, f]
-            rsold = 0.0
+            rsold = np.float32(0.0)
             for f in range(k):
                 p[f] = r[f]
                 rsold += r[f] * r[f]
@@ -64,25 +64,25 @@ def cg_half_step(
                 if rsold < 1e-20:
                     break
                 for f in range(k):
-                    acc = 0.0
+                    acc = np.float32(0.0)
                     for g in range(k):
                         acc += YtY[f, g] * p[g]
                     ap[f] = acc
                 for j in range(start, end):
                     i = indices[j]
-                    dot = 0.0
+                    dot = np.float32(0.0)
                     for f in range(k):
                         dot += Y[i, f] * p[f]
-                    w = (conf[j] - 1.0) * dot
+                    w = (conf[j] - np.float32(1.0)) * dot
                     for f in range(k):
                         ap[f] += w * Y[i, f]
-                pap = 0.0
+                pap = np.float32(0.0)
                 for f in range(k):
                     pap += p[f] * ap[f]
                 if pap <= 0.0:
                     break
                 alpha = rsold / pap
-                rsnew = 0.0
+                rsnew = np.float32(0.0)
                 for f in range(k):
                     X[u, f] += alpha * p[f]
                     r[f] -= alpha * ap[f]

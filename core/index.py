@@ -195,7 +195,16 @@ class HNSWIndex:
         path = Path(path)
         self.index.save_index(str(path))
         Path(str(path) + ".ids.json").write_text(
-            json.dumps({"ids": self.slots.ids, "space": self.space, "dim": self.dim, "deleted": self.deleted})
+            json.dumps(
+                {
+                    "ids": self.slots.ids,
+                    "space": self.space,
+                    "dim": self.dim,
+                    "deleted": self.deleted,
+                    "m": self.m,
+                    "ef_construction": self.ef_construction,
+                }
+            )
         )
 
     @classmethod
@@ -204,7 +213,7 @@ class HNSWIndex:
         meta = json.loads(Path(str(path) + ".ids.json").read_text())
         obj = cls.__new__(cls)
         obj.dim, obj.space, obj.ef, obj.threads = meta["dim"], meta["space"], ef, -1
-        obj.m, obj.ef_construction = 16, 200
+        obj.m, obj.ef_construction = meta.get("m", 16), meta.get("ef_construction", 200)
         obj.slots = _Slots()
         obj.slots.ids = meta["ids"]
         obj.slots.label = {t: i for i, t in enumerate(meta["ids"]) if t is not None}
