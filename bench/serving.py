@@ -57,13 +57,17 @@ def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 
     """HNSW and exact search timed in separate passes (an exact scan flushes the caches)."""
     v = track_vectors(n)
     ids = [f"t{i}" for i in range(n)]
-    q = track_vectors(queries, seed=99)
+    # Queries stand for user vectors: drawn around other centres than the tracks. The first
+    # `queries` are measured; 200 more of the same kind are the tuning sample, as the trainer's
+    # sample of user vectors is for `encore serve` (ENCORE_INDEX_EF=0, the default).
+    q_all = track_vectors(queries + 200, seed=99)
+    q, sample = q_all[:queries], q_all[queries:]
     t0 = time.perf_counter()
     hnsw = HNSWIndex(64, "ip", capacity=n)
     hnsw.upsert(ids, v)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    choice = tune_ef(hnsw, ids, v)  # what `encore serve` does with ENCORE_INDEX_EF=0 (the default)
+    choice = tune_ef(hnsw, ids, v, queries=sample)
     tune_s = time.perf_counter() - t0
     _timed(hnsw, q[:100])  # warm-up
     h_lat, h_got = _timed(hnsw, q)
@@ -110,6 +114,13 @@ def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 
     res["speedup_p99_exact_over_hnsw"] = res["exact_p99_ms"] / res["hnsw_p99_ms"]
     print(f"  {n} tracks: {res}")
     return res
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
@@ -159,6 +170,8 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
             except OSError:
                 time.sleep(1)
         ready_s = time.perf_counter() - t0
+        index_info = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=5).read()).get("index")
+        cpu0 = _cpu_seconds(proc.pid)
         lat: list[float] = []
         errors = [0]
         by_route: dict[str, list[float]] = {}
@@ -204,6 +217,7 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
         for t in threads:
             t.join()
         achieved = total / (time.perf_counter() - start)
+        serve_cores = (_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - start)
         proc.terminate()
         proc.wait(timeout=30)
         res = {
@@ -218,6 +232,8 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
             "mix": "70% /recommendations/{user} (30 played tracks excluded), 20% /similar, 10% POST anonymous",
             "target_p99_ms": 20,
             "index_ready_s": ready_s,
+            "index": index_info,
+            "serve_cpu_cores_during_load": serve_cores,
         }
         print(f"  HTTP: {res}")
         return res

@@ -168,7 +168,8 @@ class HNSWIndex:
             return []
         k = min(live, n + len(excl))
         while True:
-            self.index.set_ef(max(self.ef, k))
+            # hnswlib searches max(ef, k) wide on its own, so queries never change shared state:
+            # several threads may query at once (the GIL is released during the search).
             labels, dist = self.index.knn_query(_prep(vector, self.space), k=k, num_threads=1)
             out = [
                 (str(self.slots.ids[lab]), float(1.0 - d))
@@ -176,7 +177,6 @@ class HNSWIndex:
                 if int(lab) not in excl
             ]
             if len(out) >= want or k >= live:
-                self.index.set_ef(self.ef)
                 return out[:n]
             k = min(live, 2 * k)
 

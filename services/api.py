@@ -82,8 +82,8 @@ class Metrics:
 
 def create_app(settings: Settings, state: ServingState, follow: bool = True) -> FastAPI:
     """The API over `state`. Request handlers are async: Redis reads use one pipelined round
-    trip on an asyncio client, and the index queries (well under a millisecond) run inline,
-    so no request waits for a thread-pool slot."""
+    trip on an asyncio client; index searches and anonymous fold-ins run on two query threads
+    (both release the GIL), so the event loop keeps parsing and answering meanwhile."""
     max_n = settings.max_n
     aio: dict[str, aioredis.Redis] = {}
 
@@ -98,6 +98,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         state.stop_event.set()
         if thread:
             thread.join(timeout=5)
+        state.pool.shutdown(wait=False)
         await aio.pop("r").aclose()
 
     app = FastAPI(
@@ -133,8 +134,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
             return Recommendations(
                 user_id=user_id, model_version=version, source="popular", items=popular(snap, n, played)
             )
-        with state.lock:
-            hits = snap.ip.query(vec, n, exclude=played)
+        hits = await state.search(snap.ip, vec, n, played)
         return Recommendations(
             user_id=user_id,
             model_version=version,
@@ -149,12 +149,11 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
-        vec = state.fold_in_plays(snap, plays)
+        vec = await state.fold_in_async(snap, plays)
         version = snap.loaded.version
         if vec is None or not vec.any():
             return Recommendations(model_version=version, source="popular", items=popular(snap, req.n, set(plays)))
-        with state.lock:
-            hits = snap.ip.query(vec, req.n, exclude=plays)
+        hits = await state.search(snap.ip, vec, req.n, plays)
         return Recommendations(
             model_version=version, source="personal", items=[Item(track_id=t, score=s) for t, s in hits]
         )
@@ -163,11 +162,10 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
     async def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Similar:
         check_n(n)
         snap = snapshot()
-        with state.lock:
-            vec = snap.cosine.vector(track_id)
-            if vec is None:
-                raise HTTPException(404, detail=f"unknown track {track_id!r}")
-            hits = snap.cosine.query(vec, n, exclude=[track_id])
+        vec = state.track_vector(snap, track_id)
+        if vec is None:
+            raise HTTPException(404, detail=f"unknown track {track_id!r}")
+        hits = await state.search(snap.cosine, vec, n, [track_id])
         return Similar(
             track_id=track_id,
             model_version=snap.loaded.version,

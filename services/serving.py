@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from services.config import Settings
 from services.folding import parse_update
 from services.keys import Keys, decode_vector
 from services.model_store import LoadedModel
+from services.rwlock import ReadWriteLock
 
 log = logging.getLogger(__name__)
 REBUILD_DELETED_SHARE = 0.2
@@ -45,7 +48,8 @@ class ServingState:
         self.keys = Keys(settings.key_prefix)
         self.snapshot: Snapshot | None = None
         self.stop_event = threading.Event()
-        self.lock = threading.Lock()
+        self.lock = ReadWriteLock()  # queries read; updates, rebuild copies and swaps write
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="index-query")
         self.updates_applied = 0
         self._rebuilding = False
         self._replay: list[tuple[bytes, bytes | None]] = []
@@ -99,7 +103,7 @@ class ServingState:
             return
         t0 = time.perf_counter()
         snap = self.build(version)
-        with self.lock:
+        with self.lock.write():
             self.snapshot = snap
         log.info(
             "serving model %s (%d tracks, index ready in %.1fs)",
@@ -117,14 +121,14 @@ class ServingState:
         if self._rebuilding:
             self._replay.append((key, value))  # re-applied to the rebuilt indexes
         if value is None:
-            with self.lock:
+            with self.lock.write():
                 snap.ip.remove([track])
                 snap.cosine.remove([track])
         else:
             version, vec = parse_update(value)
             if version != snap.loaded.version:
                 return
-            with self.lock:
+            with self.lock.write():
                 snap.ip.upsert([track], vec[None])
                 snap.cosine.upsert([track], vec[None])
         self.updates_applied += 1
@@ -134,7 +138,7 @@ class ServingState:
 
     def _rebuild(self, snap: Snapshot) -> None:
         """Rebuild both indexes without the deleted nodes, then swap them in."""
-        with self.lock:  # copy under the lock so no update lands between copy and swap
+        with self.lock.write():  # copy under the lock so no update lands between copy and swap
             ids = list(snap.ip.slots.label)
             vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
             vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
@@ -143,7 +147,7 @@ class ServingState:
         ]
         for idx in fresh:
             idx.upsert(ids, vecs)
-        with self.lock:
+        with self.lock.write():
             if self.snapshot is snap:
                 self.snapshot = Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular, snap.ef)
             replay, self._replay, self._rebuilding = self._replay, [], False
@@ -181,6 +185,23 @@ class ServingState:
             pipe.hkeys(self.keys.history(user_id))
             raw, played = await pipe.execute()
         return (None if raw is None else decode_vector(raw)), {t.decode() for t in played}
+
+    def _search(self, index: HNSWIndex, vec: np.ndarray, n: int, exclude: Any) -> list[tuple[str, float]]:
+        with self.lock.read():
+            return index.query(vec, n, exclude=exclude)
+
+    async def search(self, index: HNSWIndex, vec: np.ndarray, n: int, exclude: Any = ()) -> list[tuple[str, float]]:
+        """Top-n on a query thread: hnswlib releases the GIL, so the event loop keeps serving
+        (and two searches run at once) instead of waiting out every search in line."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._search, index, vec, n, exclude)
+
+    def track_vector(self, snap: Snapshot, track_id: str) -> np.ndarray | None:
+        with self.lock.read():
+            return snap.cosine.vector(track_id)
+
+    async def fold_in_async(self, snap: Snapshot, plays: dict[str, float]) -> np.ndarray | None:
+        """`fold_in_plays` on a query thread (the compiled solve releases the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.fold_in_plays, snap, plays)
 
     def fold_in_plays(self, snap: Snapshot, plays: dict[str, float]) -> np.ndarray | None:
         known = [(snap.loaded.track_index[t], c) for t, c in plays.items() if t in snap.loaded.track_index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -36,6 +37,13 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     assert model_store.current_version(redis_client, keys) == version
     meta = {k.decode(): v for k, v in redis_client.hgetall(keys.meta(version)).items()}
     assert float(meta["precision@10"]) > 0.05 and int(meta["n_plays"]) == data.matrix().nnz
+    stages = json.loads(meta["stage_seconds"])  # where a retrain's time goes, for operators and bench/retrain
+    assert {"fit", "evaluate", "publish", "catch_up"} <= set(stages) and all(v >= 0 for v in stages.values())
+    assert stages["fit"] == pytest.approx(float(meta["train_seconds"]), abs=1e-3)
+    # The sample of user vectors serving tunes its index on: real, non-zero user vectors of this version.
+    sample = model_store.load(redis_client, keys, version).query_sample
+    assert sample.shape[0] == 256 and sample.shape[1] == settings.factors and np.all(np.any(sample != 0, axis=1))
+    assert any(np.allclose(sample[0], decode_vector(redis_client.get(keys.user(version, f"u{u}")))) for u in range(400))
     # The model's top tracks for a user come mostly from that user's favourite genres.
     loaded = model_store.load(redis_client, keys, version)
     hits = []
