@@ -16,7 +16,7 @@ import numpy as np
 
 from core.index import HNSWIndex, _prep
 
-EF_CANDIDATES = (40, 60, 80, 120, 160, 200, 300, 400, 600, 800, 1200, 1600)
+EF_CANDIDATES = (40, 60, 80, 120, 160, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600)
 
 
 @dataclass(frozen=True)
