@@ -85,12 +85,10 @@ def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 
 
     trade_off = []
     for ef in sweep:
-        hnsw.ef = ef
-        hnsw.index.set_ef(ef)
+        hnsw.set_ef(ef)
         lat, got = _timed(hnsw, q)
         trade_off.append({"ef": ef, "recall@10": recall(got), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)})
-    hnsw.ef = choice.ef
-    hnsw.index.set_ef(choice.ef)
+    hnsw.set_ef(choice.ef)
     upd = track_vectors(1000, seed=7)
     t = time.perf_counter()
     for j in range(1000):

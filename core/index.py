@@ -153,6 +153,11 @@ class HNSWIndex:
             self.index.resize_index(max(need, 2 * cap))
         self.index.add_items(_prep(vectors, self.space), labels, num_threads=self.threads, replace_deleted=False)
 
+    def set_ef(self, ef: int) -> None:
+        """Search breadth for queries from now on (hnswlib still searches at least k wide)."""
+        self.ef = ef
+        self.index.set_ef(ef)
+
     def remove(self, ids: Iterable[str]) -> None:
         for t in ids:
             lab = self.slots.drop(t)

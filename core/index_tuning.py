@@ -73,8 +73,7 @@ def tune_ef(
     target, the widest is kept. `vectors[i]` must be the vector indexed under `ids[i]`.
     """
     if len(ids) <= n + 1:
-        index.ef = max(candidates)
-        index.index.set_ef(index.ef)
+        index.set_ef(max(candidates))
         return EfChoice(index.ef, 1.0, 0, target)
     data = _prep(vectors, index.space)
     own: np.ndarray | None = None
@@ -86,8 +85,7 @@ def tune_ef(
     truth = exact_top(data, q, n, own)
     chosen = EfChoice(max(candidates), 0.0, len(q), target)
     for ef in sorted(candidates):
-        index.ef = ef
-        index.index.set_ef(ef)
+        index.set_ef(ef)
         r = recall_at(index, ids, q, truth, own)
         chosen = EfChoice(ef, r, len(q), target)
         if r >= target:

@@ -32,11 +32,6 @@ def _hnsw(space: str, n: int = 20_000, dim: int = 32) -> tuple[HNSWIndex, list[s
     return idx, ids, v
 
 
-def _set_ef(idx: HNSWIndex, ef: int) -> None:
-    idx.ef = ef
-    idx.index.set_ef(ef)
-
-
 def test_tuned_ef_on_user_like_queries_is_smallest_and_generalises() -> None:
     idx, ids, v = _hnsw("ip")
     users = _vectors(400, 32, seed=7)  # another set of centres: queries that sit between track clusters
@@ -45,9 +40,9 @@ def test_tuned_ef_on_user_like_queries_is_smallest_and_generalises() -> None:
     lower = [c for c in EF_CANDIDATES if c < choice.ef]
     assert lower, "data chosen so that the narrowest candidate is not enough"
     truth = exact_top(v, users[:200], 10)
-    _set_ef(idx, lower[-1])
+    idx.set_ef(lower[-1])
     assert recall_at(idx, ids, users[:200], truth) < 0.96  # the next narrower candidate misses
-    _set_ef(idx, choice.ef)
+    idx.set_ef(choice.ef)
     assert _recall(idx, _exact(ids, v), users[200:]) >= 0.94  # held-out queries of the same kind
 
 
