@@ -12,10 +12,10 @@ a mix of personal, similar and anonymous requests; latency p50/p99 and errors. W
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import threading
 import time
 import urllib.request
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import write
+from bench.loadgen import Request, run_load
 from core.index import ExactIndex, HNSWIndex
 from core.index_tuning import tune_ef
 
@@ -53,7 +54,7 @@ def _timed(hnsw: HNSWIndex, q: np.ndarray) -> tuple[list[float], list[set[str]]]
     return lat, got
 
 
-def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 400, 800)) -> dict[str, Any]:
+def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 400, 800)) -> dict[str, Any]:
     """HNSW and exact search timed in separate passes (an exact scan flushes the caches)."""
     v = track_vectors(n)
     ids = [f"t{i}" for i in range(n)]
@@ -69,8 +70,11 @@ def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 
     t0 = time.perf_counter()
     choice = tune_ef(hnsw, ids, v, queries=sample)
     tune_s = time.perf_counter() - t0
-    _timed(hnsw, q[:100])  # warm-up
-    h_lat, h_got = _timed(hnsw, q)
+    _timed(hnsw, q[:300])  # warm-up
+    # Three timed passes over all queries: on a shared machine one pass can catch a burst of
+    # outside load; each pass is reported and the median pass's p99 is the headline.
+    passes = [_timed(hnsw, q) for _ in range(3)]
+    h_lat, h_got = passes[0]
     exact = ExactIndex(64, "ip")
     exact.upsert(ids, v)
     e_lat, truth = [], []
@@ -100,8 +104,9 @@ def in_process(n: int, queries: int = 1000, sweep: tuple[int, ...] = (100, 200, 
         "build_items_per_s": n / build,
         "ef_chosen": choice.ef,
         "ef_tuning": {"recall_on_sample": choice.recall, "sample_queries": choice.queries, "seconds": tune_s},
-        "hnsw_p50_ms": pct(h_lat, 50),
-        "hnsw_p99_ms": pct(h_lat, 99),
+        "hnsw_p50_ms": float(np.median([pct(lat, 50) for lat, _ in passes])),
+        "hnsw_p99_ms": float(np.median([pct(lat, 99) for lat, _ in passes])),
+        "hnsw_passes": [{"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "queries": len(lat)} for lat, _ in passes],
         "exact_p50_ms": pct(e_lat, 50),
         "exact_p99_ms": pct(e_lat, 99),
         "recall@10": recall(h_got),
@@ -121,7 +126,47 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
+def _serve_cpu(pid: int) -> float:
+    """CPU seconds of `encore serve` and its worker processes."""
+    kids = []
+    with contextlib.suppress(OSError):
+        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    return _cpu_seconds(pid) + sum(_cpu_seconds(k) for k in kids)
+
+
+def _gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
+    """Count and total ms of the server's collector pauses per generation, from /metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for line in metrics.splitlines():
+        for kind in ("count", "sum"):
+            if line.startswith(f"encore_gc_pause_seconds_{kind}{{"):
+                gen = line.split('generation="', 1)[1].split('"', 1)[0]
+                value = float(line.rsplit(" ", 1)[1])
+                out.setdefault(gen, {})["pauses" if kind == "count" else "total_ms"] = (
+                    value if kind == "count" else value * 1000
+                )
+    return out
+
+
+def _server_buckets(after: str, before: str) -> dict[str, float]:
+    """Share of requests the server itself (ASGI middleware, from /metrics) took longer than
+    5, 10 and 20 ms during the load: what the server adds versus what waits outside it."""
+
+    def counts(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("encore_http_seconds_bucket{") and "/ready" not in line and "/metrics" not in line:
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    a, b = counts(after), counts(before)
+    d = {le: a[le] - b.get(le, 0.0) for le in a}
+    total = d.get("+Inf", 0.0) or 1.0
+    return {f"{ms}ms": 1 - d.get(le, 0.0) / total for ms, le in (("5", "0.005"), ("10", "0.01"), ("20", "0.02"))}
+
+
+def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[str, Any]:
     import redis
 
     from core.als import ImplicitALS
@@ -156,6 +201,7 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
             "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
             "ENCORE_REDIS_URL": servers.redis_url,
             "ENCORE_DATA_DIR": servers.workdir,
+            "ENCORE_API_WORKERS": str(workers),
         }
         cmd = [sys.executable, "-m", "services.cli", "serve", "--port", str(port)]
         proc = spawn(cmd, os.path.join(servers.workdir, "serve.log"), env)
@@ -169,69 +215,58 @@ def http(n_tracks: int, rate: float, seconds: float) -> dict[str, Any]:
                 time.sleep(1)
         ready_s = time.perf_counter() - t0
         index_info = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=5).read()).get("index")
-        cpu0 = _cpu_seconds(proc.pid)
-        lat: list[float] = []
-        errors = [0]
-        by_route: dict[str, list[float]] = {}
-        total = int(rate * seconds)
-        start = time.perf_counter() + 0.5
-        lock = threading.Lock()
+        cpu0 = _serve_cpu(proc.pid)
+        kinds = ("personal",) * 7 + ("similar",) * 2 + ("anonymous",)
 
-        def worker(k: int, step: int) -> None:
-            import http.client
+        def make(i: int) -> tuple[str, Request]:
+            route = kinds[i % 10]
+            if route == "personal":
+                return route, ("GET", f"/recommendations/u{i % n_users}?n=10", b"")
+            if route == "similar":
+                return route, ("GET", f"/similar/t{(i * 31) % n_tracks}?n=10", b"")
+            plays = [{"track_id": f"t{(i * 7 + j * 101) % n_tracks}", "count": 2} for j in range(5)]
+            return route, ("POST", "/recommendations", json.dumps({"plays": plays, "n": 10}).encode())
 
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            for i in range(k, total, step):
-                due = start + i / rate
-                now = time.perf_counter()
-                if due > now:
-                    time.sleep(due - now)
-                kind = ("personal",) * 7 + ("similar",) * 2 + ("anonymous",)
-                route = kind[i % 10]
-                try:
-                    if route == "personal":
-                        conn.request("GET", f"/recommendations/u{i % n_users}?n=10")
-                    elif route == "similar":
-                        conn.request("GET", f"/similar/t{(i * 31) % n_tracks}?n=10")
-                    else:
-                        plays = [{"track_id": f"t{(i * 7 + j * 101) % n_tracks}", "count": 2} for j in range(5)]
-                        body = json.dumps({"plays": plays, "n": 10})
-                        conn.request("POST", "/recommendations", body, {"Content-Type": "application/json"})
-                    resp = conn.getresponse()
-                    resp.read()
-                    ok = resp.status == 200
-                except OSError:
-                    ok = False
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                # Open loop: latency counts from when the request was due, not when it was sent.
-                with lock:
-                    lat.append(time.perf_counter() - due)
-                    by_route.setdefault(route, []).append(lat[-1])
-                    errors[0] += 0 if ok else 1
-
-        threads = [threading.Thread(target=worker, args=(k, 16)) for k in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        achieved = total / (time.perf_counter() - start)
-        serve_cores = (_cpu_seconds(proc.pid) - cpu0) / (time.perf_counter() - start)
+        run_load("127.0.0.1", port, rate, 2.0, make)  # warm-up, not counted
+        metrics_before = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+        gc_before = _gc_pauses(metrics_before)
+        t_load = time.perf_counter()
+        load = run_load("127.0.0.1", port, rate, seconds, make)
+        lat = load.all()
+        if os.environ.get("BENCH_TIMELINE"):
+            with open(os.environ["BENCH_TIMELINE"], "w") as f:
+                json.dump(load.timeline, f)
+        serve_cores = (_serve_cpu(proc.pid) - cpu0) / (time.perf_counter() - t_load)
+        metrics_after = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+        gc_after = _gc_pauses(metrics_after)
+        server_side = _server_buckets(metrics_after, metrics_before)
+        gc_pauses = {  # during the measured load only
+            g: {k: v - gc_before.get(g, {}).get(k, 0.0) for k, v in d.items()} for g, d in gc_after.items()
+        }
         proc.terminate()
         proc.wait(timeout=30)
         res = {
             "tracks": n_tracks,
             "target_rps": rate,
-            "achieved_rps": achieved,
-            "requests": total,
-            "errors": errors[0],
+            "achieved_rps": len(lat) / load.seconds,
+            "requests": len(lat),
+            "errors": load.errors,
             "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99),
-            "p99_ms_by_route": {k: pct(v, 99) for k, v in by_route.items()},
+            "p999_ms": pct(lat, 99.9),
+            "p99_ms_by_route": {k: pct(v, 99) for k, v in load.latencies.items()},
+            "load_generator": "bench/loadgen.py: open loop, one asyncio (uvloop) event loop, keep-alive pool",
+            "load_connections": load.connections,
+            "error_kinds": load.error_kinds,
+            "load_generator_cpu_cores": load.cpu_seconds / load.seconds,
             "mix": "70% /recommendations/{user} (30 played tracks excluded), 20% /similar, 10% POST anonymous",
             "target_p99_ms": 20,
+            "serve_workers": workers or os.cpu_count(),
             "index_ready_s": ready_s,
             "index": index_info,
             "serve_cpu_cores_during_load": serve_cores,
+            "serve_gc_pauses": gc_pauses,
+            "server_side_share_slower_than": server_side,
         }
         print(f"  HTTP: {res}")
         return res
@@ -245,10 +280,11 @@ def main() -> None:
     ap.add_argument("--http-size", type=int, default=200_000)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, default=0, help="ENCORE_API_WORKERS of the served API (0 = one per core)")
     args = ap.parse_args()
     out: dict[str, Any] = {"in_process": [in_process(int(n)) for n in args.sizes.split(",") if n]}
     if args.http_size:
-        out["http"] = http(args.http_size, args.rate, args.seconds)
+        out["http"] = http(args.http_size, args.rate, args.seconds, args.workers)
     write("serving", out)
 
 

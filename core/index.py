@@ -196,10 +196,11 @@ class HNSWIndex:
         return track_id in self.slots.label
 
     def save(self, path: str | Path) -> None:
-        """Snapshot: the graph plus the id map beside it."""
+        """Snapshot: the graph plus the id map beside it, each written to a temporary name and
+        renamed, id map first, so a reader that finds the graph finds a whole snapshot."""
         path = Path(path)
-        self.index.save_index(str(path))
-        Path(str(path) + ".ids.json").write_text(
+        ids_tmp = Path(f"{path}.ids.json.tmp")
+        ids_tmp.write_text(
             json.dumps(
                 {
                     "ids": self.slots.ids,
@@ -211,6 +212,9 @@ class HNSWIndex:
                 }
             )
         )
+        ids_tmp.replace(f"{path}.ids.json")
+        self.index.save_index(f"{path}.tmp")
+        Path(f"{path}.tmp").replace(path)
 
     @classmethod
     def load(cls, path: str | Path, ef: int | None = None) -> HNSWIndex:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Path, Query, Response
-from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from fastapi.responses import JSONResponse, ORJSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from pydantic import BaseModel, Field
 
-from services.config import Settings
+from services.config import Settings, configure_logging
+from services.metrics import watch_gc
 from services.serving import ServingState, Snapshot
 
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
@@ -82,9 +87,10 @@ class Metrics:
 
 def create_app(settings: Settings, state: ServingState, follow: bool = True) -> FastAPI:
     """The API over `state`. Request handlers are async: Redis reads use one pipelined round
-    trip on an asyncio client; index searches and anonymous fold-ins run on two query threads
-    (both release the GIL), so the event loop keeps parsing and answering meanwhile."""
+    trip on an asyncio client; index searches and anonymous fold-ins run inline (sub-millisecond);
+    several worker processes (ENCORE_API_WORKERS) share the cores."""
     max_n = settings.max_n
+    watch_gc()
     aio: dict[str, aioredis.Redis] = {}
 
     @asynccontextmanager
@@ -98,7 +104,6 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         state.stop_event.set()
         if thread:
             thread.join(timeout=5)
-        state.pool.shutdown(wait=False)
         await aio.pop("r").aclose()
 
     app = FastAPI(
@@ -120,57 +125,49 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         if n > max_n:
             raise HTTPException(422, detail=f"n must be <= {max_n}")
 
-    def popular(snap: Snapshot, n: int, exclude: set[str]) -> list[Item]:
+    def popular(snap: Snapshot, n: int, exclude: Any) -> list[tuple[str, float]]:
         out = [t for t in snap.popular if t not in exclude][:n]
-        return [Item(track_id=t, score=float(len(snap.popular) - i)) for i, t in enumerate(out)]
+        return [(t, float(len(snap.popular) - i)) for i, t in enumerate(out)]
+
+    def answer(body: dict[str, Any], items: list[tuple[str, float]]) -> ORJSONResponse:
+        """The response body built as plain data and serialised by orjson: the hot routes skip
+        Pydantic's re-validation of their own output (their models still document /docs)."""
+        body["items"] = [{"track_id": t, "score": s} for t, s in items]
+        return ORJSONResponse(body)
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
-    async def recommend(user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Recommendations:
+    async def recommend(user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Response:
         check_n(n)
         snap = snapshot()
         version = snap.loaded.version
         vec, played = await state.user_context(aio["r"], version, user_id)
+        body: dict[str, Any] = {"user_id": user_id, "model_version": version}
         if vec is None or not vec.any():
-            return Recommendations(
-                user_id=user_id, model_version=version, source="popular", items=popular(snap, n, played)
-            )
-        hits = await state.search(snap.ip, vec, n, played)
-        return Recommendations(
-            user_id=user_id,
-            model_version=version,
-            source="personal",
-            items=[Item(track_id=t, score=s) for t, s in hits],
-        )
+            return answer({**body, "source": "popular"}, popular(snap, n, played))
+        return answer({**body, "source": "personal"}, state.search(snap.ip, vec, n, played))
 
     @app.post("/recommendations", response_model=Recommendations)
-    async def recommend_anonymous(req: AnonymousRequest) -> Recommendations:
+    async def recommend_anonymous(req: AnonymousRequest) -> Response:
         check_n(req.n)
         snap = snapshot()
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
-        vec = await state.fold_in_async(snap, plays)
-        version = snap.loaded.version
+        vec = state.fold_in_plays(snap, plays)
+        body: dict[str, Any] = {"user_id": None, "model_version": snap.loaded.version}
         if vec is None or not vec.any():
-            return Recommendations(model_version=version, source="popular", items=popular(snap, req.n, set(plays)))
-        hits = await state.search(snap.ip, vec, req.n, plays)
-        return Recommendations(
-            model_version=version, source="personal", items=[Item(track_id=t, score=s) for t, s in hits]
-        )
+            return answer({**body, "source": "popular"}, popular(snap, req.n, plays))
+        return answer({**body, "source": "personal"}, state.search(snap.ip, vec, req.n, plays))
 
     @app.get("/similar/{track_id}", response_model=Similar)
-    async def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Similar:
+    async def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Response:
         check_n(n)
         snap = snapshot()
         vec = state.track_vector(snap, track_id)
         if vec is None:
             raise HTTPException(404, detail=f"unknown track {track_id!r}")
-        hits = await state.search(snap.cosine, vec, n, [track_id])
-        return Similar(
-            track_id=track_id,
-            model_version=snap.loaded.version,
-            items=[Item(track_id=t, score=s) for t, s in hits],
-        )
+        hits = state.search(snap.cosine, vec, n, [track_id])
+        return answer({"track_id": track_id, "model_version": snap.loaded.version}, hits)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -190,6 +187,34 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
 
     @app.get("/metrics")
     def prom() -> Response:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum what all of them wrote
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """One serving process: settings from ENCORE_*, its own ServingState (uvicorn's app factory)."""
+    import redis
+
+    # The update follower thread shares the GIL with the event loop; make it hand over after
+    # 1 ms rather than Python's default 5 ms, which would sit in every p99.
+    sys.setswitchinterval(0.001)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)  # worker processes start with logging unconfigured
+    return create_app(settings, ServingState(settings, redis.Redis.from_url(settings.redis_url)))
+
+
+@contextmanager
+def metrics_dir() -> Iterator[None]:
+    """Prometheus multiprocess mode for the worker processes spawned inside this block."""
+    path = tempfile.mkdtemp(prefix="encore-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)

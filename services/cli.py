@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 
 from core.errors import EncoreError
-from services.config import ConfigError, Settings
+from services.config import ConfigError, Settings, configure_logging
 
 log = logging.getLogger("encore")
 COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "inspect", "model")
@@ -144,19 +145,22 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
-    import redis
     import uvicorn
 
-    from services.api import create_app
-    from services.serving import ServingState
+    from services.api import app_from_env, metrics_dir
 
     _require_servers(s)
-    # A query thread that finished its search waits for the GIL; hand it over after 1 ms of
-    # event-loop work rather than Python's default 5 ms, which would sit in every p99.
-    sys.setswitchinterval(0.001)
-    state = ServingState(s, redis.Redis.from_url(s.redis_url))
-    app = create_app(s, state)
-    uvicorn.run(app, host=args.host or s.api_host, port=args.port or s.api_port, log_level="warning")
+    host, port = args.host or s.api_host, args.port or s.api_port
+    workers = s.api_workers or os.cpu_count() or 1
+    if workers == 1:
+        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning")
+        return 0
+    # Several processes on one port: no GIL shared between them. Each builds (or, once another
+    # worker has saved it, loads) the index snapshot and follows factor-updates on its own.
+    with metrics_dir():
+        uvicorn.run(
+            "services.api:app_from_env", factory=True, workers=workers, host=host, port=port, log_level="warning"
+        )
     return 0
 
 
@@ -217,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"encore: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    configure_logging(settings.log_level)
     if args.command == "up":
         from services.up import cmd_up
 

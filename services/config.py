@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from core.errors import EncoreError
+
+
+def configure_logging(level: str) -> None:
+    """Encore's log format on stderr (a no-op where logging is set up already)."""
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
 class ConfigError(EncoreError):
@@ -54,6 +62,7 @@ class Settings:
     spark_master: str = _s("local[*]", "Spark master URL for --engine spark")
     api_host: str = _s("127.0.0.1", "HTTP API bind address")
     api_port: int = _s(8000, "HTTP API port", min=0, max=65535)
+    api_workers: int = _s(0, "`encore serve` worker processes on one port (0 = one per CPU core)", min=0, max=64)
     metrics_port: int = _s(0, "Prometheus port of workers (0 = off)", min=0, max=65535)
     index_ef: int = _s(0, "HNSW search breadth (0 = the smallest reaching ENCORE_INDEX_RECALL)", min=0)
     index_recall: float = _s(0.96, "recall@10 vs exact search that the auto-chosen ef must reach", min=0.5, max=1.0)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 EVENTS_IN = Counter("encore_events_in_total", "play messages consumed")
@@ -17,6 +21,28 @@ BATCH_SECONDS = Histogram(
 )
 LAG = Gauge("encore_consumer_lag", "messages behind the end of the plays topic")
 RETRIES = Counter("encore_retries_total", "batches retried after a Redis or broker error")
+
+
+GC_PAUSE = Histogram(
+    "encore_gc_pause_seconds",
+    "Python garbage-collector pauses, by generation",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+_gc_started = [0.0]
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+
+
+def watch_gc() -> None:
+    """Time every collector pause into GC_PAUSE (every thread stops while it runs)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
 
 
 def serve_metrics(port: int) -> None:

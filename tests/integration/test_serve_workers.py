@@ -1,0 +1,81 @@
+"""`encore serve` with several worker processes on one port, against real Redis and broker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import sys
+from dataclasses import fields
+
+import pytest
+import redis
+
+from core.synthetic import SyntheticMusic
+from services.config import Settings
+from services.embedded import free_port, spawn
+from services.keys import Keys
+from tests.integration.helpers import publish_synthetic_model, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    """One request on a fresh connection, so the kernel may hand it to any worker."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _requests_counted(metrics: str, route: str) -> float:
+    pattern = rf'^encore_http_requests_total\{{route="{re.escape(route)}",status="200"\}} (\S+)$'
+    return sum(float(m.group(1)) for m in re.finditer(pattern, metrics, re.M))
+
+
+def test_two_workers_build_once_answer_alike_and_count_together(
+    settings: Settings, redis_client: redis.Redis, tmp_path
+) -> None:
+    data = SyntheticMusic(n_users=300, n_tracks=400, seed=11)
+    publish_synthetic_model(settings, redis_client, data)
+    redis_client.hset(Keys(settings.key_prefix).history("u7"), mapping={"t1": 2.0})
+    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    env["ENCORE_API_WORKERS"] = "2"
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    try:
+        # Ready once both workers answer /ready (each reports on its own snapshot).
+        def all_ready() -> bool:
+            try:
+                return all(_get(port, "/ready")[0] == 200 for _ in range(12))
+            except OSError:
+                return False
+
+        assert wait_for(all_ready, timeout=120, every=0.5), log_path.read_text()
+        answers = set()
+        for _ in range(40):
+            status, body = _get(port, "/recommendations/u7?n=10")
+            assert status == 200
+            items = json.loads(body)["items"]
+            assert "t1" not in {i["track_id"] for i in items}
+            answers.add(tuple(i["track_id"] for i in items))
+        assert len(answers) == 1  # the worker that loaded the snapshot answers like the one that built it
+        metrics = _get(port, "/metrics")[1].decode()
+        # Prometheus multiprocess mode: the scrape sums both workers, whichever one answers it.
+        assert _requests_counted(metrics, "/recommendations/{user_id}") == 40
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = [int(w) for w in f.read().split()]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = log_path.read_text()
+    for space in ("ip", "cosine"):  # each graph built by one worker, loaded by the other
+        assert len(re.findall(rf"index \S+/{space}: built", log)) == 1, log
+        assert len(re.findall(rf"index \S+/{space}: loaded from snapshot", log)) == 1, log
+    assert len(workers) >= 2
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=20)  # none left behind
