@@ -19,14 +19,19 @@ from core.index import HNSWIndex, _prep
 EF_CANDIDATES = (40, 60, 80, 120, 160, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600)
 
 
+Z_ONE_SIDED_95 = 1.645
+
+
 @dataclass(frozen=True)
 class EfChoice:
-    """The chosen ef and the recall@n it measured on `queries` sampled queries."""
+    """The chosen ef, the recall@n it measured on `queries` sampled queries, and the one-sided
+    95 % lower confidence bound of that recall (what must reach `target`)."""
 
     ef: int
     recall: float
     queries: int
     target: float
+    lower: float = 0.0
 
 
 def exact_top(
@@ -42,16 +47,31 @@ def exact_top(
     return out
 
 
-def recall_at(
+def recall_per_query(
     index: HNSWIndex, ids: Sequence[str], queries: np.ndarray, truth: np.ndarray, own: np.ndarray | None = None
-) -> float:
-    """Share of the exact top-n (rows of `truth`) the index returns; own[i], if given, is excluded."""
-    n, hits = truth.shape[1], 0
+) -> np.ndarray:
+    """Per query, the share of its exact top-n (row of `truth`) the index returns; own[i], if given, is excluded."""
+    n = truth.shape[1]
+    out = np.empty(len(queries))
     for i, q in enumerate(queries):
         exclude = [ids[int(own[i])]] if own is not None else []
         got = {t for t, _ in index.query(q, n, exclude=exclude)}
-        hits += len(got & {ids[int(j)] for j in truth[i]})
-    return hits / (n * len(queries))
+        out[i] = len(got & {ids[int(j)] for j in truth[i]}) / n
+    return out
+
+
+def recall_at(
+    index: HNSWIndex, ids: Sequence[str], queries: np.ndarray, truth: np.ndarray, own: np.ndarray | None = None
+) -> float:
+    """Mean recall@n over the queries (see `recall_per_query`)."""
+    return float(recall_per_query(index, ids, queries, truth, own).mean())
+
+
+def lower_bound(per_query: np.ndarray) -> float:
+    """One-sided 95 % lower confidence bound of the mean recall (normal approximation)."""
+    if len(per_query) < 2:
+        return float(per_query.mean()) if len(per_query) else 0.0
+    return float(per_query.mean() - Z_ONE_SIDED_95 * per_query.std(ddof=1) / np.sqrt(len(per_query)))
 
 
 def tune_ef(
@@ -59,13 +79,15 @@ def tune_ef(
     ids: Sequence[str],
     vectors: np.ndarray,
     queries: np.ndarray | None = None,
-    target: float = 0.96,
+    target: float = 0.95,
     n: int = 10,
-    samples: int = 200,
+    samples: int = 256,
     candidates: Sequence[int] = EF_CANDIDATES,
     seed: int = 0,
 ) -> EfChoice:
-    """Set and return the smallest candidate ef whose recall@n reaches `target`.
+    """Set and return the smallest candidate ef whose recall@n reaches `target` with 95 %
+    confidence: the one-sided lower bound over the sampled queries must reach it, so a small
+    or uneven sample asks for a wider search instead of a lucky guess.
 
     `queries` should look like what the index will be asked: for personal recommendations,
     a sample of user vectors. Without them, `samples` of the indexed vectors are the queries,
@@ -74,7 +96,7 @@ def tune_ef(
     """
     if len(ids) <= n + 1:
         index.set_ef(max(candidates))
-        return EfChoice(index.ef, 1.0, 0, target)
+        return EfChoice(index.ef, 1.0, 0, target, 1.0)
     data = _prep(vectors, index.space)
     own: np.ndarray | None = None
     if queries is None or len(queries) == 0:
@@ -86,8 +108,8 @@ def tune_ef(
     chosen = EfChoice(max(candidates), 0.0, len(q), target)
     for ef in sorted(candidates):
         index.set_ef(ef)
-        r = recall_at(index, ids, q, truth, own)
-        chosen = EfChoice(ef, r, len(q), target)
-        if r >= target:
+        per_query = recall_per_query(index, ids, q, truth, own)
+        chosen = EfChoice(ef, float(per_query.mean()), len(q), target, lower_bound(per_query))
+        if chosen.lower >= target:
             break
     return chosen

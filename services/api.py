@@ -180,7 +180,11 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
             return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
         body: dict[str, Any] = {"ready": True, "model_version": snap.loaded.version, "tracks": len(snap.ip)}
         body["index"] = {  # search breadth per index and, when it was chosen by measurement, the recall seen
-            space: {"ef": idx.ef, "recall@10": snap.ef[space].recall if snap.ef else None}
+            space: {
+                "ef": idx.ef,
+                "recall@10": snap.ef[space].recall if snap.ef else None,
+                "recall@10_lower_95": snap.ef[space].lower if snap.ef else None,
+            }
             for space, idx in (("ip", snap.ip), ("cosine", snap.cosine))
         }
         return JSONResponse(body)

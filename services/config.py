@@ -65,7 +65,9 @@ class Settings:
     api_workers: int = _s(0, "`encore serve` worker processes on one port (0 = one per CPU core)", min=0, max=64)
     metrics_port: int = _s(0, "Prometheus port of workers (0 = off)", min=0, max=65535)
     index_ef: int = _s(0, "HNSW search breadth (0 = the smallest reaching ENCORE_INDEX_RECALL)", min=0)
-    index_recall: float = _s(0.96, "recall@10 vs exact search that the auto-chosen ef must reach", min=0.5, max=1.0)
+    index_recall: float = _s(
+        0.95, "recall@10 vs exact search the auto-chosen ef must reach (95 % lower bound)", min=0.5, max=1.0
+    )
     max_n: int = _s(100, "largest n the API accepts", min=1)
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

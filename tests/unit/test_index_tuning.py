@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core.index import ExactIndex, HNSWIndex
-from core.index_tuning import EF_CANDIDATES, exact_top, recall_at, tune_ef
+from core.index_tuning import EF_CANDIDATES, exact_top, lower_bound, recall_at, recall_per_query, tune_ef
 from tests.unit.test_index_contract import _exact, _recall, _vectors
 
 pytestmark = pytest.mark.unit
@@ -36,12 +36,12 @@ def test_tuned_ef_on_user_like_queries_is_smallest_and_generalises() -> None:
     idx, ids, v = _hnsw("ip")
     users = _vectors(400, 32, seed=7)  # another set of centres: queries that sit between track clusters
     choice = tune_ef(idx, ids, v, queries=users[:200], target=0.96)
-    assert choice.recall >= 0.96 and idx.ef == choice.ef and choice.queries == 200
+    assert choice.recall > choice.lower >= 0.96 and idx.ef == choice.ef and choice.queries == 200
     lower = [c for c in EF_CANDIDATES if c < choice.ef]
     assert lower, "data chosen so that the narrowest candidate is not enough"
     truth = exact_top(v, users[:200], 10)
     idx.set_ef(lower[-1])
-    assert recall_at(idx, ids, users[:200], truth) < 0.96  # the next narrower candidate misses
+    assert lower_bound(recall_per_query(idx, ids, users[:200], truth)) < 0.96  # the next narrower one misses
     idx.set_ef(choice.ef)
     assert _recall(idx, _exact(ids, v), users[200:]) >= 0.94  # held-out queries of the same kind
 
@@ -49,7 +49,7 @@ def test_tuned_ef_on_user_like_queries_is_smallest_and_generalises() -> None:
 def test_tuned_ef_for_similar_tracks_uses_index_rows() -> None:
     idx, ids, v = _hnsw("cosine")
     choice = tune_ef(idx, ids, v, target=0.96, samples=300)
-    assert choice.recall >= 0.96 and choice.queries == 300
+    assert choice.lower >= 0.96 and choice.queries == 300
     rows = np.random.default_rng(1).choice(len(ids), 200, replace=False)  # other rows than the sample
     unit = v / np.linalg.norm(v, axis=1, keepdims=True)
     assert recall_at(idx, ids, unit[rows], exact_top(unit, unit[rows], 10, rows), rows) >= 0.94
@@ -61,6 +61,14 @@ def test_user_like_queries_need_a_wider_search_than_index_rows() -> None:
     on_rows = tune_ef(idx, ids, v, target=0.96).ef
     on_users = tune_ef(idx, ids, v, queries=_vectors(200, 32, seed=7), target=0.96).ef
     assert on_users > on_rows
+
+
+def test_lower_bound_widens_with_spread_and_narrows_with_more_queries() -> None:
+    even = np.full(100, 0.96)
+    assert lower_bound(even) == pytest.approx(0.96)  # no spread: no margin
+    uneven = np.array([1.0, 0.9] * 50)  # spread 0.05 over 100 queries: a margin of about 1.645 × 0.005
+    assert uneven.mean() - 0.01 < lower_bound(uneven) < uneven.mean() - 0.007
+    assert lower_bound(np.tile(uneven, 10)) > lower_bound(uneven)  # ten times the sample: a tighter bound
 
 
 def test_tiny_index_keeps_widest_search() -> None:
