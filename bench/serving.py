@@ -12,7 +12,6 @@ a mix of personal, similar and anonymous requests; latency p50/p99 and errors. W
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 
 from bench.common import write
 from bench.loadgen import Request, run_load
+from bench.serve_probe import gc_pauses, rss_mb, serve_cpu, server_buckets
 from core.index import ExactIndex, HNSWIndex
 from core.index_tuning import exact_top, tune_ef
 from services.model_store import QUERY_SAMPLE
@@ -126,67 +126,6 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
     return res
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _family(pid: int) -> list[int]:
-    """`encore serve` and its worker processes."""
-    kids = []
-    with contextlib.suppress(OSError):
-        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    return [pid, *kids]
-
-
-def _serve_cpu(pid: int) -> float:
-    """CPU seconds of `encore serve` and its worker processes."""
-    return sum(_cpu_seconds(p) for p in _family(pid))
-
-
-def _rss_mb(pid: int) -> list[float]:
-    """Resident memory of each process of `encore serve`, in MB."""
-    out = []
-    for p in _family(pid):
-        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
-            out += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")]
-    return out
-
-
-def _gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
-    """Count and total ms of the server's collector pauses per generation, from /metrics."""
-    out: dict[str, dict[str, float]] = {}
-    for line in metrics.splitlines():
-        for kind in ("count", "sum"):
-            if line.startswith(f"encore_gc_pause_seconds_{kind}{{"):
-                gen = line.split('generation="', 1)[1].split('"', 1)[0]
-                value = float(line.rsplit(" ", 1)[1])
-                out.setdefault(gen, {})["pauses" if kind == "count" else "total_ms"] = (
-                    value if kind == "count" else value * 1000
-                )
-    return out
-
-
-def _server_buckets(after: str, before: str) -> dict[str, float]:
-    """Share of requests the server itself (ASGI middleware, from /metrics) took longer than
-    5, 10 and 20 ms during the load: what the server adds versus what waits outside it."""
-
-    def counts(text: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("encore_http_seconds_bucket{") and "/ready" not in line and "/metrics" not in line:
-                le = line.split('le="', 1)[1].split('"', 1)[0]
-                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
-        return out
-
-    a, b = counts(after), counts(before)
-    d = {le: a[le] - b.get(le, 0.0) for le in a}
-    total = d.get("+Inf", 0.0) or 1.0
-    return {f"{ms}ms": 1 - d.get(le, 0.0) / total for ms, le in (("5", "0.005"), ("10", "0.01"), ("20", "0.02"))}
-
-
 def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[str, Any]:
     import redis
 
@@ -236,7 +175,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
                 time.sleep(1)
         ready_s = time.perf_counter() - t0
         index_info = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=5).read()).get("index")
-        cpu0 = _serve_cpu(proc.pid)
+        cpu0 = serve_cpu(proc.pid)
         kinds = ("personal",) * 7 + ("similar",) * 2 + ("anonymous",)
 
         def make(i: int) -> tuple[str, Request]:
@@ -250,21 +189,21 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
 
         run_load("127.0.0.1", port, rate, 2.0, make)  # warm-up, not counted
         metrics_before = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-        gc_before = _gc_pauses(metrics_before)
+        gc_before = gc_pauses(metrics_before)
         t_load = time.perf_counter()
         load = run_load("127.0.0.1", port, rate, seconds, make)
         lat = load.all()
         if os.environ.get("BENCH_TIMELINE"):
             with open(os.environ["BENCH_TIMELINE"], "w") as f:
                 json.dump(load.timeline, f)
-        serve_cores = (_serve_cpu(proc.pid) - cpu0) / (time.perf_counter() - t_load)
+        serve_cores = (serve_cpu(proc.pid) - cpu0) / (time.perf_counter() - t_load)
         metrics_after = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-        gc_after = _gc_pauses(metrics_after)
-        server_side = _server_buckets(metrics_after, metrics_before)
-        gc_pauses = {  # during the measured load only
+        gc_after = gc_pauses(metrics_after)
+        server_side = server_buckets(metrics_after, metrics_before)
+        pauses = {  # during the measured load only
             g: {k: v - gc_before.get(g, {}).get(k, 0.0) for k, v in d.items()} for g, d in gc_after.items()
         }
-        rss = _rss_mb(proc.pid)
+        rss = rss_mb(proc.pid)
         proc.terminate()
         proc.wait(timeout=30)
         res = {
@@ -288,7 +227,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
             "index": index_info,
             "serve_cpu_cores_during_load": serve_cores,
             "serve_rss_mb_per_process": rss,
-            "serve_gc_pauses": gc_pauses,
+            "serve_gc_pauses": pauses,
             "server_side_share_slower_than": server_side,
         }
         print(f"  HTTP: {res}")

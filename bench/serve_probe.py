@@ -1,0 +1,68 @@
+"""What `encore serve` uses while the serving bench loads it: CPU, memory, GC pauses and its own
+latency histogram, read from /proc and from its /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    """`encore serve` and its worker processes."""
+    kids = []
+    with contextlib.suppress(OSError):
+        kids = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    return [pid, *kids]
+
+
+def serve_cpu(pid: int) -> float:
+    """CPU seconds of `encore serve` and its worker processes."""
+    return sum(_cpu_seconds(p) for p in family(pid))
+
+
+def rss_mb(pid: int) -> list[float]:
+    """Resident memory of each process of `encore serve`, in MB."""
+    out = []
+    for p in family(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            out += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")]
+    return out
+
+
+def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
+    """Count and total ms of the server's collector pauses per generation, from /metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for line in metrics.splitlines():
+        for kind in ("count", "sum"):
+            if line.startswith(f"encore_gc_pause_seconds_{kind}{{"):
+                gen = line.split('generation="', 1)[1].split('"', 1)[0]
+                value = float(line.rsplit(" ", 1)[1])
+                out.setdefault(gen, {})["pauses" if kind == "count" else "total_ms"] = (
+                    value if kind == "count" else value * 1000
+                )
+    return out
+
+
+def server_buckets(after: str, before: str) -> dict[str, float]:
+    """Share of requests the server itself (ASGI middleware, from /metrics) took longer than
+    5, 10 and 20 ms during the load: what the server adds versus what waits outside it."""
+
+    def counts(text: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("encore_http_seconds_bucket{") and "/ready" not in line and "/metrics" not in line:
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    a, b = counts(after), counts(before)
+    d = {le: a[le] - b.get(le, 0.0) for le in a}
+    total = d.get("+Inf", 0.0) or 1.0
+    return {f"{ms}ms": 1 - d.get(le, 0.0) / total for ms, le in (("5", "0.005"), ("10", "0.01"), ("20", "0.02"))}
