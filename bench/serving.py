@@ -60,7 +60,7 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
     v = track_vectors(n)
     ids = [f"t{i}" for i in range(n)]
     # Queries stand for user vectors: drawn around other centres than the tracks. The first
-    # `queries` are measured; 256 more of the same kind are the tuning sample, as the trainer's
+    # `queries` are measured; QUERY_SAMPLE more of the same kind are the tuning sample, as the trainer's
     # sample of user vectors is for `encore serve` (ENCORE_INDEX_EF=0, the default).
     q_all = track_vectors(queries + QUERY_SAMPLE, seed=99)
     q, sample = q_all[:queries], q_all[queries:]
@@ -69,7 +69,7 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
     hnsw.upsert(ids, v)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    choice = tune_ef(hnsw, ids, v, queries=sample)
+    choice = tune_ef(hnsw, ids, v, queries=sample, samples=len(sample))
     tune_s = time.perf_counter() - t0
     _timed(hnsw, q[:300])  # warm-up
     # Three timed passes over all queries: on a shared machine one pass can catch a burst of

@@ -102,7 +102,14 @@ class ServingState:
                 # Personal queries are user vectors (the trainer ships a sample); similar-track
                 # queries are the indexed tracks themselves.
                 users = loaded.query_sample if space == "ip" else None
-                chosen[space] = tune_ef(idx, ids, F, queries=users, target=self.s.index_recall)
+                chosen[space] = tune_ef(
+                    idx,
+                    ids,
+                    F,
+                    queries=users,
+                    target=self.s.index_recall,
+                    samples=max(256, 0 if users is None else len(users)),
+                )
                 log.info(
                     "index %s/%s: ef=%d (recall@10 %.3f on %d sampled queries)",
                     version,

@@ -42,7 +42,11 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     assert stages["fit"] == pytest.approx(float(meta["train_seconds"]), abs=1e-3)
     # The sample of user vectors serving tunes its index on: real, non-zero user vectors of this version.
     sample = model_store.load(redis_client, keys, version).query_sample
-    assert sample.shape[0] == 256 and sample.shape[1] == settings.factors and np.all(np.any(sample != 0, axis=1))
+    assert (
+        256 <= sample.shape[0] <= min(model_store.QUERY_SAMPLE, 400)
+        and sample.shape[1] == settings.factors
+        and np.all(np.any(sample != 0, axis=1))
+    )
     assert any(np.allclose(sample[0], decode_vector(redis_client.get(keys.user(version, f"u{u}")))) for u in range(400))
     # The model's top tracks for a user come mostly from that user's favourite genres.
     loaded = model_store.load(redis_client, keys, version)
