@@ -173,7 +173,9 @@ class ServingState:
 
     def _rebuild(self, snap: Snapshot) -> None:
         """Rebuild both indexes without the deleted nodes, then swap them in."""
-        with self.lock.write():  # copy under the lock so no update lands between copy and swap
+        # Copy on the read side: queries go on (they run on the event loop), updates wait; an
+        # update that landed since `_rebuilding` was set is replayed after the swap (idempotent).
+        with self.lock.read():
             ids = list(snap.ip.slots.label)
             vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
             vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)

@@ -8,7 +8,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from core.synthetic import SyntheticMusic
-from services.api import create_app
+from services.api import Recommendations, Similar, create_app
 from services.client import EncoreClient
 from services.config import Settings
 from services.keys import Keys
@@ -39,6 +39,7 @@ def test_personal_popular_anonymous_similar(api) -> None:
     assert len(ids) == 20 and not {"t1", "t2"} & set(ids)
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
+    Recommendations.model_validate(body)  # bodies are built without the model: they must still match /docs
     r = client.get("/recommendations/nobody-knows-me?n=5").json()
     assert r["source"] == "popular" and len(r["items"]) == 5
     g = int(np.argmax(np.bincount(data.track_genre)))
@@ -51,6 +52,7 @@ def test_personal_popular_anonymous_similar(api) -> None:
     genres = data.track_genre[[int(i["track_id"][1:]) for i in r["items"]]]
     assert (genres == g).mean() >= 0.3  # several times a random pick's share
     r = client.get("/similar/t3?n=7").json()
+    Similar.model_validate(r)
     assert len(r["items"]) == 7 and "t3" not in {i["track_id"] for i in r["items"]}
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready").json()
