@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sys
@@ -12,9 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal
 
+import orjson
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Path, Query, Response
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from pydantic import BaseModel, Field
 
@@ -22,6 +24,7 @@ from services.config import Settings, configure_logging
 from services.metrics import watch_gc
 from services.serving import ServingState, Snapshot
 
+FIRST_MODEL_WAIT_S = 10.0
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
     "encore_http_seconds",
@@ -115,7 +118,14 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
 
     app.add_middleware(Metrics)  # type: ignore[arg-type]
 
-    def snapshot() -> Snapshot:
+    async def snapshot() -> Snapshot:
+        """The current model. While this worker loads its first one (another worker may already
+        answer, having built the snapshot this one now loads) a request waits for it, up to
+        FIRST_MODEL_WAIT_S, rather than failing; with no model at all it gets a 503 at once."""
+        waited = 0.0
+        while state.snapshot is None and waited < FIRST_MODEL_WAIT_S and await aio["r"].exists(state.keys.current):
+            await asyncio.sleep(0.05)  # published; this worker's follower is building or loading it
+            waited += 0.05
         snap = state.snapshot
         if snap is None:
             raise HTTPException(503, detail="no model loaded yet; see /ready")
@@ -129,16 +139,16 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
         out = [t for t in snap.popular if t not in exclude][:n]
         return [(t, float(len(snap.popular) - i)) for i, t in enumerate(out)]
 
-    def answer(body: dict[str, Any], items: list[tuple[str, float]]) -> ORJSONResponse:
+    def answer(body: dict[str, Any], items: list[tuple[str, float]]) -> Response:
         """The response body built as plain data and serialised by orjson: the hot routes skip
         Pydantic's re-validation of their own output (their models still document /docs)."""
         body["items"] = [{"track_id": t, "score": s} for t, s in items]
-        return ORJSONResponse(body)
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations)
     async def recommend(user_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Response:
         check_n(n)
-        snap = snapshot()
+        snap = await snapshot()
         version = snap.loaded.version
         vec, played = await state.user_context(aio["r"], version, user_id)
         body: dict[str, Any] = {"user_id": user_id, "model_version": version}
@@ -149,7 +159,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
     @app.post("/recommendations", response_model=Recommendations)
     async def recommend_anonymous(req: AnonymousRequest) -> Response:
         check_n(req.n)
-        snap = snapshot()
+        snap = await snapshot()
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
@@ -162,7 +172,7 @@ def create_app(settings: Settings, state: ServingState, follow: bool = True) -> 
     @app.get("/similar/{track_id}", response_model=Similar)
     async def similar(track_id: str = Path(min_length=1, max_length=256), n: int = Query(10, ge=1)) -> Response:
         check_n(n)
-        snap = snapshot()
+        snap = await snapshot()
         vec = state.track_vector(snap, track_id)
         if vec is None:
             raise HTTPException(404, detail=f"unknown track {track_id!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import redis
@@ -136,3 +138,17 @@ def test_deletions_trigger_a_background_rebuild(api) -> None:
     assert snap.ip.deleted < 50 and len(snap.ip) == len(before.loaded.track_ids) - 100
     items = client.get("/recommendations/u5?n=50").json()["items"]
     assert len(items) == 50 and not set(gone) & {i["track_id"] for i in items}
+
+
+def test_a_worker_loading_its_first_model_makes_requests_wait_not_fail(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """With several workers, one may answer /ready while another still loads the snapshot:
+    a request that reaches the late one waits for the model instead of getting a 503."""
+    state = ServingState(settings, redis.Redis.from_url(settings.redis_url))
+    with TestClient(create_app(settings, state, follow=False)) as client:
+        assert client.get("/recommendations/u5").status_code == 503  # no model published at all: at once
+        publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=200, n_tracks=150, seed=9))
+        threading.Timer(0.5, state.refresh).start()  # this worker's follower notices the model later
+        r = client.get("/recommendations/u5?n=5")
+        assert r.status_code == 200 and len(r.json()["items"]) == 5
