@@ -69,7 +69,7 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
     hnsw.upsert(ids, v)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    choice = tune_ef(hnsw, ids, v, queries=sample, samples=len(sample))
+    choice = tune_ef(hnsw, ids, v, queries=sample)
     tune_s = time.perf_counter() - t0
     _timed(hnsw, q[:300])  # warm-up
     # Three timed passes over all queries: on a shared machine one pass can catch a burst of

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.index import HNSWIndex, _prep
+from core.recommend import top_of_scores
 
 EF_CANDIDATES = (40, 60, 80, 120, 160, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600)
 
@@ -43,7 +44,7 @@ def exact_top(
         scores = queries[s : s + chunk] @ vectors.T  # (chunk, N); chunked to bound memory at 1M tracks
         if exclude is not None:
             scores[np.arange(scores.shape[0]), exclude[s : s + chunk]] = -np.inf
-        out[s : s + chunk] = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        out[s : s + chunk] = top_of_scores(scores, n)[0]  # set order is all recall needs
     return out
 
 
@@ -90,7 +91,7 @@ def tune_ef(
     or uneven sample asks for a wider search instead of a lucky guess.
 
     `queries` should look like what the index will be asked: for personal recommendations,
-    a sample of user vectors. Without them, `samples` of the indexed vectors are the queries,
+    a sample of user vectors; all of them are used. Without them, `samples` of the indexed vectors are the queries,
     each excluding its own track (what "similar tracks" asks). If no candidate reaches the
     target, the widest is kept. `vectors[i]` must be the vector indexed under `ids[i]`.
     """
@@ -103,7 +104,7 @@ def tune_ef(
         own = np.random.default_rng(seed).choice(len(ids), size=min(samples, len(ids)), replace=False)
         q = data[own]
     else:
-        q = _prep(queries, index.space)[:samples]
+        q = _prep(queries, index.space)
     truth = exact_top(data, q, n, own)
     chosen = EfChoice(max(candidates), 0.0, len(q), target)
     for ef in sorted(candidates):

@@ -8,6 +8,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,24 @@ class Snapshot:
     ef: dict[str, EfChoice] | None = None  # per space, when ef was chosen by measured recall
 
 
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive file lock for the block; yields False (no lock, no snapshots) when the
+    snapshot directory cannot be written."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "w")  # noqa: SIM115 - closed below, which releases the lock
+    except OSError as exc:
+        log.warning("index snapshots off (%s): building in memory", exc)
+        yield False
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield True
+    finally:
+        f.close()
+
+
 class ServingState:
     """Holds the current Snapshot; a background thread follows versions and updates."""
 
@@ -64,15 +84,7 @@ class ServingState:
         build each graph once: the others wait, then load the saved snapshot.
         """
         path = self._snapshot_dir() / f"{version}-{space}.bin"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(f"{path}.lock", "w")  # noqa: SIM115 - held across the build below
-        except OSError as exc:
-            log.warning("index snapshots off (%s): building in memory", exc)
-            lock = None
-        try:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with _exclusive(Path(f"{path}.lock")) as saving:
             if path.exists():
                 log.info("index %s/%s: loaded from snapshot %s", version, space, path)
                 return HNSWIndex.load(path, ef=ef)
@@ -80,15 +92,12 @@ class ServingState:
             idx = HNSWIndex(F.shape[1], space, capacity=max(len(ids), 1024), ef=ef)
             idx.upsert(ids, F)
             log.info("index %s/%s: built %d tracks in %.1fs", version, space, len(ids), time.perf_counter() - t0)
-            if lock is not None:
+            if saving:
                 try:
                     idx.save(path)
                 except OSError as exc:
                     log.warning("could not save index snapshot %s: %s", path, exc)
             return idx
-        finally:
-            if lock is not None:
-                lock.close()  # releases the lock
 
     def build(self, version: str) -> Snapshot:
         loaded = model_store.load(self.r, self.keys, version)
@@ -102,14 +111,7 @@ class ServingState:
                 # Personal queries are user vectors (the trainer ships a sample); similar-track
                 # queries are the indexed tracks themselves.
                 users = loaded.query_sample if space == "ip" else None
-                chosen[space] = tune_ef(
-                    idx,
-                    ids,
-                    F,
-                    queries=users,
-                    target=self.s.index_recall,
-                    samples=max(256, 0 if users is None else len(users)),
-                )
+                chosen[space] = tune_ef(idx, ids, F, queries=users, target=self.s.index_recall)
                 log.info(
                     "index %s/%s: ef=%d (recall@10 %.3f on %d sampled queries)",
                     version,
