@@ -26,10 +26,11 @@ import redis
 from bench.common import write
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
-from services import kafka_io, model_store
-from services.config import Settings
-from services.embedded import EmbeddedServers, spawn
-from services.keys import Keys
+from services.infra.clients import Clients
+from services.infra.embedded import EmbeddedServers, spawn
+from services.infra.keys import Keys
+from services.infra.model_store import RedisModelStore, new_version
+from services.infra.settings import Settings
 from services.produce import PlayPublisher
 
 
@@ -64,9 +65,9 @@ def main() -> None:
                 key_prefix=f"{phase}:",
             )
             keys = Keys(settings.key_prefix)
-            kafka_io.ensure_topics(settings)
-            version = model_store.new_version()
-            model_store.publish(r, keys, version, model, list(data.user_ids), list(data.track_ids), {})
+            Clients(settings).ensure_topics()
+            version = new_version()
+            RedisModelStore(r, keys).publish(version, model, list(data.user_ids), list(data.track_ids), {})
             pub = PlayPublisher.connect(servers.kafka_bootstrap, settings.plays_topic)
             events = list(data.events(args.backlog if phase == "throughput" else int(args.rate * args.seconds)))
             if phase == "latency":

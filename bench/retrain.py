@@ -26,11 +26,11 @@ import redis  # noqa: E402
 
 from bench.common import dataset, write  # noqa: E402
 from core.evaluation import holdout_split, ranking_metrics  # noqa: E402
-from services.checkpoint import PlayMatrix  # noqa: E402
-from services.config import Settings  # noqa: E402
-from services.embedded import EmbeddedServers  # noqa: E402
-from services.engines import SparkEngine, model_for  # noqa: E402
-from services.trainer import build as build_trainer  # noqa: E402
+from services.batch.checkpoint import PlayMatrix  # noqa: E402
+from services.batch.engines import SparkEngine, model_for  # noqa: E402
+from services.cli.root import Root  # noqa: E402
+from services.infra.embedded import EmbeddedServers  # noqa: E402
+from services.infra.settings import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -86,11 +86,12 @@ def main() -> None:
         for _ in range(args.rounds):
             implicit_runs.append(implicit_fit())
             t0 = time.perf_counter()
-            trainer = build_trainer(settings)  # loads the checkpoint; the plays topic is empty
+            root = Root(settings)
+            trainer = root.trainer()  # loads the checkpoint; the plays topic is empty
             load_s = time.perf_counter() - t0
             version = trainer.train_and_publish()
             total = time.perf_counter() - t0
-            meta = r.hgetall(trainer.keys.meta(version))
+            meta = r.hgetall(root.keys.meta(version))
             local_runs.append(
                 {
                     "checkpoint_load_s": load_s,
@@ -100,8 +101,8 @@ def main() -> None:
                 }
             )
             print(f"  local: {local_runs[-1]}", flush=True)
-            trainer.consumer.close()
-            trainer.producer.close()
+            trainer.close()
+            root.close()
     out["implicit_train_s_runs"] = implicit_runs
     out["implicit_train_s"] = min(implicit_runs)
     out["local_runs"] = local_runs

@@ -26,7 +26,7 @@ from bench.loadgen import Request, run_load
 from bench.serve_probe import gc_pauses, rss_mb, serve_cpu, server_buckets
 from core.index import ExactIndex, HNSWIndex
 from core.index_tuning import exact_top, tune_ef
-from services.model_store import QUERY_SAMPLE
+from services.infra.model_store import QUERY_SAMPLE
 
 
 def track_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -130,9 +130,9 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
     import redis
 
     from core.als import ImplicitALS
-    from services import model_store
-    from services.embedded import EmbeddedServers, free_port, spawn
-    from services.keys import Keys
+    from services.infra.embedded import EmbeddedServers, free_port, spawn
+    from services.infra.keys import Keys
+    from services.infra.model_store import RedisModelStore
 
     servers = EmbeddedServers.start()
     try:
@@ -141,9 +141,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
         model.item_factors_ = track_vectors(n_tracks)
         model.user_factors_ = track_vectors(n_users, seed=5)
         r = redis.Redis.from_url(servers.redis_url)
-        model_store.publish(
-            r,
-            Keys(),
+        RedisModelStore(r, Keys()).publish(
             "bench",
             model,
             [f"u{i}" for i in range(n_users)],

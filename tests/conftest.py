@@ -14,8 +14,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from services.config import Settings
-from services.embedded import EmbeddedServers
+from services.infra.embedded import EmbeddedServers
+from services.infra.settings import Settings
 
 
 def _docker_answers() -> bool:

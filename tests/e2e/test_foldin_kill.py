@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from core.synthetic import SyntheticMusic
-from services import kafka_io
-from services.config import Settings
-from services.keys import Keys
+from services.infra import kafka_admin as kafka_io
+from services.infra.keys import Keys
+from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from tests.integration.helpers import publish_synthetic_model, wait_for
 from tests.integration.test_foldin import _consume_all

@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from core.synthetic import SyntheticMusic
-from services import kafka_io
-from services.checkpoint import PlayMatrix
-from services.config import Settings
+from services.batch.checkpoint import PlayMatrix
+from services.infra import kafka_admin as kafka_io
+from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from tests.e2e.test_foldin_kill import _env
 from tests.integration.helpers import wait_for
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 # checkpointing, so a kill lands mid-write most of the time.
 _WRITER = """
 import sys
-from services.checkpoint import PlayMatrix
+from services.batch.checkpoint import PlayMatrix
 path = sys.argv[1]
 pm = PlayMatrix.load(path)
 o = pm.applied("inc", 0) + 1

@@ -10,39 +10,36 @@ import redis
 
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
-from services import model_store
-from services.config import Settings
-from services.foldin import FoldInWorker, build
-from services.keys import Keys
+from services.cli.root import Root
+from services.infra.keys import Keys
+from services.infra.model_store import RedisModelStore, new_version
+from services.infra.settings import Settings
+from services.speed.worker import FoldInWorker
 
 
 def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:
     model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(data.matrix())
-    version = model_store.new_version()
-    model_store.publish(
-        r,
-        Keys(settings.key_prefix),
-        version,
-        model,
-        list(data.user_ids),
-        list(data.track_ids),
-        {"checkpoint_time": time.time()},
+    version = new_version()
+    RedisModelStore(r, Keys(settings.key_prefix)).publish(
+        version, model, list(data.user_ids), list(data.track_ids), {"checkpoint_time": time.time()}
     )
     return version
 
 
 class WorkerThread:
-    """A fold-in worker running in a thread of the test process."""
+    """A fold-in worker, built by the composition root, running in a thread of the test process."""
 
     def __init__(self, settings: Settings, group: str) -> None:
-        self.worker: FoldInWorker = build(settings, group)
+        self.root = Root(settings)
+        self.worker: FoldInWorker = self.root.foldin_worker(group)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
-        self.worker.close()
+        self.worker.stop()
         self.thread.join(timeout=30)
-        self.worker.shutdown()
+        self.worker.close()
+        self.root.close()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.1) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -9,13 +10,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from core.messages import FactorUpdate
 from core.synthetic import SyntheticMusic
-from services.api import Recommendations, Similar, create_app
+from services.cli.root import Root
 from services.client import EncoreClient
-from services.config import Settings
-from services.keys import Keys
-from services.serving import ServingState
-from tests.integration.helpers import publish_synthetic_model
+from services.infra.keys import Keys
+from services.infra.settings import Settings
+from services.serving.http_models import Recommendations, Similar
+from tests.integration.helpers import publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,10 +28,12 @@ def api(settings: Settings, redis_client: redis.Redis):
     version = publish_synthetic_model(settings, redis_client, data)
     keys = Keys(settings.key_prefix)
     redis_client.hset(keys.history("u5"), mapping={"t1": 3.0, "t2": 1.0})
-    state = ServingState(settings, redis.Redis.from_url(settings.redis_url))
-    state.refresh()
-    with TestClient(create_app(settings, state, follow=False)) as client:
-        yield client, state, version, data
+    root = Root(settings)
+    app, follower = root.serving_app(follow=False)  # the test drives the follower by hand
+    follower.refresh()
+    with TestClient(app) as client:
+        yield client, follower, version, data
+    root.close()
 
 
 def test_personal_popular_anonymous_similar(api) -> None:
@@ -95,20 +99,19 @@ def test_bad_input_is_4xx_never_500(api, method: str, path: str, body, code: int
 def test_factor_update_moves_a_track_in_place(api) -> None:
     client, state, version, _ = api
     vec = state.snapshot.ip.vector("t5")
-    state.apply_update(
-        b"track:t5",
-        __import__("json").dumps({"model_version": version, "vector": list(map(float, -vec))}).encode(),
-    )
+    # Both encodings a producer may use: base64 of the float32 bytes, and a JSON list.
+    state.apply(FactorUpdate.decode(b"track:t5", FactorUpdate("track", "t5", version, -vec).value()))
     np.testing.assert_allclose(state.snapshot.ip.vector("t5"), -vec, rtol=1e-6)
-    state.apply_update(
-        b"track:new-one",
-        __import__("json").dumps({"model_version": version, "vector": list(map(float, vec))}).encode(),
-    )
+    as_list = json.dumps({"model_version": version, "vector": list(map(float, vec))}).encode()
+    state.apply(FactorUpdate.decode(b"track:new-one", as_list))
     assert "new-one" in state.snapshot.cosine
     r = client.get("/similar/new-one?n=3")
     assert r.status_code == 200
-    state.apply_update(b"track:new-one", None)
+    state.apply(FactorUpdate.decode(b"track:new-one", None))
     assert client.get("/similar/new-one").status_code == 404
+    # A vector of another version is not comparable with this index: ignored.
+    state.apply(FactorUpdate("track", "t5", "some-other-version", vec))
+    np.testing.assert_allclose(state.snapshot.ip.vector("t5"), -vec, rtol=1e-6)
 
 
 def test_lookup_client(api, settings: Settings) -> None:
@@ -125,17 +128,19 @@ def test_lookup_client(api, settings: Settings) -> None:
 
 
 def test_deletions_trigger_a_background_rebuild(api) -> None:
-    client, state, _, _ = api
+    client, state, version, _ = api
     before = state.snapshot
     gone = [f"t{i}" for i in range(100, 200)]
     for t in gone:
-        state.apply_update(f"track:{t}".encode(), None)
-    from tests.integration.helpers import wait_for
-
-    assert wait_for(lambda: state.snapshot is not before and not state._rebuilding, timeout=30)
+        state.apply(FactorUpdate("track", t))
+    assert state._rebuilding is before  # 100 of 300 deleted: past the share that starts a rebuild
+    moved = -before.ip.vector("t7")
+    state.apply(FactorUpdate("track", "t7", version, moved))  # lands after the rebuild's copy
+    assert wait_for(state.finish_rebuild, timeout=30)  # the follower swaps it in, then replays
     snap = state.snapshot
-    # Deletions that arrived while it rebuilt were replayed onto the new graph.
-    assert snap.ip.deleted < 50 and len(snap.ip) == len(before.loaded.track_ids) - 100
+    assert snap is not before and len(snap.ip) == len(before.loaded.track_ids) - 100
+    assert snap.ip.deleted < before.ip.deleted / 2  # only what arrived after the copy
+    np.testing.assert_allclose(snap.ip.vector("t7"), moved, rtol=1e-6)  # the newer vector won
     items = client.get("/recommendations/u5?n=50").json()["items"]
     assert len(items) == 50 and not set(gone) & {i["track_id"] for i in items}
 
@@ -145,10 +150,26 @@ def test_a_worker_loading_its_first_model_makes_requests_wait_not_fail(
 ) -> None:
     """With several workers, one may answer /ready while another still loads the snapshot:
     a request that reaches the late one waits for the model instead of getting a 503."""
-    state = ServingState(settings, redis.Redis.from_url(settings.redis_url))
-    with TestClient(create_app(settings, state, follow=False)) as client:
+    root = Root(settings)
+    app, state = root.serving_app(follow=False)
+    with TestClient(app) as client:
         assert client.get("/recommendations/u5").status_code == 503  # no model published at all: at once
         publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=200, n_tracks=150, seed=9))
         threading.Timer(0.5, state.refresh).start()  # this worker's follower notices the model later
         r = client.get("/recommendations/u5?n=5")
         assert r.status_code == 200 and len(r.json()["items"]) == 5
+
+
+def test_redis_unreachable_is_a_503_with_retry_after(api, settings: Settings) -> None:
+    """The edge maps a state-store fault to 503 + Retry-After, within the client timeout."""
+    from services.infra.clients import Clients
+    from services.infra.embedded import free_port
+    from services.serving.api import create_app
+
+    _, follower, _, _ = api
+    down = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5)
+    with TestClient(create_app(down, follower, Clients(down).aio_redis, follow=False)) as client:
+        r = client.get("/recommendations/u5?n=5")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "state store unavailable" in r.json()["detail"]
+        assert client.post("/recommendations", json={"plays": [{"track_id": "t1"}]}).status_code == 200

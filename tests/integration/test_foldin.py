@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import redis
 
+from core.messages import decode_vector
 from core.synthetic import SyntheticMusic
-from services import kafka_io
-from services.config import Settings
-from services.keys import Keys, decode_vector
+from services.infra import kafka_admin as kafka_io
+from services.infra.keys import Keys
+from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
 

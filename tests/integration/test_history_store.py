@@ -1,72 +1,89 @@
-"""HistoryStore against a real Redis: offset fencing, aggregation, caps and pending work."""
+"""The HistoryStore contract: offset fencing, aggregation, caps, pending work and dead letters.
+
+One suite, every implementation: the Redis adapter on a real Redis, and the in-memory fake the
+speed layer's unit tests rely on (so the fake cannot drift from what Redis does).
+"""
 
 from __future__ import annotations
 
 import pytest
 import redis
 
-from services.config import Settings
-from services.history_store import HistoryStore, Record
-from services.keys import Keys
+from core.messages import DeadLetter
+from services.infra.keys import Keys
+from services.infra.settings import Settings
+from services.speed.history_store import RedisHistoryStore
+from services.speed.records import DeadRecord, PlayRecord, SkipRecord
+from tests.fakes import FakeHistoryStore
 
 pytestmark = pytest.mark.integration
 
 
-def _store(settings: Settings, r: redis.Redis, cap: int = 100) -> tuple[HistoryStore, Keys]:
-    keys = Keys(settings.key_prefix)
-    return HistoryStore(r, keys, "g", cap, 3), keys
+@pytest.fixture(params=["redis", "fake"])
+def make_store(request, settings: Settings, redis_client: redis.Redis):
+    def make(history_cap: int = 100, listeners_cap: int = 3):
+        if request.param == "fake":
+            return FakeHistoryStore(history_cap, listeners_cap)
+        return RedisHistoryStore(redis_client, Keys(settings.key_prefix), "g", history_cap, listeners_cap)
+
+    return make
 
 
-def _hist(r: redis.Redis, keys: Keys, user: str) -> dict[str, float]:
-    return {k.decode(): float(v) for k, v in r.hgetall(keys.history(user)).items()}
+def _hist(store, user: str) -> dict[str, float]:
+    flat = store.raw_histories([user])[0]
+    return {flat[i].decode(): float(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def test_partial_replay_applies_only_the_new_tail(settings: Settings, redis_client: redis.Redis) -> None:
-    store, keys = _store(settings, redis_client)
-    first = [Record(0, o, "p", "u1", f"t{o % 3}", 1.0, 10.0) for o in range(10)]
+def test_partial_replay_applies_only_the_new_tail(make_store) -> None:
+    store = make_store()
+    first = [PlayRecord(0, o, "u1", f"t{o % 3}", 1.0, 10.0) for o in range(10)]
     assert store.apply("inc-a", first) == 10
     # A restart re-reads offsets 5..14 of partition 0 plus a fresh partition 1.
-    again = [Record(0, o, "p", "u1", f"t{o % 3}", 1.0, 10.0) for o in range(5, 15)]
-    again += [Record(1, o, "p", "u2", "t9", 2.0, 10.0) for o in range(3)]
+    again = [PlayRecord(0, o, "u1", f"t{o % 3}", 1.0, 10.0) for o in range(5, 15)]
+    again += [PlayRecord(1, o, "u2", "t9", 2.0, 10.0) for o in range(3)]
     assert store.apply("inc-a", again) == 5 + 3
     expected: dict[str, float] = {}
     for o in range(15):
         expected[f"t{o % 3}"] = expected.get(f"t{o % 3}", 0.0) + 1.0
-    assert _hist(redis_client, keys, "u1") == expected
-    assert _hist(redis_client, keys, "u2") == {"t9": 6.0}
+    assert _hist(store, "u1") == expected
+    assert _hist(store, "u2") == {"t9": 6.0}
     assert store.applied_offsets("inc-a") == {0: 14, 1: 2}
     assert store.apply("inc-a", again) == 0  # a full replay changes nothing
-    assert _hist(redis_client, keys, "u1") == expected
+    assert _hist(store, "u1") == expected
     # A new topic incarnation starts its offsets again from zero.
-    assert store.apply("inc-b", [Record(0, 0, "p", "u1", "t0", 1.0, 10.0)]) == 1
-    assert _hist(redis_client, keys, "u1")["t0"] == expected["t0"] + 1.0
+    assert store.apply("inc-b", [PlayRecord(0, 0, "u1", "t0", 1.0, 10.0)]) == 1
+    assert _hist(store, "u1")["t0"] == expected["t0"] + 1.0
 
 
-def test_dead_letters_and_noops_advance_offsets_without_history(settings: Settings, redis_client: redis.Redis) -> None:
-    store, keys = _store(settings, redis_client)
-    recs = [
-        Record(0, 0, "d", extra='{"raw": "x", "error": "bad", "source": "p/0/0"}'),
-        Record(0, 1, "n", "u1", "t1"),
-        Record(0, 2, "p", "u1", "t1", 1.0, 5.0),
-    ]
+def test_dead_letters_and_skips_advance_offsets_without_history(make_store) -> None:
+    store = make_store()
+    letter = DeadLetter(b"\xff not json", "malformed JSON", "plays/0/0")
+    recs = [DeadRecord(0, 0, letter), SkipRecord(0, 1), PlayRecord(0, 2, "u1", "t1", 1.0, 5.0)]
     assert store.apply("inc", recs) == 3
     assert store.apply("inc", recs) == 0
-    assert redis_client.llen(keys.pending_dlq) == 1  # once, not twice
-    assert _hist(redis_client, keys, "u1") == {"t1": 1.0}
+    assert store.dead_letters() == [letter]  # once, not twice; raw bytes kept exactly
+    assert _hist(store, "u1") == {"t1": 1.0}
+    store.settle(1, None)
+    assert store.dead_letters() == []
 
 
-def test_cap_listeners_and_pending_cutoff(settings: Settings, redis_client: redis.Redis) -> None:
-    store, keys = _store(settings, redis_client, cap=5)
-    recs = [Record(0, o, "p", "heavy", f"t{o}", float(o + 1), float(o), "new" if o < 2 else "") for o in range(12)]
-    recs += [Record(0, 12 + o, "p", f"l{o}", "t0", 1.0, 100.0 + o, "new") for o in range(6)]
+def test_cap_listeners_and_pending_cutoff(make_store) -> None:
+    store = make_store(history_cap=5)
+    recs = [PlayRecord(0, o, "heavy", f"t{o}", float(o + 1), float(o), o < 2) for o in range(12)]
+    recs += [PlayRecord(0, 12 + o, f"l{o}", "t0", 1.0, 100.0 + o, True) for o in range(6)]
     store.apply("inc", recs)
-    assert set(_hist(redis_client, keys, "heavy")) == {f"t{o}" for o in range(7, 12)}  # the 5 heaviest
+    assert set(_hist(store, "heavy")) == {f"t{o}" for o in range(7, 12)}  # the 5 heaviest
     # Only tracks unknown to the model keep listeners; capped at the 3 most recent.
-    assert {u.decode() for u in redis_client.zrange(keys.listeners("t0"), 0, -1)} == {"l3", "l4", "l5"}
-    assert redis_client.exists(keys.listeners("t5")) == 0
-    assert {t.decode() for t in redis_client.smembers(keys.new_tracks)} == {"t0", "t1"}
+    listeners, weights = store.listener_weights("t0")
+    assert set(listeners) == {"l3", "l4", "l5"} and weights == [1.0, 1.0, 1.0]
+    assert store.listener_weights("t5") == ([], [])
+    assert set(store.new_tracks()) == {"t0", "t1"}
     users, upto = store.pending(3)  # the whole first batch, although larger than the limit
     assert set(users) == {"heavy", *(f"l{o}" for o in range(6))}
-    store.apply("inc", [Record(0, 30, "p", "late", "t1", 1.0, 1.0)])
-    store.mark_done(upto)
+    store.apply("inc", [PlayRecord(0, 30, "late", "t1", 1.0, 1.0)])
+    store.settle(0, upto)
     assert store.pending(10)[0] == ["late"]  # queued after the cut-off: still pending
+    store.queue_users(["heavy"])
+    assert set(store.pending(10)[0]) == {"late", "heavy"}
+    store.forget_new_tracks(["t1"])
+    assert store.new_tracks() == ["t0"]

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from kafka import TopicPartition
 
-from services import kafka_io
-from services.config import Settings
+from services.infra import kafka_admin as kafka_io
+from services.infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 

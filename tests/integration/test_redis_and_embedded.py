@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import redis
 
-from services.embedded import EmbeddedServers
-from services.keys import Keys, decode_vector, encode_vector
+from core.messages import decode_vector, encode_vector
+from services.infra.embedded import EmbeddedServers
+from services.infra.keys import Keys
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from core.synthetic import SyntheticMusic
-from services.config import Settings
-from services.embedded import free_port, spawn
-from services.keys import Keys
+from services.infra.embedded import free_port, spawn
+from services.infra.keys import Keys
+from services.infra.settings import Settings
 from tests.integration.helpers import publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration

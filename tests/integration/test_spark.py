@@ -8,8 +8,8 @@ import pytest
 
 from core.evaluation import holdout_split, ranking_metrics
 from core.synthetic import SyntheticMusic
-from services.config import Settings
-from services.engines import LocalEngine, SparkEngine
+from services.batch.engines import LocalEngine, SparkEngine
+from services.infra.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 

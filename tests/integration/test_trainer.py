@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 import redis
 
+from core.errors import ModelRejectedError
+from core.messages import decode_vector
 from core.recommend import top_n
 from core.synthetic import SyntheticMusic
-from services import model_store, trainer
-from services.config import Settings
-from services.keys import Keys, decode_vector
-from services.produce import PlayPublisher, produce, synthetic_stream
+from services.cli.produce import produce, synthetic_stream
+from services.cli.root import Root
+from services.infra.keys import Keys
+from services.infra.model_store import QUERY_SAMPLE
+from services.infra.settings import Settings
+from services.produce import PlayPublisher
+from services.speed.records import PlayRecord
+from tests.integration.helpers import WorkerThread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,29 +33,29 @@ def _feed(settings: Settings, n_users: int = 400, n_tracks: int = 200, seed: int
 
 
 def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redis_client: redis.Redis) -> None:
-    from services import kafka_io
-
-    kafka_io.ensure_topics(settings)
+    root = Root(settings)
+    root.clients.ensure_topics()
     data = _feed(settings)
-    t = trainer.build(settings)
+    t = root.trainer()
+    models = root.models()
     version = t.run_once()
     keys = Keys(settings.key_prefix)
-    assert model_store.current_version(redis_client, keys) == version
+    assert models.current_version() == version
     meta = {k.decode(): v for k, v in redis_client.hgetall(keys.meta(version)).items()}
     assert float(meta["precision@10"]) > 0.05 and int(meta["n_plays"]) == data.matrix().nnz
     stages = json.loads(meta["stage_seconds"])  # where a retrain's time goes, for operators and bench/retrain
-    assert {"fit", "evaluate", "publish", "catch_up"} <= set(stages) and all(v >= 0 for v in stages.values())
+    assert {"fit", "evaluate", "publish"} <= set(stages) and all(v >= 0 for v in stages.values())
     assert stages["fit"] == pytest.approx(float(meta["train_seconds"]), abs=1e-3)
     # The sample of user vectors serving tunes its index on: real, non-zero user vectors of this version.
-    sample = model_store.load(redis_client, keys, version).query_sample
+    sample = models.load(version).query_sample
     assert (
-        256 <= sample.shape[0] <= min(model_store.QUERY_SAMPLE, 400)
+        256 <= sample.shape[0] <= min(QUERY_SAMPLE, 400)
         and sample.shape[1] == settings.factors
         and np.all(np.any(sample != 0, axis=1))
     )
     assert any(np.allclose(sample[0], decode_vector(redis_client.get(keys.user(version, f"u{u}")))) for u in range(400))
     # The model's top tracks for a user come mostly from that user's favourite genres.
-    loaded = model_store.load(redis_client, keys, version)
+    loaded = models.load(version)
     hits = []
     for u in range(0, 400, 10):
         uid = f"u{u}"
@@ -61,11 +67,11 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     assert np.mean(hits) > 2 * share_random
 
     # Restart from the checkpoint: exactly the same play matrix, nothing re-read twice.
-    before = t.state.matrix().copy()
-    t.consumer.close()
-    t2 = trainer.build(settings)
-    assert t2.ingest_to_end() == 0
-    assert (t2.state.matrix() != before).nnz == 0
+    before = t.ingest.state.matrix().copy()
+    t.close()
+    t2 = root.trainer()
+    assert t2.ingest.to_end() == 0
+    assert (t2.ingest.state.matrix() != before).nnz == 0
 
     # A second retrain flips the version while a reader loops: no failed or mixed read.
     errors: list[str] = []
@@ -84,30 +90,37 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     stop.set()
     th.join()
     assert v2 != version and errors == []
-    assert model_store.current_version(redis_client, keys) == v2
+    assert models.current_version() == v2
 
     # Guard: a model far worse than the current one is refused.
-    t2.s = t2.s.with_(publish_guard=1e6)
-    with pytest.raises(trainer.GuardRejected):
+    t2.retrainer.s = t2.retrainer.s.with_(publish_guard=1e6)
+    with pytest.raises(ModelRejectedError):
         t2.train_and_publish()
-    assert model_store.current_version(redis_client, keys) == v2
-    t2.consumer.close()
+    assert models.current_version() == v2
+    t2.close()
+    root.close()
 
 
-def test_catch_up_refolds_users_who_played_after_the_checkpoint(settings: Settings, redis_client: redis.Redis) -> None:
-    from services.history_store import HistoryStore, Record
-
+def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Catch-up has one owner, the speed layer: when it first sees a new version it re-solves
+    users whose history changed after that version's checkpoint."""
+    root = Root(settings)
+    root.clients.ensure_topics()
     keys = Keys(settings.key_prefix)
-    from services import kafka_io
-
-    kafka_io.ensure_topics(settings)
     _feed(settings, 200, 100, seed=5)
-    t = trainer.build(settings)
-    t.ingest_to_end()
-    t.checkpoint()
+    t = root.trainer()
+    t.ingest.to_end()
+    t.ingest.checkpoint()
     # A play lands in the speed layer after the checkpoint was cut, before the flip.
-    store = HistoryStore(redis_client, keys, "encore-foldin", 100, 100)
-    store.apply("inc", [Record(0, 0, "p", "late-user", "t3", 2.0, 1.0)])
+    root.history_store().apply("inc", [PlayRecord(0, 0, "late-user", "t3", 2.0, 1.0)])
     version = t.train_and_publish()
-    assert redis_client.get(keys.user(version, "late-user")) is not None
-    t.consumer.close()
+    assert redis_client.get(keys.user(version, "late-user")) is None  # the trainer did not fold it
+    worker = WorkerThread(settings, "encore-foldin")
+    try:
+        assert wait_for(lambda: redis_client.get(keys.user(version, "late-user")) is not None, timeout=60)
+    finally:
+        worker.stop()
+        t.close()
+        root.close()

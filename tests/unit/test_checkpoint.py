@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.checkpoint import MAX_HALF_LIVES, PlayMatrix
+from core.errors import CheckpointMismatchError
+from services.batch.checkpoint import MAX_HALF_LIVES, PlayMatrix
 
 pytestmark = pytest.mark.unit
 DAY = 86_400.0
@@ -57,6 +58,6 @@ def test_a_checkpoint_with_another_half_life_is_refused(tmp_path) -> None:
     pm.save(tmp_path / "c.npz", 1.0)
     back = PlayMatrix.load(tmp_path / "c.npz")
     back.check_half_life(DAY)
-    with pytest.raises(ValueError, match="half-life"):
+    with pytest.raises(CheckpointMismatchError, match="half-life"):
         back.check_half_life(0.0)
     PlayMatrix().check_half_life(0.0)  # an empty matrix adopts any setting

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import COMMANDS, _parser
-from services.config import ConfigError, Settings
+from services.cli import COMMANDS
+from services.cli import build_parser as _parser
+from services.infra.settings import ConfigError, Settings
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.rwlock import ReadWriteLock
+from services.serving.rwlock import ReadWriteLock
 
 pytestmark = pytest.mark.unit
 

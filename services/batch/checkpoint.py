@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from core.errors import CheckpointMismatchError
+
 MAX_HALF_LIVES = 60.0  # 2^60 stays far inside float32's range (2^127)
 
 
@@ -107,7 +109,7 @@ class PlayMatrix:
     def check_half_life(self, half_life_s: float) -> None:
         """Adopt the configured half-life; a checkpoint built with another one cannot be reused."""
         if self.user_ids and half_life_s != self.half_life_s:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"the checkpoint was built with a decay half-life of {self.half_life_s} s, the settings say "
                 f"{half_life_s} s; keep the setting or delete the checkpoint to rebuild it from the topic"
             )

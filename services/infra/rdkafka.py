@@ -1,4 +1,4 @@
-"""librdkafka clients (confluent-kafka) for the speed layer's hot path.
+"""librdkafka clients (confluent-kafka) for the hot paths: fold-in and the serving follower.
 
 kafka-python decodes records and checks CRCs in pure Python, and its `send` costs tens of
 microseconds per record; at tens of thousands of plays per second that is most of a core.
@@ -21,6 +21,8 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+
+from core.messages import DeadLetter, FactorUpdate
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,25 @@ class UpdatePublisher:
 
     def close(self) -> None:
         self.producer.flush(10.0)
+
+
+class KafkaUpdateSink:
+    """The speed layer's update sink on Kafka: vectors to `factor-updates`, rejects to the DLQ."""
+
+    def __init__(self, publisher: UpdatePublisher, updates_topic: str, dlq_topic: str) -> None:
+        self.publisher, self.updates_topic, self.dlq_topic = publisher, updates_topic, dlq_topic
+
+    def update(self, u: FactorUpdate) -> None:
+        self.publisher.send(self.updates_topic, key=u.key(), value=u.value())
+
+    def dead_letter(self, d: DeadLetter) -> None:
+        self.publisher.send(self.dlq_topic, value=d.raw, headers=d.headers())
+
+    def flush(self) -> None:
+        self.publisher.flush()
+
+    def close(self) -> None:
+        self.publisher.close()
 
 
 def commit(c: Consumer, topic: str, last: dict[int, int]) -> None:

@@ -15,9 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services import kafka_io
-from services.config import Settings
-from services.embedded import EmbeddedServers, free_port, spawn
+from services.infra.clients import Clients
+from services.infra.embedded import EmbeddedServers, free_port, spawn
+from services.infra.settings import Settings
 
 
 def _get(url: str) -> dict[str, object] | None:
@@ -53,7 +53,7 @@ class Children:
                 proc.wait()
 
 
-def cmd_up(s: Settings, args: argparse.Namespace) -> int:
+def run_up(s: Settings, args: argparse.Namespace) -> int:
     embedded = None
     env = dict(os.environ)
     if not s.kafka_bootstrap or not s.redis_url:
@@ -74,7 +74,7 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
         }
     )
     env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
-    kafka_io.ensure_topics(s)
+    Clients(s).ensure_topics()
     kids = Children(env, Path(s.data_dir if embedded else tempfile.mkdtemp(prefix="encore-up-")) / "logs")
     stop = threading.Event()
 

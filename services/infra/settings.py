@@ -9,17 +9,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from core.errors import EncoreError
+from core.errors import ConfigError
+
+__all__ = ["ConfigError", "Settings", "configure_logging"]
 
 
 def configure_logging(level: str) -> None:
     """Encore's log format on stderr (a no-op where logging is set up already)."""
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
-
-
-class ConfigError(EncoreError):
-    """An ENCORE_* variable is unknown or its value is invalid."""
 
 
 def _s(default: Any, doc: str, **kw: Any) -> Any:
@@ -58,7 +56,7 @@ class Settings:
     holdout_fraction: float = _s(0.1, "share of each user's tracks held out for evaluation")
     publish_guard: float = _s(0.5, "refuse a model whose precision@10 < guard × current's")
     version_grace_s: float = _s(300.0, "seconds an old model version is kept after a flip")
-    data_dir: str = _s("./data", "trainer checkpoints and model artifacts")
+    data_dir: str = _s("./data", "trainer checkpoints, model artifacts and index snapshots")
     spark_master: str = _s("local[*]", "Spark master URL for --engine spark")
     api_host: str = _s("127.0.0.1", "HTTP API bind address")
     api_port: int = _s(8000, "HTTP API port", min=0, max=65535)
@@ -69,6 +67,9 @@ class Settings:
         0.95, "recall@10 vs exact search the auto-chosen ef must reach (95 % lower bound)", min=0.5, max=1.0
     )
     max_n: int = _s(100, "largest n the API accepts", min=1)
+    redis_timeout_s: float = _s(
+        10.0, "timeout of every Redis command and connect (one policy for all clients)", min=0.1
+    )
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @classmethod

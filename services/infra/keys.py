@@ -1,10 +1,12 @@
-"""The Redis key schema (documented in the README); the only place key strings are built."""
+"""The Redis key schema (documented in the README): the only place key strings are built.
+
+Lua scripts never build keys: they receive every key they touch in KEYS, so this module stays
+the single source of the schema and a script's keys can be routed by a cluster client.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,15 @@ class Keys:
 
     @property
     def pending_users(self) -> str:
-        """Set of users whose history changed but whose vector is not yet re-solved."""
+        """Sorted set user → sequence number: history changed, vector not yet re-solved."""
         return f"{self.prefix}foldin:pending"
+
+    @property
+    def pending_seq(self) -> str:
+        """Counter that scores the pending set (a newer change always scores higher)."""
+        return f"{self.prefix}foldin:seq"
 
     @property
     def pending_dlq(self) -> str:
         """List of dead letters recorded atomically with offsets, not yet produced."""
         return f"{self.prefix}foldin:dlq"
-
-
-def encode_vector(v: np.ndarray) -> bytes:
-    """float32 little-endian bytes."""
-    return np.asarray(v, dtype="<f4").tobytes()
-
-
-def decode_vector(b: bytes) -> np.ndarray:
-    return np.frombuffer(b, dtype="<f4").copy()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import tempfile
 from typing import Protocol
 
@@ -11,7 +11,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.als import ImplicitALS
-from services.config import Settings
+from core.errors import ConfigError
+from services.infra.data_dir import DataDir
+from services.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +68,36 @@ class SparkEngine:
         self.settings = settings
 
     def fit(self, plays: sp.csr_matrix) -> ImplicitALS:
+        parent = DataDir.of(self.settings.data_dir).spark_tmp
+        parent.mkdir(parents=True, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="run-", dir=parent)
+        try:
+            path = f"{workdir}/plays.parquet"
+            self._write_parquet(plays, path)
+            X, Y = self._train(path, plays.shape)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)  # the hand-over is only needed during the run
+        model = model_for(self.settings)
+        model.user_factors_, model.item_factors_ = X, Y
+        return model
+
+    def _write_parquet(self, plays: sp.csr_matrix, path: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        from pyspark.ml.recommendation import ALS
-        from pyspark.sql import SparkSession
 
         s = self.settings
         coo = plays.tocoo()
         rating = np.log1p(coo.data / s.epsilon) if s.confidence == "log" else coo.data
-        workdir = tempfile.mkdtemp(prefix="encore-spark-", dir=s.data_dir if os.path.isdir(s.data_dir) else None)
-        path = os.path.join(workdir, "plays.parquet")
-        pq.write_table(
-            pa.table(
-                {
-                    "user": coo.row.astype(np.int32),
-                    "item": coo.col.astype(np.int32),
-                    "rating": rating.astype(np.float32),
-                }
-            ),
-            path,
+        table = pa.table(
+            {"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32), "rating": rating.astype(np.float32)}
         )
+        pq.write_table(table, path)
+
+    def _train(self, path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        from pyspark.ml.recommendation import ALS
+        from pyspark.sql import SparkSession
+
+        s = self.settings
         spark = (
             SparkSession.builder.master(s.spark_master)
             .appName("encore-train")
@@ -96,7 +108,6 @@ class SparkEngine:
             .getOrCreate()
         )
         try:
-            df = spark.read.parquet(path)
             als = ALS(
                 rank=s.factors,
                 maxIter=s.iterations,
@@ -110,14 +121,10 @@ class SparkEngine:
                 nonnegative=False,
                 coldStartStrategy="drop",
             )
-            fitted = als.fit(df)
-            X = _collect(fitted.userFactors, plays.shape[0], s.factors)
-            Y = _collect(fitted.itemFactors, plays.shape[1], s.factors)
+            fitted = als.fit(spark.read.parquet(path))
+            return _collect(fitted.userFactors, shape[0], s.factors), _collect(fitted.itemFactors, shape[1], s.factors)
         finally:
             spark.stop()
-        model = model_for(s)
-        model.user_factors_, model.item_factors_ = X, Y
-        return model
 
 
 def _collect(df: object, n: int, k: int) -> np.ndarray:
@@ -132,4 +139,4 @@ def engine(name: str, settings: Settings) -> Engine:
         return LocalEngine(settings)
     if name == "spark":
         return SparkEngine(settings)
-    raise ValueError(f"unknown engine {name!r}: use local or spark")
+    raise ConfigError(f"unknown engine {name!r}: use local or spark")

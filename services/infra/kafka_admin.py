@@ -1,4 +1,5 @@
-"""Kafka plumbing: idempotent topic creation, producer and consumer factories, incarnation ids."""
+"""Kafka plumbing on kafka-python: idempotent topic creation, incarnation ids, and the
+low-rate producer and assigned consumer (the hot path is on librdkafka, `rdkafka.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from services.config import Settings
+from core.errors import EncoreError
+from services.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ GROUP_SETTINGS: dict[str, Any] = {
     "max_poll_interval_ms": 300_000,
     "enable_auto_commit": False,
     "auto_offset_reset": "earliest",
+    "request_timeout_ms": 30_000,
 }
 
 
@@ -57,7 +60,7 @@ def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int
         except KafkaError as exc:
             log.warning("topic creation failed (%s), retry %d", exc, attempt + 1)
             time.sleep(min(2.0, 0.2 * (attempt + 1)))
-    raise RuntimeError(f"could not create topics on {bootstrap}")
+    raise EncoreError(f"could not create topics on {bootstrap}: is the broker reachable?")
 
 
 def topic_incarnation(bootstrap: str, topic: str) -> str:

@@ -1,0 +1,87 @@
+"""`encore train`: the batch layer's loop. Ingest → checkpoint → periodic retrain → janitor.
+
+A component like the fold-in worker: `run` loops until `stop`, `close` releases the clients.
+Each step is retried on transient faults (nothing is committed before a checkpoint is on disk);
+a rejected model is logged and the current version stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from kafka import KafkaConsumer
+
+from core.errors import ModelRejectedError
+from services.batch.ingest import Ingest
+from services.batch.janitor import VersionJanitor
+from services.batch.retrain import Retrainer
+from services.infra.lifecycle import Backoff, retry_step
+from services.infra.model_store import RedisModelStore
+from services.infra.settings import Settings
+
+log = logging.getLogger(__name__)
+GROUP = "encore-trainer"
+CHECKPOINT_EVERY_S = 30.0
+
+
+class Trainer:
+    """The single trainer instance; owns the checkpoint in the data folder."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        retrainer: Retrainer,
+        janitor: VersionJanitor,
+        models: RedisModelStore,
+        consumer: KafkaConsumer,
+        stop: threading.Event,
+    ) -> None:
+        self.s, self.ingest, self.retrainer, self.janitor = settings, ingest, retrainer, janitor
+        self.models, self.consumer, self.stop_event = models, consumer, stop
+
+    def train_and_publish(self) -> str:
+        """Retrain on the last checkpoint, publish, then sweep superseded versions."""
+        version = self.retrainer.train_and_publish(self.ingest.state)
+        self.ingest.plays_since_train = 0
+        self.janitor.sweep()
+        return version
+
+    def run_once(self) -> str:
+        """Read `plays` to its end, checkpoint, train and publish."""
+        self.ingest.to_end()
+        self.ingest.checkpoint()
+        return self.train_and_publish()
+
+    def run(self) -> None:
+        s, backoff = self.s, Backoff()
+        last_train = 0.0 if self.models.current_version() is None else time.time()
+        last_ckpt = time.time()
+
+        def step() -> None:
+            nonlocal last_train, last_ckpt
+            self.ingest.poll(1.0)
+            now = time.time()
+            due = now - last_train >= s.retrain_interval_s or (
+                s.retrain_min_new_plays and self.ingest.plays_since_train >= s.retrain_min_new_plays
+            )
+            if now - last_ckpt >= CHECKPOINT_EVERY_S or (due and self.ingest.state.pending):
+                self.ingest.checkpoint()
+                last_ckpt = now
+            if due and self.ingest.state.matrix().nnz:
+                try:
+                    self.train_and_publish()
+                except ModelRejectedError as exc:
+                    log.error("%s", exc)
+                last_train = time.time()
+
+        while not self.stop_event.is_set():
+            retry_step(step, self.stop_event, "trainer step", backoff)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.consumer.close()

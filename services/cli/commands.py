@@ -1,0 +1,208 @@
+"""The `encore` subcommands: each takes Settings and its arguments and returns an exit code.
+
+Every component comes from the composition root (`Root`); a component's `run` returns when a
+signal asks it to stop, then `close` releases its clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from core.errors import ConfigError
+from services.infra.settings import Settings
+
+log = logging.getLogger("encore")
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _require_servers(s: Settings) -> None:
+    if not s.kafka_bootstrap or not s.redis_url:
+        raise ConfigError(
+            "set ENCORE_KAFKA_BOOTSTRAP and ENCORE_REDIS_URL (or run `encore up`, "
+            "which starts embedded servers, or `encore embedded` to get addresses)"
+        )
+
+
+def cmd_config(s: Settings, args: argparse.Namespace) -> int:
+    for name, value, doc in s.describe():
+        print(f"{name}={value}    # {doc}")
+    return 0
+
+
+def cmd_embedded(s: Settings, args: argparse.Namespace) -> int:
+    from services.infra.embedded import EmbeddedServers
+
+    servers = EmbeddedServers.start()
+    print(f"ENCORE_KAFKA_BOOTSTRAP={servers.kafka_bootstrap}", flush=True)
+    print(f"ENCORE_REDIS_URL={servers.redis_url}", flush=True)
+    done = threading.Event()
+    stop_on_signals(done.set)
+    done.wait()
+    servers.stop()
+    return 0
+
+
+def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.produce import produce, read_plays_file, synthetic_stream
+    from services.infra.clients import Clients
+    from services.infra.play_publisher import PlayPublisher
+
+    _require_servers(s)
+    if bool(args.file) == bool(args.synthetic):
+        raise ConfigError("give exactly one of --file PATH or --synthetic")
+    clients = Clients(s)
+    clients.ensure_topics()
+    source = (
+        read_plays_file(args.file)
+        if args.file
+        else synthetic_stream(args.users, args.tracks, args.seed, args.limit, args.live)
+    )
+    stop = threading.Event()
+    stop_on_signals(stop.set)
+    pub = PlayPublisher(clients.producer(), s.plays_topic)
+    n = produce(pub, source, rate=args.rate, stop=stop)
+    pub.close()
+    print(json.dumps({"produced": n}))
+    return 0
+
+
+def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.root import Root
+    from services.infra import metrics
+
+    _require_servers(s)
+    metrics.serve_metrics(s.metrics_port)
+    root = Root(s)
+    worker = root.foldin_worker(args.group)
+    stop_on_signals(worker.stop)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+        root.close()
+    return 0
+
+
+def cmd_train(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.root import Root
+
+    _require_servers(s)
+    root = Root(s)
+    trainer = root.trainer(args.engine)
+    stop_on_signals(trainer.stop)
+    try:
+        if args.once:
+            print(json.dumps({"published": trainer.run_once()}))
+        else:
+            trainer.run()
+    finally:
+        trainer.close()
+        root.close()
+    return 0
+
+
+def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.cli.root import serving_app_from_env
+    from services.infra.metrics import multiprocess_dir
+
+    _require_servers(s)
+    host, port = args.host or s.api_host, args.port or s.api_port
+    workers = s.api_workers or os.cpu_count() or 1
+    if workers == 1:
+        uvicorn.run(serving_app_from_env(), host=host, port=port, log_level="warning")
+        return 0
+    # Several processes on one port: no GIL shared between them. Each builds (or, once another
+    # worker has saved it, loads) the index snapshot and follows factor-updates on its own.
+    with multiprocess_dir():
+        uvicorn.run(
+            "services.cli.root:serving_app_from_env",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level="warning",
+        )
+    return 0
+
+
+def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:
+    from services.serving.client import EncoreClient
+
+    _require_servers(s)
+    c = EncoreClient(s.redis_url, s.key_prefix, s.redis_timeout_s)
+    try:
+        version = c.current_version()
+        if args.kind == "user":
+            vec = c.user_vector(args.id, version)
+            out: dict[str, object] = {"user_id": args.id, "history": c.history(args.id)}
+        else:
+            vec = c.track_vector(args.id, version)
+            out = {"track_id": args.id, "recent_listeners": c.recent_listeners(args.id)}
+    finally:
+        c.close()
+    out.update({"model_version": version, "vector": None if vec is None else [float(x) for x in vec]})
+    print(json.dumps(out, indent=2))
+    return 0 if (vec is not None or out.get("history") or out.get("recent_listeners")) else 1
+
+
+def cmd_model(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.root import Root
+
+    _require_servers(s)
+    root = Root(s)
+    try:
+        models = root.models()
+        current = models.current_version()
+        if args.action == "list":
+            for version, published_at in models.versions():
+                meta = models.meta(version)
+                row = {
+                    "version": version,
+                    "current": version == current,
+                    "published_at": published_at,
+                    "precision@10": float(meta.get(b"precision@10", b"nan")),
+                    "in_redis": bool(meta),
+                }
+                print(json.dumps(row))
+            return 0
+        models.flip(args.version)
+        print(json.dumps({"current": args.version, "previous": current}))
+        return 0
+    finally:
+        root.close()
+
+
+def cmd_up(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.up import run_up
+
+    return run_up(s, args)
+
+
+HANDLERS: dict[str, Handler] = {
+    "up": cmd_up,
+    "embedded": cmd_embedded,
+    "produce": cmd_produce,
+    "foldin": cmd_foldin,
+    "train": cmd_train,
+    "serve": cmd_serve,
+    "config": cmd_config,
+    "inspect": cmd_inspect,
+    "model": cmd_model,
+}

@@ -1,0 +1,45 @@
+"""The `encore` command line: subcommands and their arguments (dispatch is in `commands`)."""
+
+from __future__ import annotations
+
+import argparse
+
+COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "inspect", "model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encore", description="Streaming music recommender.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="the main job: servers (embedded if none set), demo plays, train, fold-in, API")
+    up.add_argument("--rate", type=float, default=300.0, help="demo plays per second")
+    up.add_argument("--users", type=int, default=3000)
+    up.add_argument("--tracks", type=int, default=1500)
+    up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
+    sub.add_parser("embedded", help="start only the embedded broker and Redis")
+    pr = sub.add_parser("produce", help="publish plays from a file or the synthetic generator")
+    pr.add_argument("--file", help="JSON lines or CSV user_id,track_id,ts[,ms_played,count]")
+    pr.add_argument("--synthetic", action="store_true", help="use the synthetic generator")
+    pr.add_argument("--users", type=int, default=3000)
+    pr.add_argument("--tracks", type=int, default=1500)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--limit", type=int, default=None)
+    pr.add_argument("--live", action="store_true", help="stamp synthetic plays with the current time")
+    pr.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
+    fo = sub.add_parser("foldin", help="the speed-layer worker (consumer group encore-foldin)")
+    fo.add_argument("--group", default="encore-foldin")
+    tr = sub.add_parser("train", help="the batch-layer trainer")
+    tr.add_argument("--once", action="store_true", help="read plays to their end, train, publish, exit")
+    tr.add_argument("--engine", choices=("local", "spark"), default="local")
+    se = sub.add_parser("serve", help="the HTTP API")
+    se.add_argument("--host")
+    se.add_argument("--port", type=int)
+    sub.add_parser("config", help="print the effective settings")
+    ins = sub.add_parser("inspect", help="JSON: stored history, model version and vector")
+    ins.add_argument("kind", choices=("user", "track"))
+    ins.add_argument("id")
+    mo = sub.add_parser("model", help="list model versions or roll back")
+    mo_sub = mo.add_subparsers(dest="action", required=True)
+    mo_sub.add_parser("list")
+    rb = mo_sub.add_parser("rollback")
+    rb.add_argument("version")
+    return p

@@ -1,0 +1,120 @@
+"""The composition root: every client and long-running component is built here, from Settings.
+
+Commands, the uvicorn worker factory, tests and benches all go through `Root`, so one timeout
+and retry policy (`services.infra.clients`) reaches every Redis and Kafka client, and nothing
+connects before a command asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import redis
+from fastapi import FastAPI
+
+from services.batch.engines import engine
+from services.batch.ingest import Ingest
+from services.batch.janitor import VersionJanitor
+from services.batch.retrain import Retrainer
+from services.batch.trainer import GROUP as TRAINER_GROUP
+from services.batch.trainer import Trainer
+from services.infra.clients import Clients
+from services.infra.data_dir import DataDir
+from services.infra.keys import Keys
+from services.infra.model_store import RedisModelStore
+from services.infra.rdkafka import KafkaUpdateSink
+from services.infra.settings import Settings, configure_logging
+from services.serving.api import create_app
+from services.serving.follower import UpdateFollower
+from services.serving.snapshots import SnapshotBuilder
+from services.speed.history_store import RedisHistoryStore
+from services.speed.pipeline import SpeedLayer
+from services.speed.worker import GROUP as FOLDIN_GROUP
+from services.speed.worker import FoldInWorker
+
+
+class Root:
+    """Builds Encore's parts for one process; `close` releases the shared Redis client."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.clients = Clients(settings)
+        self._redis: redis.Redis | None = None
+
+    @property
+    def keys(self) -> Keys:
+        return self.clients.keys
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The process's shared synchronous Redis client (thread-safe connection pool)."""
+        if self._redis is None:
+            self._redis = self.clients.redis()
+        return self._redis
+
+    @property
+    def data(self) -> DataDir:
+        return DataDir.of(self.settings.data_dir)
+
+    def models(self) -> RedisModelStore:
+        return RedisModelStore(self.redis, self.keys)
+
+    def history_store(self, group: str = FOLDIN_GROUP) -> RedisHistoryStore:
+        s = self.settings
+        return RedisHistoryStore(self.redis, self.keys, group, s.history_cap, s.track_listeners_cap)
+
+    def server_time(self) -> float:
+        sec, usec = self.redis.time()
+        return float(sec) + usec / 1e6
+
+    # ---- components ----------------------------------------------------------------
+    def foldin_worker(self, group: str = FOLDIN_GROUP) -> FoldInWorker:
+        s = self.settings
+        self.clients.ensure_topics()
+        sink = KafkaUpdateSink(self.clients.update_publisher(), s.updates_topic, s.dlq_topic)
+        layer = SpeedLayer(s, self.history_store(group), self.models(), sink)
+        consumer = self.clients.group_consumer(group)
+        return FoldInWorker(s, layer, consumer, sink, lambda: self.clients.topic_incarnation(s.plays_topic))
+
+    def trainer(self, engine_name: str = "local") -> Trainer:
+        s = self.settings
+        self.clients.ensure_topics()
+        stop = threading.Event()
+        consumer = self.clients.assigned_consumer(TRAINER_GROUP)
+        incarnation = self.clients.topic_incarnation(s.plays_topic)
+        ingest = Ingest(s, consumer, self.data.checkpoint, incarnation, self.server_time, stop)
+        models = self.models()
+        retrainer = Retrainer(s, engine(engine_name, s), models)
+        janitor = VersionJanitor(models, self.data, s.version_grace_s)
+        return Trainer(s, ingest, retrainer, janitor, models, consumer, stop)
+
+    def follower(self, follow_updates: bool = True) -> UpdateFollower:
+        models = self.models()
+
+        def open_reader():  # type: ignore[no-untyped-def]
+            self.clients.ensure_topics()
+            return self.clients.topic_reader(self.settings.updates_topic)
+
+        return UpdateFollower(SnapshotBuilder(self.settings, models), models, open_reader if follow_updates else None)
+
+    def serving_app(self, follow: bool = True) -> tuple[FastAPI, UpdateFollower]:
+        """The HTTP app and the follower it reads; `follow=False` leaves the follower to the caller."""
+        follower = self.follower()
+        return create_app(self.settings, follower, self.clients.aio_redis, follow=follow), follower
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+
+def serving_app_from_env() -> FastAPI:
+    """One `encore serve` worker process (uvicorn's app factory): settings from ENCORE_*."""
+    # The update follower thread shares the GIL with the event loop; make it hand over after
+    # 1 ms rather than Python's default 5 ms, which would sit in every p99.
+    sys.setswitchinterval(0.001)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)  # worker processes start with logging unconfigured
+    app, _ = Root(settings).serving_app()
+    return app

@@ -1,0 +1,84 @@
+"""One lifecycle and one failure policy for every long-running component.
+
+A component (fold-in worker, trainer, serving follower) has `run()` (the loop, in the calling
+thread), `stop()` (ask the loop to end after its current step; safe from signal handlers and
+other threads) and `close()` (release clients once `run` has returned). A step that fails on a
+transient fault is retried after a growing back-off with nothing committed; a fault retrying
+cannot fix stops the component loudly (FatalError) so a supervisor sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import redis
+from confluent_kafka import KafkaException
+from kafka.errors import KafkaError
+
+from core.errors import FatalError
+
+log = logging.getLogger(__name__)
+
+# Redis replies that heal by themselves: failover in progress, a loading replica, memory freed.
+_HEALING_REPLIES = ("OOM", "LOADING", "READONLY", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK")
+
+
+class Component(Protocol):
+    def run(self) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults that retrying can fix: lost connections, timeouts, a busy or failing-over
+    server, an unreachable broker. Script errors, wrong types and bad data are not."""
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).startswith(_HEALING_REPLIES)
+    return isinstance(exc, redis.RedisError | KafkaError | KafkaException | OSError | TimeoutError)
+
+
+class Backoff:
+    """Exponential back-off between retries: 0.5 s doubling to 10 s, reset by a success."""
+
+    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def wait(self, stop: threading.Event) -> None:
+        stop.wait(self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+
+
+def retry_step(
+    step: Callable[[], None],
+    stop: threading.Event,
+    what: str,
+    backoff: Backoff,
+    on_retry: Callable[[], None] | None = None,
+) -> bool:
+    """Run `step` until it succeeds or `stop` is set; returns whether it succeeded.
+
+    Transient faults are logged and retried after `backoff`; anything else is raised as
+    FatalError (the component stops; its offsets stay uncommitted, so nothing is lost).
+    """
+    while not stop.is_set():
+        try:
+            step()
+            backoff.reset()
+            return True
+        except Exception as exc:
+            if not is_transient(exc):
+                log.error("%s failed and retrying cannot fix it: %s: %s", what, type(exc).__name__, exc)
+                raise FatalError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            if on_retry is not None:
+                on_retry()
+            log.warning(
+                "%s failed (%s: %s); retrying in %.1fs, nothing committed", what, type(exc).__name__, exc, backoff.delay
+            )
+            backoff.wait(stop)
+    return False

@@ -1,0 +1,83 @@
+-- Apply one fold-in micro-batch exactly once: histories, recent listeners, pending work,
+-- dead letters and the per-partition applied offsets change together or not at all.
+--
+-- KEYS: 1 offsets hash, 2 pending sequence counter, 3 dirty users zset, 4 pending users zset,
+--       5 new tracks set, 6 dead-letter list,
+--       then one history hash per user of the batch (n_users of them, in ARGV's user order),
+--       then one listeners zset per new track of the batch.
+-- ARGV: incarnation, history cap, listeners cap,
+--       n_ranges, then (partition, first offset, last offset) per partition,
+--       n_users, then the user ids (members of the dirty and pending sets),
+--       n_plays, then (user no., track, weight, ts, listeners no.) per aggregated (user, track);
+--       user no. is 1-based into the users, listeners no. 1-based into the listener keys or 0
+--       for a track the model knows (only unknown tracks keep recent listeners);
+--       then the dead letters (JSON).
+-- Applied only if every partition's stored offset lies below the batch's first offset;
+-- otherwise nothing is written and {-1, partition, stored offset, ...} is returned.
+local offsets = KEYS[1]
+local inc, hcap, lcap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n_ranges = tonumber(ARGV[4])
+local r_end = 4 + 3 * n_ranges
+local conflict = {}
+for i = 5, r_end, 3 do
+  local applied = tonumber(redis.call('HGET', offsets, inc .. '|' .. ARGV[i]) or '-1')
+  if applied >= tonumber(ARGV[i + 1]) then
+    conflict[#conflict + 1] = ARGV[i]
+    conflict[#conflict + 1] = applied
+  end
+end
+if #conflict > 0 then
+  table.insert(conflict, 1, -1)
+  return conflict
+end
+local seq = redis.call('INCR', KEYS[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local n_users = tonumber(ARGV[r_end + 1])
+local u0 = r_end + 1            -- ARGV[u0 + j] is user j
+local p0 = u0 + n_users + 1     -- ARGV[p0] is n_plays
+local n_plays = tonumber(ARGV[p0])
+local l0 = 6 + n_users          -- KEYS[l0 + j] is listeners key j
+local new, seen = {}, {}
+for i = p0 + 1, p0 + 5 * n_plays, 5 do
+  local u, track, lk = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 4])
+  redis.call('HINCRBYFLOAT', KEYS[6 + u], track, ARGV[i + 2])
+  if lk > 0 then
+    redis.call('ZADD', KEYS[l0 + lk], ARGV[i + 3], ARGV[u0 + u])
+    if not seen[lk] then
+      seen[lk] = true
+      new[#new + 1] = track
+    end
+  end
+end
+local dirty, pending = {}, {}
+for j = 1, n_users do
+  local user, hkey = ARGV[u0 + j], KEYS[6 + j]
+  dirty[#dirty + 1] = now; dirty[#dirty + 1] = user
+  pending[#pending + 1] = seq; pending[#pending + 1] = user
+  if redis.call('HLEN', hkey) > hcap + math.floor(hcap / 10) then
+    local flat = redis.call('HGETALL', hkey)
+    local items = {}
+    for k = 1, #flat, 2 do items[#items + 1] = {flat[k], tonumber(flat[k + 1])} end
+    table.sort(items, function(a, b) return a[2] > b[2] end)
+    for k = hcap + 1, #items do redis.call('HDEL', hkey, items[k][1]) end
+  end
+end
+for lk in pairs(seen) do
+  redis.call('ZREMRANGEBYRANK', KEYS[l0 + lk], 0, -(lcap + 1))
+end
+local function chunked(cmd, key, list)
+  for s = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
+  end
+end
+chunked('ZADD', KEYS[3], dirty)
+chunked('ZADD', KEYS[4], pending)
+chunked('SADD', KEYS[5], new)
+local dlq = {}
+for i = p0 + 1 + 5 * n_plays, #ARGV do dlq[#dlq + 1] = ARGV[i] end
+chunked('RPUSH', KEYS[6], dlq)
+for i = 5, r_end, 3 do
+  redis.call('HSET', offsets, inc .. '|' .. ARGV[i], ARGV[i + 2])
+end
+return {n_plays}

@@ -1,0 +1,197 @@
+"""Model versions in Redis: publish (write all vectors, then flip), load, read and write vectors.
+
+`RedisModelStore` is the Redis side of the speed layer's ModelStore port and what the trainer,
+serving and the CLI use to reach versions; keys come from `Keys` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from core.als import ImplicitALS
+from core.errors import UnknownVersionError
+from core.messages import decode_vector, encode_vector
+from services.infra.keys import Keys
+
+log = logging.getLogger(__name__)
+CHUNK = 5000
+QUERY_SAMPLE = 1024  # user vectors shipped for ef tuning: more queries, a tighter recall bound, a narrower ef
+
+
+@dataclass
+class LoadedModel:
+    """What the speed layer and serving need of one version."""
+
+    version: str
+    model: ImplicitALS
+    track_ids: list[str]
+    user_gram: np.ndarray
+    meta: dict[str, str]
+    track_index: dict[str, int] = field(default_factory=dict)
+    track_index_b: dict[bytes, int] = field(default_factory=dict)  # same, keyed by Redis bytes
+    item_gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # YᵀY, float64
+    query_sample: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # user vectors
+
+    def __post_init__(self) -> None:
+        if not self.track_index:
+            self.track_index = {t: i for i, t in enumerate(self.track_ids)}
+        if not self.track_index_b:
+            self.track_index_b = {t.encode(): i for t, i in self.track_index.items()}
+        if self.item_gram.size == 0 and hasattr(self.model, "item_factors_"):
+            y = self.model.item_factors_.astype(np.float64)
+            self.item_gram = y.T @ y
+
+
+def new_version() -> str:
+    return (
+        time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
+    )
+
+
+def query_sample(users: np.ndarray, size: int = QUERY_SAMPLE, seed: int = 0) -> np.ndarray:
+    """Up to `size` random non-zero user vectors: what serving tunes its search breadth on."""
+    live = np.flatnonzero(np.any(users != 0, axis=1))
+    pick = np.sort(np.random.default_rng(seed).choice(live, size=min(size, live.size), replace=False))
+    return np.ascontiguousarray(users[pick], dtype="<f4")
+
+
+class RedisModelStore:
+    """Versions, their meta and their vectors under one key prefix."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r, self.keys = r, keys
+
+    # ---- versions ------------------------------------------------------------------
+    def current_version(self) -> str | None:
+        v = self.r.get(self.keys.current)
+        return v.decode() if v else None
+
+    def versions(self) -> list[tuple[str, float]]:
+        """(version, publish time) of every kept version, oldest first."""
+        return [(v.decode(), float(t)) for v, t in self.r.zrange(self.keys.versions, 0, -1, withscores=True)]
+
+    def meta(self, version: str) -> dict[bytes, bytes]:
+        return self.r.hgetall(self.keys.meta(version))  # type: ignore[no-any-return]
+
+    def set_meta(self, version: str, field_: str, value: str) -> None:
+        self.r.hset(self.keys.meta(version), field_, value)
+
+    def publish(
+        self,
+        version: str,
+        model: ImplicitALS,
+        user_ids: list[str],
+        track_ids: list[str],
+        meta: dict[str, object],
+    ) -> None:
+        """Write every vector of `version` in chunks (one MSET each), then flip model:current in one step."""
+        for ids, F, key in (
+            (user_ids, model.user_factors_, self.keys.user),
+            (track_ids, model.item_factors_, self.keys.track),
+        ):
+            raw = np.ascontiguousarray(F, dtype="<f4").tobytes()
+            width = 4 * F.shape[1]
+            for s in range(0, len(ids), CHUNK):
+                hi = min(s + CHUNK, len(ids))
+                self.r.mset({key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)})
+        U = model.user_factors_.astype(np.float64)
+        full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
+        full_meta.update(
+            {
+                "factors": str(model.factors),
+                "params": json.dumps(model.get_params()),
+                "n_users": str(len(user_ids)),
+                "n_tracks": str(len(track_ids)),
+                "user_gram": (U.T @ U).astype("<f8").tobytes(),
+                "query_sample": query_sample(model.user_factors_).tobytes(),
+            }
+        )
+        full_meta.setdefault("trained_at", str(time.time()))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]
+        pipe.set(self.keys.track_ids(version), "\n".join(track_ids))
+        pipe.execute()
+        self.flip(version)
+
+    def flip(self, version: str) -> None:
+        """Make `version` current atomically (readers see the old or the new, never a mix)."""
+        if not self.r.exists(self.keys.meta(version)):
+            raise UnknownVersionError(f"version {version} is not in Redis (expired?); see `encore model list`")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.keys.current, version)
+        pipe.zadd(self.keys.versions, {version: time.time()})
+        pipe.execute()
+        log.info("model version %s is current", version)
+
+    def load(self, version: str) -> LoadedModel:
+        """Track factors, ids and the user Gram matrix of `version` (artifact file if readable)."""
+        meta_raw = self.r.hgetall(self.keys.meta(version))
+        if not meta_raw:
+            raise UnknownVersionError(f"model version {version} has no meta in Redis")
+        gram_bytes = meta_raw.pop(b"user_gram")
+        sample_bytes = meta_raw.pop(b"query_sample", b"")
+        meta = {k.decode(): v.decode() for k, v in meta_raw.items()}
+        model = ImplicitALS(**json.loads(meta["params"]))
+        ids_raw = self.r.get(self.keys.track_ids(version)) or b""
+        track_ids = ids_raw.decode().split("\n") if ids_raw else []
+        artifact = meta.get("artifact", "")
+        if artifact and os.path.exists(artifact):
+            with np.load(artifact, allow_pickle=False) as z:
+                items = z["item_factors"].astype(np.float32)
+        else:
+            items = np.zeros((len(track_ids), model.factors), dtype=np.float32)
+            for s in range(0, len(track_ids), CHUNK):
+                raw = self.r.mget([self.keys.track(version, t) for t in track_ids[s : s + CHUNK]])
+                for j, b in enumerate(raw):
+                    if b is not None:
+                        items[s + j] = decode_vector(b)
+        if not np.all(np.isfinite(items)):
+            raise ValueError(f"model version {version} has non-finite track factors")
+        model.item_factors_ = items
+        model.user_factors_ = np.zeros((0, model.factors), dtype=np.float32)
+        gram = np.frombuffer(gram_bytes, dtype="<f8").reshape(model.factors, model.factors).copy()
+        sample = np.frombuffer(sample_bytes, dtype="<f4").reshape(-1, model.factors).astype(np.float32)
+        return LoadedModel(version, model, track_ids, gram, meta, query_sample=sample)
+
+    def load_current(self) -> LoadedModel | None:
+        v = self.current_version()
+        return self.load(v) if v else None
+
+    def delete_version(self, version: str) -> int:
+        """Remove every key of `version` (never the current one); returns how many."""
+        if self.current_version() == version:
+            raise ValueError(f"refusing to delete the current version {version}")
+        n = 0
+        batch: list[bytes] = []
+        for k in self.r.scan_iter(match=self.keys.version_pattern(version), count=5000):
+            batch.append(k)
+            if len(batch) >= 5000:
+                n += int(self.r.unlink(*batch))
+                batch = []
+        if batch:
+            n += int(self.r.unlink(*batch))
+        self.r.zrem(self.keys.versions, version)
+        return n
+
+    # ---- vectors -------------------------------------------------------------------
+    def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]:
+        """Stored vectors of `users` in `version` (None where missing), one MGET."""
+        return self.r.mget([self.keys.user(version, u) for u in users]) if users else []  # type: ignore[no-any-return]
+
+    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
+        """One MSET of every given user's vector."""
+        if users:
+            self.r.mset({self.keys.user(version, u): encode_vector(v) for u, v in zip(users, vectors, strict=True)})
+
+    def track_vector(self, version: str, track: str) -> bytes | None:
+        return self.r.get(self.keys.track(version, track))  # type: ignore[no-any-return]
+
+    def put_track_vector(self, version: str, track: str, vector: np.ndarray) -> None:
+        self.r.set(self.keys.track(version, track), encode_vector(vector))

@@ -1,0 +1,190 @@
+"""`encore serve`: the HTTP API (FastAPI; OpenAPI at /docs), an edge over QueryService.
+
+Domain errors become status codes here and only here: an unknown track 404, no model yet 503,
+Redis unreachable or timing out 503 with Retry-After (a request never waits longer than the
+client's one timeout policy allows).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+from core.errors import NoModelError, UnknownTrackError
+from services.infra.metrics import watch_gc
+from services.infra.settings import Settings
+from services.serving.follower import UpdateFollower
+from services.serving.http_models import MAX_ID_LENGTH, AnonymousRequest, Recommendations, Similar
+from services.serving.queries import QueryService
+
+RETRY_AFTER_S = 1
+REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram(
+    "encore_http_seconds",
+    "HTTP latency",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+)
+
+
+class Metrics:
+    """Pure ASGI middleware: request count and latency per route (no per-request task or copy)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(route, str(status[0])).inc()
+            LATENCY.labels(route).observe(time.perf_counter() - t0)
+
+
+def answer(body: dict[str, Any], items: list[tuple[str, float]]) -> Response:
+    """The response body built as plain data and serialised by orjson: the hot routes skip
+    Pydantic's re-validation of their own output (their models still document /docs)."""
+    body["items"] = [{"track_id": t, "score": s} for t, s in items]
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def create_app(
+    settings: Settings,
+    follower: UpdateFollower,
+    redis_factory: Callable[[], aioredis.Redis],
+    follow: bool = True,
+) -> FastAPI:
+    """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
+    app's lifetime (tests drive it by hand)."""
+    max_n = settings.max_n
+    watch_gc()
+    queries = QueryService(follower, follower.models.keys)
+    aio: dict[str, aioredis.Redis] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        aio["r"] = redis_factory()  # bound to this event loop
+        thread = None
+        if follow:
+            thread = threading.Thread(target=follower.run, daemon=True, name="serving-follower")
+            thread.start()
+        yield
+        follower.stop()
+        if thread:
+            thread.join(timeout=5)
+        follower.close()
+        await aio.pop("r").aclose()
+
+    app = FastAPI(
+        title="Encore",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Streaming music recommendations: implicit ALS + fold-in + HNSW.",
+    )
+    app.add_middleware(Metrics)  # type: ignore[arg-type]
+
+    @app.exception_handler(NoModelError)
+    async def no_model(_req: Request, exc: NoModelError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.exception_handler(UnknownTrackError)
+    async def unknown_track(_req: Request, exc: UnknownTrackError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_req: Request, exc: redis.RedisError) -> JSONResponse:
+        body = {"detail": f"state store unavailable ({type(exc).__name__}); retry shortly"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def check_n(n: int) -> None:
+        if n > max_n:
+            raise HTTPException(422, detail=f"n must be <= {max_n}")
+
+    @app.get("/recommendations/{user_id}", response_model=Recommendations)
+    async def recommend(
+        user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
+    ) -> Response:
+        check_n(n)
+        snap = await queries.snapshot(aio["r"])
+        vec, played = await queries.user_context(aio["r"], snap.version, user_id)
+        body: dict[str, Any] = {"user_id": user_id, "model_version": snap.version}
+        if vec is None or not vec.any():
+            return answer({**body, "source": "popular"}, queries.popular(snap, n, played))
+        return answer({**body, "source": "personal"}, queries.personal(snap, vec, n, played))
+
+    @app.post("/recommendations", response_model=Recommendations)
+    async def recommend_anonymous(req: AnonymousRequest) -> Response:
+        check_n(req.n)
+        snap = await queries.snapshot(aio["r"])
+        plays: dict[str, float] = {}
+        for p in req.plays:
+            plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
+        vec = snap.fold_in_plays(plays)
+        body: dict[str, Any] = {"user_id": None, "model_version": snap.version}
+        if vec is None or not vec.any():
+            return answer({**body, "source": "popular"}, queries.popular(snap, req.n, plays))
+        return answer({**body, "source": "personal"}, queries.personal(snap, vec, req.n, plays))
+
+    @app.get("/similar/{track_id}", response_model=Similar)
+    async def similar(
+        track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
+    ) -> Response:
+        check_n(n)
+        snap = await queries.snapshot(aio["r"])
+        hits = queries.similar(snap, track_id, n)
+        return answer({"track_id": track_id, "model_version": snap.version}, hits)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        snap = follower.snapshot
+        if follower.failure:
+            return JSONResponse({"ready": False, "reason": f"update follower stopped: {follower.failure}"}, 503)
+        if snap is None:
+            return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
+        body: dict[str, Any] = {"ready": True, "model_version": snap.version, "tracks": len(snap.ip)}
+        body["index"] = {  # search breadth per index and, when it was chosen by measurement, the recall seen
+            space: {
+                "ef": idx.ef,
+                "recall@10": snap.ef[space].recall if snap.ef else None,
+                "recall@10_lower_95": snap.ef[space].lower if snap.ef else None,
+            }
+            for space, idx in (("ip", snap.ip), ("cosine", snap.cosine))
+        }
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    def prom() -> Response:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum what all of them wrote
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

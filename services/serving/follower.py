@@ -1,0 +1,162 @@
+"""The serving replica's update follower: the single owner of snapshot swaps and index updates.
+
+One thread does all of it, in order: swap in a new model version once its graphs are ready,
+apply `factor-updates` to the current graphs, and swap in a graph rebuilt without deleted
+nodes. The rebuild itself runs on a helper thread from a copy taken by this thread; the updates
+applied after the copy are replayed here, in their order, right after the swap, so an older
+vector can never land after a newer one and no update lands on a discarded snapshot.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from confluent_kafka import Consumer
+
+from core.errors import FatalError, UnknownVersionError
+from core.messages import FactorUpdate, MessageError
+from services.infra import rdkafka
+from services.infra.lifecycle import Backoff, retry_step
+from services.infra.model_store import RedisModelStore
+from services.serving.rwlock import ReadWriteLock
+from services.serving.snapshots import Snapshot, SnapshotBuilder, rebuilt
+
+log = logging.getLogger(__name__)
+REBUILD_DELETED_SHARE = 0.2
+UPDATES_PER_POLL = 5000
+
+
+class UpdateFollower:
+    """Component: `run` follows versions and updates until `stop`; queries read `snapshot`."""
+
+    def __init__(
+        self, builder: SnapshotBuilder, models: RedisModelStore, open_reader: Callable[[], Consumer] | None
+    ) -> None:
+        self.builder, self.models, self.open_reader = builder, models, open_reader
+        self.snapshot: Snapshot | None = None
+        self.lock = ReadWriteLock()  # queries read; updates and swaps write
+        self.stop_event = threading.Event()
+        self.updates_applied = 0
+        self.failure: str | None = None  # set when the follower stopped on a fatal fault
+        self._reader: Consumer | None = None
+        self._rebuilding: Snapshot | None = None  # the snapshot a rebuild was started from
+        self._rebuilt: Snapshot | None = None  # posted by the rebuild thread
+        self._replay: list[FactorUpdate] = []  # applied since the rebuild's copy
+
+    # ---- swaps ---------------------------------------------------------------------
+    def _swap(self, snap: Snapshot) -> None:
+        with self.lock.write():
+            self.snapshot = snap
+        # The model's id lists and maps are long-lived: freeze them out of the collector's sight,
+        # or every full collection walks them while all requests wait. Unfreezing first lets the
+        # collection free the replaced snapshot, cycles included.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
+    def refresh(self) -> bool:
+        """Swap in the current version once its graphs are built (the old one answers meanwhile)."""
+        version = self.models.current_version()
+        if version is None or (self.snapshot is not None and self.snapshot.version == version):
+            return False
+        t0 = time.perf_counter()
+        try:
+            snap = self.builder.build(version)
+        except UnknownVersionError as exc:  # expired between the read and the load: next step
+            log.warning("serving follower: %s", exc)
+            return False
+        self._swap(snap)
+        self._rebuilding, self._rebuilt, self._replay = None, None, []
+        self.builder.prune({v for v, _ in self.models.versions()} | {version})
+        log.info("serving model %s (%d tracks, ready in %.1fs)", version, len(snap.ip), time.perf_counter() - t0)
+        return True
+
+    # ---- updates -------------------------------------------------------------------
+    def apply(self, u: FactorUpdate) -> None:
+        """Apply one track update to the current graphs (users are not indexed)."""
+        snap = self.snapshot
+        if snap is None or u.entity != "track":
+            return
+        if u.vector is not None and u.model_version != snap.version:
+            return  # a vector of another version: its factors are not comparable
+        with self.lock.write():
+            if u.vector is None:
+                snap.ip.remove([u.entity_id])
+                snap.cosine.remove([u.entity_id])
+            else:
+                snap.ip.upsert([u.entity_id], u.vector[None])
+                snap.cosine.upsert([u.entity_id], u.vector[None])
+        self.updates_applied += 1
+        if self._rebuilding is not None:
+            self._replay.append(u)
+        elif snap.ip.deleted > REBUILD_DELETED_SHARE * max(len(snap.ip), 1):
+            self._start_rebuild(snap)
+
+    def _start_rebuild(self, snap: Snapshot) -> None:
+        """Copy the live vectors here (this thread is the only writer), rebuild on a helper."""
+        ids = list(snap.ip.slots.label)
+        vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
+        self._rebuilding, self._replay = snap, []
+
+        def build() -> None:
+            self._rebuilt = rebuilt(snap, ids, vecs)
+
+        threading.Thread(target=build, daemon=True, name="index-rebuild").start()
+
+    def finish_rebuild(self) -> bool:
+        """Swap in a finished rebuild and replay, in order, what arrived since its copy."""
+        fresh = self._rebuilt
+        if fresh is None:
+            return False
+        replay = self._replay
+        self._rebuilt, self._replay = None, []
+        started_from, self._rebuilding = self._rebuilding, None
+        if started_from is not self.snapshot:
+            return False  # a new version was swapped in meanwhile
+        with self.lock.write():
+            self.snapshot = fresh
+        for u in replay:
+            self.apply(u)
+        log.info("index rebuilt without deleted nodes; %d updates replayed", len(replay))
+        return True
+
+    # ---- loop ----------------------------------------------------------------------
+    def step(self) -> None:
+        self.refresh()
+        self.finish_rebuild()
+        if self.open_reader is None:
+            return
+        if self._reader is None:
+            self._reader = self.open_reader()
+        for m in rdkafka.data_messages(self._reader.consume(num_messages=UPDATES_PER_POLL, timeout=0.2)):
+            key = m.key()
+            # The topic also carries every user update (tens of thousands a second at full speed);
+            # librdkafka decodes them off the GIL and only `track:` keys reach Python code.
+            if not key or not key.startswith(b"track:"):
+                continue
+            try:
+                self.apply(FactorUpdate.decode(key, m.value()))
+            except MessageError as exc:
+                log.warning("serving follower: skipped a malformed update: %s", exc)
+
+    def run(self) -> None:
+        backoff = Backoff(first=1.0)
+        try:
+            while not self.stop_event.is_set():
+                retry_step(self.step, self.stop_event, "serving follower", backoff)
+        except FatalError as exc:
+            self.failure = str(exc)  # /ready reports it; the last good snapshot keeps answering
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

@@ -1,0 +1,43 @@
+"""Request and response bodies of the HTTP API (they document /docs; hot routes build the same
+shapes as plain data and serialise them with orjson)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MAX_ID_LENGTH = 256
+MAX_ANONYMOUS_PLAYS = 10_000
+
+
+class Item(BaseModel):
+    track_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    user_id: str | None = None
+    model_version: str
+    source: Literal["personal", "popular"]
+    items: list[Item]
+
+
+class Similar(BaseModel):
+    track_id: str
+    model_version: str
+    items: list[Item]
+
+
+class Play(BaseModel):
+    track_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    count: float = Field(default=1.0, gt=0, le=1e6)
+
+
+class AnonymousRequest(BaseModel):
+    plays: list[Play] = Field(max_length=MAX_ANONYMOUS_PLAYS)
+    n: int = Field(default=10, ge=1)
+
+
+class Error(BaseModel):
+    detail: str

@@ -1,0 +1,143 @@
+"""Play histories in Redis, applied exactly once: offsets fenced in the same Lua step.
+
+The batch is aggregated per (user, track) before it reaches Redis; `apply_batch.lua` writes it
+only if every partition's stored offset lies below the batch's first offset for that partition,
+and otherwise writes nothing and returns the stored offsets, so the caller drops what was
+already applied and retries: a replay after a crash never counts a play twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from core.messages import DeadLetter
+from services.infra.keys import Keys
+from services.infra.lua import source
+from services.speed.records import DeadRecord, PlayRecord, Record
+
+HISTORIES_PER_CALL = 5000
+
+
+class FencingError(RuntimeError):
+    """Offsets kept moving under this worker: another writer applies its partitions."""
+
+
+class RedisHistoryStore:
+    """The HistoryStore port on one Redis (see `ports.HistoryStore` for the contract)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, group: str, history_cap: int, listeners_cap: int) -> None:
+        self.r, self.keys, self.group = r, keys, group
+        self.history_cap, self.listeners_cap = history_cap, listeners_cap
+        self._apply = r.register_script(source("apply_batch"))
+        self._histories = r.register_script(source("histories"))
+
+    def apply(self, incarnation: str, records: list[Record]) -> int:
+        for _ in range(5):
+            if not records:
+                return 0
+            reply = self._apply(*self._keys_and_args(incarnation, records))
+            if int(reply[0]) != -1:
+                return len(records)
+            applied = {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+            records = [r for r in records if r.offset > applied.get(r.partition, -1)]
+        raise FencingError("offsets kept moving under this worker: another writer owns its partitions")
+
+    def _keys_and_args(self, incarnation: str, records: list[Record]) -> tuple[list[str], list[object]]:
+        """KEYS and ARGV of apply_batch.lua (its header documents the layout)."""
+        ranges: dict[int, list[int]] = {}
+        plays: dict[tuple[str, str], list[Any]] = {}
+        dead: list[str] = []
+        for rec in records:
+            lo_hi = ranges.setdefault(rec.partition, [rec.offset, rec.offset])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], rec.offset), max(lo_hi[1], rec.offset)
+            if isinstance(rec, PlayRecord):
+                agg = plays.get((rec.user, rec.track))
+                if agg is None:
+                    plays[(rec.user, rec.track)] = [rec.weight, rec.ts, rec.new_track]
+                else:
+                    agg[0] += rec.weight
+                    agg[1] = max(agg[1], rec.ts)
+            elif isinstance(rec, DeadRecord):
+                dead.append(rec.letter.to_json())
+        k = self.keys
+        users: dict[str, int] = {}
+        listeners: dict[str, int] = {}
+        rows: list[object] = []
+        for (user, track), (w, ts, new) in plays.items():
+            u = users.setdefault(user, len(users) + 1)
+            lk = listeners.setdefault(track, len(listeners) + 1) if new else 0
+            rows += [u, track, repr(w), repr(ts), lk]
+        keys = [k.offsets(self.group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks, k.pending_dlq]
+        keys += [k.history(u) for u in users]
+        keys += [k.listeners(t) for t in listeners]
+        argv: list[object] = [incarnation, self.history_cap, self.listeners_cap, len(ranges)]
+        for part, (lo, hi) in ranges.items():
+            argv += [part, lo, hi]
+        argv.append(len(users))
+        argv += list(users)
+        argv.append(len(plays))
+        return keys, argv + rows + dead
+
+    def applied_offsets(self, incarnation: str) -> dict[int, int]:
+        raw = self.r.hgetall(self.keys.offsets(self.group))
+        out = {}
+        for k, v in raw.items():
+            inc, part = k.decode().rsplit("|", 1)
+            if inc == incarnation:
+                out[int(part)] = int(v)
+        return out
+
+    def raw_histories(self, users: list[str]) -> list[list[bytes]]:
+        out: list[list[bytes]] = []
+        for s in range(0, len(users), HISTORIES_PER_CALL):
+            out += self._histories(keys=[self.keys.history(u) for u in users[s : s + HISTORIES_PER_CALL]])
+        return out
+
+    def pending(self, limit: int) -> tuple[list[str], float]:
+        """All users at the cut-off score are included (a batch is never split), so `settle`
+        can drop everything up to that score: anything queued later has a higher score."""
+        rows = self.r.zrange(self.keys.pending_users, 0, limit - 1)
+        if not rows:
+            return [], 0.0
+        upto = float(self.r.zscore(self.keys.pending_users, rows[-1]) or 0.0)
+        if len(rows) == limit:
+            rows = self.r.zrangebyscore(self.keys.pending_users, "-inf", upto)
+        return [u.decode() for u in rows], upto
+
+    def queue_users(self, users: list[str]) -> None:
+        if users:
+            seq = self.r.incr(self.keys.pending_seq)
+            self.r.zadd(self.keys.pending_users, dict.fromkeys(users, seq))
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [DeadLetter.from_json(raw) for raw in self.r.lrange(self.keys.pending_dlq, 0, -1)]
+
+    def settle(self, dead_letters: int, done_upto: float | None) -> None:
+        if not dead_letters and done_upto is None:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        if dead_letters:
+            pipe.ltrim(self.keys.pending_dlq, dead_letters, -1)
+        if done_upto is not None:
+            pipe.zremrangebyscore(self.keys.pending_users, "-inf", done_upto)
+        pipe.execute()
+
+    def changed_since(self, t: float) -> list[str]:
+        return [u.decode() for u in self.r.zrangebyscore(self.keys.dirty_users, t, "+inf")]
+
+    def new_tracks(self) -> list[str]:
+        return [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
+
+    def forget_new_tracks(self, tracks: list[str]) -> None:
+        if tracks:
+            self.r.srem(self.keys.new_tracks, *tracks)
+
+    def listener_weights(self, track: str) -> tuple[list[str], list[float]]:
+        listeners = [u.decode() for u in self.r.zrange(self.keys.listeners(track), 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for u in listeners:
+            pipe.hget(self.keys.history(u), track)
+        weights = [float(w) if w is not None else 0.0 for w in pipe.execute()] if listeners else []
+        return listeners, weights

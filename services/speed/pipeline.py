@@ -1,0 +1,102 @@
+"""The speed layer's decisions for one micro-batch, over its ports (no Kafka or Redis here).
+
+Order, and why: apply histories with their offsets in one atomic step (a replay is skipped);
+hand the dead letters recorded in that step to the sink; re-solve pending users and cold-start
+tracks; flush the sink; only then drop the settled work from the durable queues. The caller
+commits Kafka offsets after `handle` returns. A crash anywhere repeats only idempotent work
+(re-solving, re-announcing) and never loses or double-counts a play.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from core.events import Limits
+from services.infra.model_store import LoadedModel
+from services.infra.settings import Settings
+from services.speed.ports import HistoryStore, ModelStore, UpdateSink
+from services.speed.records import Message, PlayRecord, to_records
+from services.speed.resolve import resolve_new_tracks, resolve_users
+
+log = logging.getLogger(__name__)
+PENDING_PER_STEP = 5000
+# Catch-up after a new model re-solves users whose history changed since this long before the
+# trainer's checkpoint: the trainer reads `plays` on its own and may lag the speed layer.
+CATCH_UP_MARGIN_S = 60.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one step did (for metrics and tests)."""
+
+    records: int = 0
+    applied: int = 0
+    dead_letters: int = 0
+    users_resolved: int = 0
+    tracks_resolved: int = 0
+
+
+class SpeedLayer:
+    """Histories → fresh user and track vectors against the current model's frozen factors.
+
+    The single owner of catch-up: when it first sees a model version it queues every user whose
+    history changed after that version's checkpoint (less a margin), so a new version never
+    serves staler vectors than the one before it.
+    """
+
+    def __init__(self, settings: Settings, histories: HistoryStore, models: ModelStore, sink: UpdateSink) -> None:
+        self.s, self.histories, self.models, self.sink = settings, histories, models, sink
+        self.model: LoadedModel | None = None
+
+    def refresh_model(self) -> bool:
+        """Load the current version if it changed; returns whether it did."""
+        version = self.models.current_version()
+        if version is None or (self.model is not None and self.model.version == version):
+            return False
+        self.model = self.models.load(version)
+        log.info("fold-in now against model %s (%d tracks)", version, len(self.model.track_ids))
+        since = float(self.model.meta.get("checkpoint_time", "0")) - CATCH_UP_MARGIN_S
+        changed = self.histories.changed_since(since)
+        self.histories.queue_users(changed)
+        log.info("catch-up: %d users changed since the model's checkpoint queued for a re-solve", len(changed))
+        new = self.histories.new_tracks()
+        self.histories.forget_new_tracks([t for t in new if t in self.model.track_index])
+        self._cold_start([t for t in new if t not in self.model.track_index])
+        return True
+
+    def _cold_start(self, tracks: list[str]) -> int:
+        if self.model is None or not tracks:
+            return 0
+        return len(
+            resolve_new_tracks(
+                self.histories, self.models, self.model, tracks, self.s.cold_start_min_listeners, self.sink
+            )
+        )
+
+    def has_work(self) -> bool:
+        """Pending re-solves, or no model loaded yet (checked on idle polls)."""
+        return self.model is None or bool(self.histories.pending(1)[0])
+
+    def handle(self, messages: list[Message], incarnation: str) -> Outcome:
+        """One micro-batch; raises on storage or broker errors (the caller retries it whole)."""
+        self.refresh_model()
+        s = self.s
+        limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
+        known = self.model.track_index if self.model is not None else {}
+        records = to_records(messages, limits, s.min_ms_played, known)
+        applied = self.histories.apply(incarnation, records)
+        dead = self.histories.dead_letters()
+        for d in dead:
+            self.sink.dead_letter(d)
+        users: list[str] = []
+        upto: float | None = None
+        tracks = 0
+        if self.model is not None:
+            users, upto = self.histories.pending(PENDING_PER_STEP)
+            resolve_users(self.histories, self.models, self.model, users, self.sink)
+            tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
+        self.sink.flush()
+        self.histories.settle(len(dead), upto if users else None)
+        return Outcome(len(records), applied, len(dead), len(users), tracks)

@@ -1,0 +1,85 @@
+"""The speed layer's ports: what it needs of storage and of the outgoing topics.
+
+The Redis and Kafka adapters implement them in production (`history_store.RedisHistoryStore`,
+`services.infra.model_store.RedisModelStore`, `services.infra.rdkafka.KafkaUpdateSink`); the
+unit tests run the same speed-layer code on in-memory fakes (`tests/fakes.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from core.messages import DeadLetter, FactorUpdate
+from services.infra.model_store import LoadedModel
+from services.speed.records import Record
+
+
+class HistoryStore(Protocol):
+    """Play histories, applied exactly once per (incarnation, partition, offset), and the
+    durable work queues the speed layer drains after each batch."""
+
+    def apply(self, incarnation: str, records: list[Record]) -> int:
+        """Apply the records not yet applied for their partition, atomically with the new
+        offsets; returns how many were new."""
+        ...
+
+    def applied_offsets(self, incarnation: str) -> dict[int, int]: ...
+
+    def raw_histories(self, users: list[str]) -> list[list[bytes]]:
+        """Flat [track, weight, track, weight, ...] per user, in the given order."""
+        ...
+
+    def pending(self, limit: int) -> tuple[list[str], float]:
+        """Users awaiting a re-solve, oldest first, and the queue score they reach."""
+        ...
+
+    def queue_users(self, users: list[str]) -> None: ...
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Dead letters recorded by `apply`, not yet produced, oldest first."""
+        ...
+
+    def settle(self, dead_letters: int, done_upto: float | None) -> None:
+        """After a flush: drop the first `dead_letters` dead letters and the pending users
+        queued at or before score `done_upto` (None: none), in one round trip."""
+        ...
+
+    def changed_since(self, t: float) -> list[str]:
+        """Users whose history changed at or after server time `t` (catch-up after a new model)."""
+        ...
+
+    def new_tracks(self) -> list[str]: ...
+
+    def forget_new_tracks(self, tracks: list[str]) -> None: ...
+
+    def listener_weights(self, track: str) -> tuple[list[str], list[float]]:
+        """Recent listeners of `track` and the weight each has on it."""
+        ...
+
+
+class ModelStore(Protocol):
+    """Model versions and their vectors."""
+
+    def current_version(self) -> str | None: ...
+
+    def load(self, version: str) -> LoadedModel: ...
+
+    def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]: ...
+
+    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None: ...
+
+    def put_track_vector(self, version: str, track: str, vector: np.ndarray) -> None: ...
+
+
+class UpdateSink(Protocol):
+    """Outgoing records; nothing is durable until `flush` returns."""
+
+    def update(self, u: FactorUpdate) -> None: ...
+
+    def dead_letter(self, d: DeadLetter) -> None: ...
+
+    def flush(self) -> None:
+        """Block until every record sent so far is acknowledged; raise otherwise."""
+        ...

@@ -1,0 +1,61 @@
+"""The one failure policy: transient faults are retried with back-off, anything else stops loudly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from core.errors import FatalError
+from services.infra.lifecycle import Backoff, is_transient, retry_step
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "exc, transient",
+    [
+        (redis.ConnectionError("refused"), True),
+        (redis.TimeoutError("timed out"), True),
+        (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"), True),
+        (redis.ResponseError("LOADING Redis is loading the dataset in memory"), True),
+        (redis.ResponseError("Script attempted to access a non local key in a cluster node"), False),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        (ConnectionRefusedError(), True),
+        (ValueError("bad data"), False),
+    ],
+)
+def test_transient_or_not(exc: Exception, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_retry_step_retries_transient_then_succeeds_and_resets_backoff() -> None:
+    calls, retries = [], []
+
+    def step() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("down")
+
+    backoff = Backoff(first=0.001, cap=0.004)
+    assert retry_step(step, threading.Event(), "step", backoff, lambda: retries.append(1))
+    assert len(calls) == 3 and len(retries) == 2 and backoff.delay == 0.001
+
+
+def test_retry_step_stops_loudly_on_what_retrying_cannot_fix() -> None:
+    def step() -> None:
+        raise redis.ResponseError("ERR Error running script: user_script:1: bad")
+
+    with pytest.raises(FatalError, match="bad"):
+        retry_step(step, threading.Event(), "step", Backoff(first=0.001))
+
+
+def test_retry_step_gives_up_when_asked_to_stop() -> None:
+    stop = threading.Event()
+
+    def step() -> None:
+        stop.set()
+        raise redis.ConnectionError("down")
+
+    assert retry_step(step, stop, "step", Backoff(first=0.001)) is False
