@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from core.messages import DeadLetter, FactorUpdate, encode_vector
+from core.messages import DeadLetter, Entity, FactorUpdate, encode_vector
 from services.infra.model_store import LoadedModel
 from services.speed.records import DeadRecord, PlayRecord, Record
 
@@ -166,6 +166,10 @@ class RecordingSink:
     def update(self, u: FactorUpdate) -> None:
         self.buffer.append(u)
 
+    def updates(self, entity: Entity, model_version: str, ids: list[str], vectors: np.ndarray) -> None:
+        for key, value in FactorUpdate.encode_many(entity, model_version, ids, vectors):
+            self.buffer.append(FactorUpdate.decode(key, value))
+
     def dead_letter(self, d: DeadLetter) -> None:
         self.buffer.append(d)
 
@@ -177,7 +181,7 @@ class RecordingSink:
         self.flushed += self.buffer
         self.buffer.clear()
 
-    def updates(self) -> list[FactorUpdate]:
+    def flushed_updates(self) -> list[FactorUpdate]:
         return [m for m in self.flushed if isinstance(m, FactorUpdate)]
 
     def letters(self) -> list[DeadLetter]:

@@ -12,6 +12,7 @@ import logging
 import uuid
 from typing import Any
 
+import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -22,7 +23,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from core.messages import DeadLetter, FactorUpdate
+from core.messages import DeadLetter, Entity, FactorUpdate
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class KafkaUpdateSink:
 
     def update(self, u: FactorUpdate) -> None:
         self.publisher.send(self.updates_topic, key=u.key(), value=u.value())
+
+    def updates(self, entity: Entity, model_version: str, ids: list[str], vectors: np.ndarray) -> None:
+        send, topic = self.publisher.send, self.updates_topic
+        for key, value in FactorUpdate.encode_many(entity, model_version, ids, vectors):
+            send(topic, key=key, value=value)
 
     def dead_letter(self, d: DeadLetter) -> None:
         self.publisher.send(self.dlq_topic, value=d.raw, headers=d.headers())

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from core.messages import DeadLetter, FactorUpdate
+from core.messages import DeadLetter, Entity, FactorUpdate
 from services.infra.model_store import LoadedModel
 from services.speed.records import Record
 
@@ -77,6 +77,10 @@ class UpdateSink(Protocol):
     """Outgoing records; nothing is durable until `flush` returns."""
 
     def update(self, u: FactorUpdate) -> None: ...
+
+    def updates(self, entity: Entity, model_version: str, ids: list[str], vectors: np.ndarray) -> None:
+        """Many updates of one version at once (same records as one `update` each)."""
+        ...
 
     def dead_letter(self, d: DeadLetter) -> None: ...
 

@@ -46,8 +46,7 @@ def resolve_users(
     rows = history_rows(histories.raw_histories(users), model)
     vectors = model.model.fold_in(rows, model.model.item_factors_, gram=model.item_gram, start=start)
     models.put_user_vectors(model.version, users, vectors)
-    for u, v in zip(users, vectors, strict=True):
-        sink.update(FactorUpdate("user", u, model.version, v))
+    sink.updates("user", model.version, users, vectors)
     return vectors
 
 

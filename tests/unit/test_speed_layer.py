@@ -76,7 +76,7 @@ def test_plays_become_histories_and_exact_vectors_once(layer: SpeedLayer) -> Non
     expect = model.model.fold_in(row, model.model.item_factors_)[0]
     got = decode_vector(layer.models.users[("v1", "a")])
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
-    assert {(u.entity_id, u.model_version) for u in sink.updates()} == {("a", "v1"), ("b", "v1")}
+    assert {(u.entity_id, u.model_version) for u in sink.flushed_updates()} == {("a", "v1"), ("b", "v1")}
     # The same messages again (a replay after a crash): nothing counts twice.
     again = layer.handle(batch, "inc")
     assert again.applied == 0 and hs.histories["a"]["t0"] == 2.0
@@ -101,7 +101,7 @@ def test_bad_messages_are_dead_letters_exactly_once_even_across_a_failed_flush(l
     assert [d.source for d in letters] == ["plays/0/0", "plays/0/3"]
     assert "malformed JSON" in letters[0].error and letters[0].raw == b"{not json"
     assert layer.histories.histories == {"a": {"t3": 1.0}}
-    assert [u.entity_id for u in layer.sink.updates()] == ["a"]  # the re-solve was redone after the fault
+    assert [u.entity_id for u in layer.sink.flushed_updates()] == ["a"]  # the re-solve was redone after the fault
     assert layer.histories.dead_letters() == [] and layer.histories.pending(10)[0] == []
 
 
@@ -116,7 +116,7 @@ def test_a_new_model_re_solves_users_changed_since_its_checkpoint(layer: SpeedLa
     layer.sink.flushed.clear()
     layer.handle([], "inc")  # an idle step notices the version and catches up
     assert layer.model is v2
-    assert {(u.entity_id, u.model_version) for u in layer.sink.updates()} == {("late", "v2")}
+    assert {(u.entity_id, u.model_version) for u in layer.sink.flushed_updates()} == {("late", "v2")}
     assert ("v2", "late") in models.users and ("v2", "early") not in models.users
 
 
@@ -127,4 +127,4 @@ def test_cold_start_track_gets_a_vector_from_its_listeners(layer: SpeedLayer) ->
     second = layer.handle([Msg(0, 2, _play("b", "brand-new")), Msg(0, 3, _play("b", "t2"))], "inc")
     assert second.tracks_resolved == 1
     assert ("v1", "brand-new") in layer.models.tracks
-    assert any(u.entity == "track" and u.entity_id == "brand-new" for u in layer.sink.updates())
+    assert any(u.entity == "track" and u.entity_id == "brand-new" for u in layer.sink.flushed_updates())
