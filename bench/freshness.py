@@ -26,6 +26,7 @@ import redis
 from bench.common import write
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
+from services.cli import process_defaults
 from services.infra.clients import Clients
 from services.infra.embedded import EmbeddedServers, spawn
 from services.infra.keys import Keys
@@ -47,6 +48,7 @@ def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[by
 
 
 def main() -> None:
+    process_defaults()  # what `encore` sets at start-up, before numba starts its threads
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)

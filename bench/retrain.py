@@ -16,6 +16,10 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from services.cli import process_defaults  # noqa: E402
+
+process_defaults()  # what `encore` sets at start-up, before numba's threads start
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402

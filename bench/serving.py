@@ -26,6 +26,7 @@ from bench.loadgen import Request, run_load
 from bench.serve_probe import gc_pauses, rss_mb, serve_cpu, server_buckets
 from core.index import ExactIndex, HNSWIndex
 from core.index_tuning import exact_top, tune_ef
+from services.cli import process_defaults
 from services.infra.model_store import QUERY_SAMPLE
 
 
@@ -235,6 +236,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
 
 
 def main() -> None:
+    process_defaults()  # what `encore` sets at start-up, before numba starts its threads
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="200000,1000000")
     ap.add_argument("--http-size", type=int, default=200_000)
