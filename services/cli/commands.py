@@ -13,9 +13,14 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigError
+from services.infra.lifecycle import Component
 from services.infra.settings import Settings
+
+if TYPE_CHECKING:
+    from services.cli.root import Root
 
 log = logging.getLogger("encore")
 Handler = Callable[[Settings, argparse.Namespace], int]
@@ -28,6 +33,17 @@ def stop_on_signals(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def _run_component(root: Root, component: Component, run: Callable[[], None]) -> int:
+    """The one lifecycle of a long-running command: signals stop it, `close` always runs."""
+    stop_on_signals(component.stop)
+    try:
+        run()
+    finally:
+        component.close()
+        root.close()
+    return 0
 
 
 def _require_servers(s: Settings) -> None:
@@ -89,13 +105,7 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     metrics.serve_metrics(s.metrics_port)
     root = Root(s)
     worker = root.foldin_worker(args.group)
-    stop_on_signals(worker.stop)
-    try:
-        worker.run()
-    finally:
-        worker.close()
-        root.close()
-    return 0
+    return _run_component(root, worker, worker.run)
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:
@@ -104,16 +114,11 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
     _require_servers(s)
     root = Root(s)
     trainer = root.trainer(args.engine)
-    stop_on_signals(trainer.stop)
-    try:
-        if args.once:
-            print(json.dumps({"published": trainer.run_once()}))
-        else:
-            trainer.run()
-    finally:
-        trainer.close()
-        root.close()
-    return 0
+
+    def once() -> None:
+        print(json.dumps({"published": trainer.run_once()}))
+
+    return _run_component(root, trainer, once if args.once else trainer.run)
 
 
 def cmd_serve(s: Settings, args: argparse.Namespace) -> int:

@@ -130,10 +130,8 @@ def create_app(
         check_n(n)
         snap = await queries.snapshot(aio["r"])
         vec, played = await queries.user_context(aio["r"], snap.version, user_id)
-        body: dict[str, Any] = {"user_id": user_id, "model_version": snap.version}
-        if vec is None or not vec.any():
-            return answer({**body, "source": "popular"}, queries.popular(snap, n, played))
-        return answer({**body, "source": "personal"}, queries.personal(snap, vec, n, played))
+        source, items = queries.recommend(snap, vec, n, played)
+        return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items)
 
     @app.post("/recommendations", response_model=Recommendations)
     async def recommend_anonymous(req: AnonymousRequest) -> Response:
@@ -142,11 +140,8 @@ def create_app(
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
-        vec = snap.fold_in_plays(plays)
-        body: dict[str, Any] = {"user_id": None, "model_version": snap.version}
-        if vec is None or not vec.any():
-            return answer({**body, "source": "popular"}, queries.popular(snap, req.n, plays))
-        return answer({**body, "source": "personal"}, queries.personal(snap, vec, req.n, plays))
+        source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, plays)
+        return answer({"user_id": None, "model_version": snap.version, "source": source}, items)
 
     @app.get("/similar/{track_id}", response_model=Similar)
     async def similar(

@@ -56,8 +56,14 @@ class QueryService:
         with self.follower.lock.read():
             return index.query(vec, n, exclude=exclude)
 
-    def personal(self, snap: Snapshot, vec: np.ndarray, n: int, exclude: Collection[str]) -> list[tuple[str, float]]:
-        return self.search(snap.ip, vec, n, exclude)
+    def recommend(
+        self, snap: Snapshot, vec: np.ndarray | None, n: int, exclude: Collection[str]
+    ) -> tuple[str, list[tuple[str, float]]]:
+        """(source, items): personal by inner product when there is a non-zero vector, else the
+        popular fallback; `exclude` (played tracks) is left out either way."""
+        if vec is None or not vec.any():
+            return "popular", self.popular(snap, n, exclude)
+        return "personal", self.search(snap.ip, vec, n, exclude)
 
     def similar(self, snap: Snapshot, track_id: str, n: int) -> list[tuple[str, float]]:
         with self.follower.lock.read():
