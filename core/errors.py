@@ -55,3 +55,16 @@ class MissingBinaryError(EncoreError):
 
 class FatalError(EncoreError):
     """A long-running component met a fault that retrying cannot fix; it stops loudly."""
+
+
+class StateRewoundError(EncoreError):
+    """Stored offsets went backwards under a writer: the state lost writes (a restore, a
+    failover, a flush). The writer rewinds its input to `offsets` (+1) and replays from there."""
+
+    def __init__(self, offsets: dict[int, int]) -> None:
+        super().__init__(f"stored offsets went backwards: {offsets}")
+        self.offsets = offsets
+
+
+class CorruptFileError(EncoreError):
+    """A checkpoint or model artifact failed its checksum or cannot be read; never loaded."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
+from core.errors import StateRewoundError
 from core.messages import DeadLetter, Entity, FactorUpdate, encode_vector
 from services.infra.model_store import LoadedModel
 from services.speed.records import DeadRecord, PlayRecord, Record
@@ -32,13 +34,20 @@ class FakeHistoryStore:
         self.clock = time.time
         self.applies = 0  # atomic steps that wrote something
 
-    def apply(self, incarnation: str, records: list[Record]) -> int:
+    def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         for _ in range(5):
             if not records:
                 return 0
             first: dict[int, int] = {}
             for r in records:
                 first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+            behind = {
+                p: self.offsets.get((incarnation, p), -1)
+                for p in first
+                if self.offsets.get((incarnation, p), -1) < (expected or {}).get(p, -1)
+            }
+            if behind:
+                raise StateRewoundError(behind)
             stale = {
                 p: self.offsets[(incarnation, p)]
                 for p, lo in first.items()

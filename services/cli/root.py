@@ -25,6 +25,7 @@ from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.settings import Settings, configure_logging
+from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import SnapshotBuilder
@@ -64,6 +65,9 @@ class Root:
         s = self.settings
         return RedisHistoryStore(self.redis, self.keys, group, s.history_cap, s.track_listeners_cap)
 
+    def board(self) -> StatusBoard:
+        return StatusBoard(self.redis, self.keys)
+
     def server_time(self) -> float:
         sec, usec = self.redis.time()
         return float(sec) + usec / 1e6
@@ -75,7 +79,9 @@ class Root:
         sink = KafkaUpdateSink(self.clients.update_publisher(), s.updates_topic, s.dlq_topic)
         layer = SpeedLayer(s, self.history_store(group), self.models(), sink)
         consumer = self.clients.group_consumer(group)
-        return FoldInWorker(s, layer, consumer, sink, lambda: self.clients.topic_incarnation(s.plays_topic))
+        return FoldInWorker(
+            s, layer, consumer, sink, lambda: self.clients.topic_incarnation(s.plays_topic), self.board(), group
+        )
 
     def trainer(self, engine_name: str = "local") -> Trainer:
         s = self.settings

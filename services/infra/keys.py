@@ -76,3 +76,18 @@ class Keys:
     def pending_dlq(self) -> str:
         """List of dead letters recorded atomically with offsets, not yet produced."""
         return f"{self.prefix}foldin:dlq"
+
+    @property
+    def status_gaps(self) -> str:
+        """Hash `group|incarnation|partition` → JSON of a replay gap (offsets Kafka no longer holds)."""
+        return f"{self.prefix}status:gaps"
+
+    @property
+    def status_trainer(self) -> str:
+        """Hash of the trainer's last checkpoint and retrain (written by the trainer)."""
+        return f"{self.prefix}status:trainer"
+
+    @property
+    def status_replicas(self) -> str:
+        """Hash replica id → JSON {version, at}: the model each serving worker has loaded."""
+        return f"{self.prefix}status:replicas"

@@ -26,6 +26,13 @@ BATCH_SECONDS = Histogram(
 )
 LAG = Gauge("encore_consumer_lag", "messages behind the end of the plays topic")
 RETRIES = Counter("encore_retries_total", "batches retried after a Redis or broker error")
+STATE_REWINDS = Counter(
+    "encore_state_rewinds_total", "partitions rewound because Redis lost applied writes (replayed from Kafka)"
+)
+REPLAY_GAPS = Counter(
+    "encore_replay_gaps_total", "partitions whose needed offsets Kafka no longer holds (plays lost for good)", ["group"]
+)
+REDIS_OOM = Counter("encore_redis_oom_total", "Redis commands refused at maxmemory (retried, nothing written)")
 
 
 GC_PAUSE = Histogram(

@@ -3,15 +3,19 @@
 The batch is aggregated per (user, track) before it reaches Redis; `apply_batch.lua` writes it
 only if every partition's stored offset lies below the batch's first offset for that partition,
 and otherwise writes nothing and returns the stored offsets, so the caller drops what was
-already applied and retries: a replay after a crash never counts a play twice.
+already applied and retries: a replay after a crash never counts a play twice. If a stored
+offset lies below what the caller expects, Redis lost writes; nothing is written and
+`StateRewoundError` tells the caller where to replay from: lost state is never skipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 
+from core.errors import StateRewoundError
 from core.messages import DeadLetter
 from services.infra.keys import Keys
 from services.infra.lua import source
@@ -33,18 +37,23 @@ class RedisHistoryStore:
         self._apply = r.register_script(source("apply_batch"))
         self._histories = r.register_script(source("histories"))
 
-    def apply(self, incarnation: str, records: list[Record]) -> int:
+    def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         for _ in range(5):
             if not records:
                 return 0
-            reply = self._apply(*self._keys_and_args(incarnation, records))
-            if int(reply[0]) != -1:
+            reply = self._apply(*self._keys_and_args(incarnation, records, expected or {}))
+            status = int(reply[0])
+            if status >= 0:
                 return len(records)
-            applied = {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
-            records = [r for r in records if r.offset > applied.get(r.partition, -1)]
+            stored = {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+            if status == -2:
+                raise StateRewoundError(stored)
+            records = [r for r in records if r.offset > stored.get(r.partition, -1)]
         raise FencingError("offsets kept moving under this worker: another writer owns its partitions")
 
-    def _keys_and_args(self, incarnation: str, records: list[Record]) -> tuple[list[str], list[object]]:
+    def _keys_and_args(
+        self, incarnation: str, records: list[Record], expected: Mapping[int, int]
+    ) -> tuple[list[str], list[object]]:
         """KEYS and ARGV of apply_batch.lua (its header documents the layout)."""
         ranges: dict[int, list[int]] = {}
         plays: dict[tuple[str, str], list[Any]] = {}
@@ -74,7 +83,7 @@ class RedisHistoryStore:
         keys += [k.listeners(t) for t in listeners]
         argv: list[object] = [incarnation, self.history_cap, self.listeners_cap, len(ranges)]
         for part, (lo, hi) in ranges.items():
-            argv += [part, lo, hi]
+            argv += [part, lo, hi, expected.get(part, -1)]
         argv.append(len(users))
         argv += list(users)
         argv.append(len(plays))

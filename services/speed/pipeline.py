@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from core.events import Limits
@@ -79,14 +80,16 @@ class SpeedLayer:
         """Pending re-solves, or no model loaded yet (checked on idle polls)."""
         return self.model is None or bool(self.histories.pending(1)[0])
 
-    def handle(self, messages: list[Message], incarnation: str) -> Outcome:
-        """One micro-batch; raises on storage or broker errors (the caller retries it whole)."""
+    def handle(self, messages: list[Message], incarnation: str, expected: Mapping[int, int] | None = None) -> Outcome:
+        """One micro-batch; raises on storage or broker errors (the caller retries it whole),
+        and StateRewoundError, before anything is written, when the store's offsets fell below
+        `expected` (the caller replays those partitions from the stored offsets)."""
         self.refresh_model()
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
         known = self.model.track_index if self.model is not None else {}
         records = to_records(messages, limits, s.min_ms_played, known)
-        applied = self.histories.apply(incarnation, records)
+        applied = self.histories.apply(incarnation, records, expected)
         dead = self.histories.dead_letters()
         for d in dead:
             self.sink.dead_letter(d)

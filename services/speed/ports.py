@@ -7,6 +7,7 @@ unit tests run the same speed-layer code on in-memory fakes (`tests/fakes.py`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -20,9 +21,11 @@ class HistoryStore(Protocol):
     """Play histories, applied exactly once per (incarnation, partition, offset), and the
     durable work queues the speed layer drains after each batch."""
 
-    def apply(self, incarnation: str, records: list[Record]) -> int:
+    def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         """Apply the records not yet applied for their partition, atomically with the new
-        offsets; returns how many were new."""
+        offsets; returns how many were new. `expected` maps a partition to the offset the
+        caller last applied or read: a stored offset below it means the store lost writes,
+        and StateRewoundError(stored offsets) is raised with nothing written."""
         ...
 
     def applied_offsets(self, incarnation: str) -> dict[int, int]: ...

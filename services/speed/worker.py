@@ -1,5 +1,12 @@
 """`encore foldin`: one member of the fold-in consumer group, the speed layer's Kafka loop.
 
+Redis is a cache of the Kafka log: on every assignment each partition is sought to the offset
+stored with the state in Redis (+1), or to the earliest offset Kafka holds when Redis has none
+for this topic incarnation; the group's committed offset is only a hint for monitoring. If a
+batch finds the stored offset below what this worker applied (Redis restored, failed over or
+flushed), the partition is rewound to the stored offset and the lost range replayed. A range
+Kafka no longer holds is reported loudly (log, metric, `encore status`), never skipped silently.
+
 Consume a micro-batch, let `SpeedLayer.handle` make it durable, then commit the offsets it
 covers. A transient fault retries the same batch with nothing committed; anything else stops
 the worker loudly (its uncommitted batch is re-read by the next owner and fenced there).
@@ -14,12 +21,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
+from core.errors import StateRewoundError
 from services.infra import metrics, rdkafka
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.settings import Settings
+from services.infra.status_board import StatusBoard
 from services.speed.pipeline import SpeedLayer
 from services.speed.records import last_offsets
 
@@ -37,42 +46,105 @@ class FoldInWorker:
         consumer: Consumer,
         sink: KafkaUpdateSink,
         incarnation: Callable[[], str],
+        board: StatusBoard,
+        group: str = GROUP,
     ) -> None:
         self.s, self.layer, self.consumer, self.sink = settings, layer, consumer, sink
+        self.board, self.group = board, group
         self._incarnation_of_topic = incarnation
         self.incarnation = ""
-        self.assignment_changed = True
+        self.positions: dict[int, int] = {}  # partition → offset the state holds (as last seen)
         self.stop_event = threading.Event()
-        self._lag_at = 0.0
+        self._lag_at = self._verified_at = 0.0
         consumer.subscribe([settings.plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     # librdkafka calls these inside consume(), between two batches: a batch is always
     # committed (or abandoned uncommitted) before its partitions can move.
-    def _on_assign(self, _c: Consumer, assigned: list[Any]) -> None:
-        self.assignment_changed = True
-        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+    def _on_assign(self, c: Consumer, assigned: list[TopicPartition]) -> None:
+        """Start every partition where the state in Redis ends (retrying while Redis is away:
+        fetching from anywhere else could skip or re-read plays the state never saw)."""
+        backoff = Backoff()
+        while True:
+            try:
+                self.incarnation = self._incarnation_of_topic()
+                stored = self.layer.histories.applied_offsets(self.incarnation)
+                for tp in assigned:
+                    tp.offset = self._start_offset(tp.partition, stored.get(tp.partition, -1))
+                break
+            except Exception as exc:
+                if self.stop_event.is_set():
+                    raise
+                log.warning("assignment: cannot read the stored offsets yet (%s); retrying", exc)
+                metrics.RETRIES.inc()
+                backoff.wait(self.stop_event)
+        c.assign(assigned)
+        log.info(
+            "assigned partitions %s of incarnation %s, resuming from the state's offsets %s",
+            sorted(tp.partition for tp in assigned),
+            self.incarnation,
+            {tp.partition: tp.offset for tp in assigned},
+        )
 
-    def _on_revoke(self, _c: Consumer, revoked: list[Any]) -> None:
+    def _on_revoke(self, _c: Consumer, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            self.positions.pop(tp.partition, None)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
-    def _check_incarnation(self) -> None:
-        """The topic's `cluster_id/topic_id`, re-read after every assignment: a broker that
-        restarted empty or a re-created topic starts a fresh offset fence."""
-        if self.assignment_changed or not self.incarnation:
-            self.incarnation = self._incarnation_of_topic()
-            self.assignment_changed = False
-            log.info("plays topic incarnation %s", self.incarnation)
+    def _start_offset(self, partition: int, stored: int) -> int:
+        """stored + 1, or the earliest offset Kafka holds; a hole in between is reported."""
+        tp = TopicPartition(self.s.plays_topic, partition)
+        low, _high = self.consumer.get_watermark_offsets(tp, timeout=10)
+        self.positions[partition] = stored
+        if stored + 1 < low:
+            self.board.report_gap(self.group, self.incarnation, partition, stored + 1, low)
+        return max(stored + 1, low)
+
+    def _rewind(self, stored: dict[int, int]) -> None:
+        """Redis lost writes this worker had applied: replay those partitions from its offsets."""
+        metrics.STATE_REWINDS.inc(len(stored))
+        for part, off in stored.items():
+            applied = self.positions.get(part, -1)
+            start = self._start_offset(part, off)
+            log.warning(
+                "Redis lost applied plays on partition %d (stored offset %d, this worker applied up to %d): "
+                "replaying from %d",
+                part,
+                off,
+                applied,
+                start,
+            )
+            self.consumer.seek(TopicPartition(self.s.plays_topic, part, start))
 
     def step(self, messages: list[Any]) -> None:
         """Make one batch durable, then commit it (raises; `run` retries)."""
-        self._check_incarnation()
-        out = self.layer.handle(messages, self.incarnation)
+        while True:
+            batch_parts = {m.partition() for m in messages}
+            expected = {p: o for p, o in self.positions.items() if p in batch_parts}
+            try:
+                out = self.layer.handle(messages, self.incarnation, expected)
+                break
+            except StateRewoundError as exc:
+                self._rewind(exc.offsets)
+                messages = [m for m in messages if m.partition() not in exc.offsets]
         metrics.EVENTS_APPLIED.inc(out.applied)
         metrics.EVENTS_SKIPPED.inc(out.records - out.applied)
         metrics.DEAD_LETTERS.inc(out.dead_letters)
         metrics.USERS_FOLDED.inc(out.users_resolved)
         metrics.TRACKS_FOLDED.inc(out.tracks_resolved)
-        rdkafka.commit(self.consumer, self.s.plays_topic, last_offsets(messages))
+        last = last_offsets(messages)
+        for part, off in last.items():
+            self.positions[part] = max(self.positions.get(part, -1), off)
+        rdkafka.commit(self.consumer, self.s.plays_topic, last)
+
+    def verify_positions(self) -> None:
+        """On idle polls: stored offsets below what this worker applied mean Redis lost writes
+        while no play arrived; rewind now rather than at the next play."""
+        if not self.positions or not self.incarnation:
+            return
+        stored = self.layer.histories.applied_offsets(self.incarnation)
+        behind = {p: stored.get(p, -1) for p, o in self.positions.items() if stored.get(p, -1) < o}
+        if behind:
+            self._rewind(behind)
 
     def update_lag(self) -> None:
         """Messages behind the end of the assigned partitions, at most once a second."""
@@ -88,6 +160,9 @@ class FoldInWorker:
     def _one(self, messages: list[Any]) -> None:
         if messages or self.layer.has_work():
             self.step(messages)
+        elif time.monotonic() - self._verified_at >= 1.0:
+            self._verified_at = time.monotonic()
+            self.verify_positions()
         self.update_lag()
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:

@@ -6,25 +6,36 @@
 --       then one history hash per user of the batch (n_users of them, in ARGV's user order),
 --       then one listeners zset per new track of the batch.
 -- ARGV: incarnation, history cap, listeners cap,
---       n_ranges, then (partition, first offset, last offset) per partition,
+--       n_ranges, then (partition, first offset, last offset, expected offset) per partition,
 --       n_users, then the user ids (members of the dirty and pending sets),
 --       n_plays, then (user no., track, weight, ts, listeners no.) per aggregated (user, track);
 --       user no. is 1-based into the users, listeners no. 1-based into the listener keys or 0
 --       for a track the model knows (only unknown tracks keep recent listeners);
 --       then the dead letters (JSON).
--- Applied only if every partition's stored offset lies below the batch's first offset;
--- otherwise nothing is written and {-1, partition, stored offset, ...} is returned.
+-- Applied only if every partition's stored offset lies below the batch's first offset and at or
+-- above the offset the caller expects (the last one it applied or read; -1 = no expectation).
+-- Otherwise nothing is written and {-1, partition, stored offset, ...} is returned when the batch
+-- was already applied (a replay), or {-2, partition, stored offset, ...} when the stored offset
+-- went backwards under the caller (Redis lost writes: restored, failed over, flushed), so the
+-- caller can rewind its consumer to the stored offset and replay the lost range from Kafka.
 local offsets = KEYS[1]
 local inc, hcap, lcap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n_ranges = tonumber(ARGV[4])
-local r_end = 4 + 3 * n_ranges
-local conflict = {}
-for i = 5, r_end, 3 do
+local r_end = 4 + 4 * n_ranges
+local conflict, lost = {}, {}
+for i = 5, r_end, 4 do
   local applied = tonumber(redis.call('HGET', offsets, inc .. '|' .. ARGV[i]) or '-1')
-  if applied >= tonumber(ARGV[i + 1]) then
+  if applied < tonumber(ARGV[i + 3]) then
+    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = applied
+  elseif applied >= tonumber(ARGV[i + 1]) then
     conflict[#conflict + 1] = ARGV[i]
     conflict[#conflict + 1] = applied
   end
+end
+if #lost > 0 then
+  table.insert(lost, 1, -2)
+  return lost
 end
 if #conflict > 0 then
   table.insert(conflict, 1, -1)
@@ -77,7 +88,7 @@ chunked('SADD', KEYS[5], new)
 local dlq = {}
 for i = p0 + 1 + 5 * n_plays, #ARGV do dlq[#dlq + 1] = ARGV[i] end
 chunked('RPUSH', KEYS[6], dlq)
-for i = 5, r_end, 3 do
+for i = 5, r_end, 4 do
   redis.call('HSET', offsets, inc .. '|' .. ARGV[i], ARGV[i + 2])
 end
 return {n_plays}

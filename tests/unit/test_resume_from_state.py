@@ -1,0 +1,122 @@
+"""Where the fold-in worker starts and rewinds: from the offsets stored with the state.
+
+The consumer here is a small stand-in recording seeks and answering watermarks (the integration
+tests run the same code on the real broker and Redis: test_foldin_resilience).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from services.infra.settings import Settings
+from services.speed.pipeline import SpeedLayer
+from services.speed.worker import FoldInWorker
+from tests.fakes import FakeHistoryStore, FakeModelStore, RecordingSink
+from tests.unit.test_speed_layer import Msg, _model, _play
+
+pytestmark = pytest.mark.unit
+
+
+class Consumer:
+    def __init__(self, low: int = 0) -> None:
+        self.low, self.assigned, self.seeks, self.commits = low, [], [], []
+
+    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any) -> None:
+        self.on_assign = on_assign
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float = 0, cached: bool = False) -> tuple[int, int]:
+        return self.low, 10**9
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned = [(tp.partition, tp.offset) for tp in tps]
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append({tp.partition: tp.offset for tp in offsets})
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return []
+
+    def assignment(self) -> list[TopicPartition]:
+        return []
+
+
+class Board:
+    def __init__(self) -> None:
+        self.gaps: list[tuple[int, int, int]] = []
+
+    def report_gap(self, group: str, incarnation: str, partition: int, needed: int, available: int) -> None:
+        self.gaps.append((partition, needed, available))
+
+
+def _worker(store: FakeHistoryStore, consumer: Consumer) -> tuple[FoldInWorker, Board, RecordingSink]:
+    models = FakeModelStore()
+    models.add(_model("v1")[0])
+    sink, board = RecordingSink(), Board()
+    layer = SpeedLayer(Settings(min_ms_played=0), store, models, sink)
+    w = FoldInWorker(Settings(), layer, consumer, sink, lambda: "inc", board)  # type: ignore[arg-type]
+    return w, board, sink
+
+
+def _msgs(part: int, offsets: range) -> list[Msg]:
+    return [Msg(part, o, _play(f"u{o % 7}", f"t{o % 5}")) for o in offsets]
+
+
+def test_assignment_seeks_to_stored_offsets_or_the_earliest_kept() -> None:
+    store = FakeHistoryStore()
+    store.offsets[("inc", 0)] = 41
+    store.offsets[("other-incarnation", 1)] = 99  # a broker that restarted: not this topic's offsets
+    c = Consumer(low=0)
+    w, board, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0), TopicPartition("plays", 1)])
+    assert c.assigned == [(0, 42), (1, 0)]
+    assert w.positions == {0: 41, 1: -1}
+    assert board.gaps == []
+
+
+def test_a_range_kafka_no_longer_holds_is_reported_not_skipped_silently() -> None:
+    store = FakeHistoryStore()
+    store.offsets[("inc", 0)] = 41
+    c = Consumer(low=100)  # retention deleted offsets 0..99
+    w, board, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0), TopicPartition("plays", 1)])
+    assert c.assigned == [(0, 100), (1, 100)]
+    assert board.gaps == [(0, 42, 100), (1, 0, 100)]
+
+
+def test_state_that_went_backwards_is_rewound_and_replayed_exactly() -> None:
+    store = FakeHistoryStore()
+    c = Consumer()
+    w, _, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0), TopicPartition("plays", 1)])
+    w.step(_msgs(0, range(0, 20)) + _msgs(1, range(0, 5)))
+    exact = json.dumps(store.histories, sort_keys=True)
+    snapshot = {k: dict(v) for k, v in store.histories.items()}, dict(store.offsets)
+    w.step(_msgs(0, range(20, 40)))
+    store.histories, store.offsets = snapshot[0], snapshot[1]  # Redis restored: 20..39 are lost
+    w.step(_msgs(0, range(40, 50)) + _msgs(1, range(5, 10)))  # partition 0 is refused and rewound
+    assert c.seeks == [(0, 20)]
+    assert store.offsets[("inc", 1)] == 9 and store.offsets[("inc", 0)] == 19
+    w.step(_msgs(0, range(20, 50)))  # the replay from Kafka
+    store2 = FakeHistoryStore()
+    w2, _, _ = _worker(store2, Consumer())
+    w2.step(_msgs(0, range(0, 50)) + _msgs(1, range(0, 10)))
+    assert store.histories == store2.histories
+    assert json.dumps(store.histories, sort_keys=True) != exact
+
+
+def test_an_idle_worker_notices_the_rollback_without_new_plays() -> None:
+    store = FakeHistoryStore()
+    c = Consumer()
+    w, _, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    w.step(_msgs(0, range(0, 10)))
+    store.offsets[("inc", 0)] = 3
+    w.verify_positions()
+    assert c.seeks == [(0, 4)]
