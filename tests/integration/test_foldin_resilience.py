@@ -96,7 +96,7 @@ def test_redis_restart_mid_stream_loses_nothing(servers: dict, tmp_path) -> None
         own.stop()
 
 
-def test_redis_restored_from_older_snapshot_is_replayed_from_kafka(settings: Settings, redis_client: redis.Redis) -> None:
+def test_redis_restored_from_older_snapshot_is_replayed(settings: Settings, redis_client: redis.Redis) -> None:
     """Redis rolled back behind the committed Kafka offsets, twice: once under a running worker
     (it notices the stored offsets went backwards and rewinds), once while no worker runs (the
     next one seeks to the stored offsets, not the group's). Histories end exact."""
