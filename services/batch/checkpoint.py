@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.errors import CheckpointMismatchError
+from services.infra.checked_files import read_npz, write_npz
 
+REBUILD_HINT = "run `encore train --rebuild` to rebuild it from what the plays topic still holds"
 MAX_HALF_LIVES = 60.0  # 2^60 stays far inside float32's range (2^127)
 
 
@@ -116,33 +117,23 @@ class PlayMatrix:
         self.half_life_s = half_life_s
 
     def save(self, path: str | Path, checkpoint_time: float) -> None:
-        """Atomic: write a temporary file, fsync, rename over the previous checkpoint."""
+        """Atomic and checksummed (`checked_files`): a crash leaves the previous checkpoint."""
         m = self.matrix()
         self.checkpoint_time = checkpoint_time
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                indptr=m.indptr,
-                indices=m.indices,
-                data=m.data,
-                shape=np.array(m.shape),
-                user_ids=np.array(self.user_ids, dtype=str),
-                track_ids=np.array(self.track_ids, dtype=str),
-                offsets=np.array(json.dumps(self.offsets)),
-                checkpoint_time=np.array(checkpoint_time),
-                decay=np.array([self.half_life_s, self.anchor]),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dirfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        write_npz(
+            Path(path),
+            {
+                "indptr": m.indptr,
+                "indices": m.indices,
+                "data": m.data,
+                "shape": np.array(m.shape),
+                "user_ids": np.array(self.user_ids, dtype=str),
+                "track_ids": np.array(self.track_ids, dtype=str),
+                "offsets": np.array(json.dumps(self.offsets)),
+                "checkpoint_time": np.array(checkpoint_time),
+                "decay": np.array([self.half_life_s, self.anchor]),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> PlayMatrix:
@@ -150,16 +141,15 @@ class PlayMatrix:
         path = Path(path)
         if not path.exists():
             return cls()
-        with np.load(path, allow_pickle=False) as z:
-            shape = tuple(int(x) for x in z["shape"])
-            m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
-            pm = cls(
-                user_ids=[str(u) for u in z["user_ids"]],
-                track_ids=[str(t) for t in z["track_ids"]],
-                offsets=json.loads(str(z["offsets"])),
-                checkpoint_time=float(z["checkpoint_time"]),
-            )
-            if "decay" in z.files:
-                pm.half_life_s, pm.anchor = (float(x) for x in z["decay"])
+        z = read_npz(path, "checkpoint", REBUILD_HINT)
+        shape = tuple(int(x) for x in z["shape"])
+        m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+        pm = cls(
+            user_ids=[str(u) for u in z["user_ids"]],
+            track_ids=[str(t) for t in z["track_ids"]],
+            offsets=json.loads(str(z["offsets"])),
+            checkpoint_time=float(z["checkpoint_time"]),
+        )
+        pm.half_life_s, pm.anchor = (float(x) for x in z["decay"])
         pm._base = m
         return pm

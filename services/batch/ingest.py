@@ -35,6 +35,7 @@ class Ingest:
         incarnation: str,
         server_time: Callable[[], float],
         stop: threading.Event,
+        on_gap: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.s, self.consumer, self.path, self.incarnation = settings, consumer, path, incarnation
         self.server_time, self.stop_event = server_time, stop
@@ -44,12 +45,12 @@ class Ingest:
         parts = consumer.partitions_for_topic(settings.plays_topic) or set()
         self.tps = [TopicPartition(settings.plays_topic, p) for p in sorted(parts)]
         consumer.assign(self.tps)
+        earliest = consumer.beginning_offsets(self.tps) if self.tps else {}
         for tp in self.tps:
-            done = self.state.applied(incarnation, tp.partition)
-            if done >= 0:
-                consumer.seek(tp, done + 1)
-            else:
-                consumer.seek_to_beginning(tp)
+            needed = self.state.applied(incarnation, tp.partition) + 1
+            if needed < earliest[tp] and on_gap is not None:
+                on_gap(tp.partition, needed, earliest[tp])  # retention passed: reported, never hidden
+            consumer.seek(tp, max(needed, earliest[tp]))
 
     def poll(self, seconds: float) -> int:
         """Add plays for up to `seconds`; returns how many new plays carried weight."""

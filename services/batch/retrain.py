@@ -18,6 +18,7 @@ from core.evaluation import holdout_split, ranking_metrics
 from core.recommend import popular_items
 from services.batch.checkpoint import PlayMatrix
 from services.batch.engines import Engine
+from services.infra.checked_files import write_npz
 from services.infra.data_dir import DataDir
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
@@ -70,11 +71,15 @@ class Retrainer:
         stage("fold_in_users")
         version = new_version()
         artifact = self.data.artifact(version)
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        model.save(
+        write_npz(
             artifact,
-            user_ids=np.array(state.user_ids, dtype=str),
-            track_ids=np.array(state.track_ids, dtype=str),
+            {
+                "user_factors": model.user_factors_,
+                "item_factors": model.item_factors_,
+                "params": np.array(json.dumps(model.get_params())),
+                "user_ids": np.array(state.user_ids, dtype=str),
+                "track_ids": np.array(state.track_ids, dtype=str),
+            },
         )
         stage("artifact")
         meta = {

@@ -113,12 +113,17 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
 
     _require_servers(s)
     root = Root(s)
-    trainer = root.trainer(args.engine)
+    trainer = root.trainer(args.engine, rebuild=args.rebuild)
 
     def once() -> None:
         print(json.dumps({"published": trainer.run_once()}))
 
-    return _run_component(root, trainer, once if args.once else trainer.run)
+    def run() -> None:
+        if args.rebuild:
+            trainer.rebuild()
+        (once if args.once else trainer.run)()
+
+    return _run_component(root, trainer, run)
 
 
 def cmd_serve(s: Settings, args: argparse.Namespace) -> int:

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="the batch-layer trainer")
     tr.add_argument("--once", action="store_true", help="read plays to their end, train, publish, exit")
     tr.add_argument("--engine", choices=("local", "spark"), default="local")
+    tr.add_argument(
+        "--rebuild", action="store_true", help="set the checkpoint aside and rebuild it from what the plays topic holds"
+    )
     se = sub.add_parser("serve", help="the HTTP API")
     se.add_argument("--host")
     se.add_argument("--port", type=int)

@@ -19,6 +19,7 @@ from services.batch.janitor import VersionJanitor
 from services.batch.retrain import Retrainer
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.batch.trainer import Trainer
+from services.infra.checked_files import set_aside
 from services.infra.clients import Clients
 from services.infra.data_dir import DataDir
 from services.infra.keys import Keys
@@ -83,17 +84,26 @@ class Root:
             s, layer, consumer, sink, lambda: self.clients.topic_incarnation(s.plays_topic), self.board(), group
         )
 
-    def trainer(self, engine_name: str = "local") -> Trainer:
+    def trainer(self, engine_name: str = "local", rebuild: bool = False) -> Trainer:
+        """The trainer; `rebuild` first sets the checkpoint aside so the play matrix is rebuilt
+        from what the plays topic still holds (a corrupt or lost checkpoint)."""
         s = self.settings
         self.clients.ensure_topics()
+        if rebuild:
+            set_aside(self.data.checkpoint)
         stop = threading.Event()
         consumer = self.clients.assigned_consumer(TRAINER_GROUP)
         incarnation = self.clients.topic_incarnation(s.plays_topic)
-        ingest = Ingest(s, consumer, self.data.checkpoint, incarnation, self.server_time, stop)
+        board = self.board()
+
+        def on_gap(partition: int, needed: int, available: int) -> None:
+            board.report_gap(TRAINER_GROUP, incarnation, partition, needed, available)
+
+        ingest = Ingest(s, consumer, self.data.checkpoint, incarnation, self.server_time, stop, on_gap)
         models = self.models()
         retrainer = Retrainer(s, engine(engine_name, s), models)
         janitor = VersionJanitor(models, self.data, s.version_grace_s)
-        return Trainer(s, ingest, retrainer, janitor, models, consumer, stop)
+        return Trainer(s, ingest, retrainer, janitor, models, consumer, stop, board)
 
     def follower(self, follow_updates: bool = True) -> UpdateFollower:
         models = self.models()

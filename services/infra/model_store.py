@@ -11,13 +11,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import redis
 
 from core.als import ImplicitALS
-from core.errors import UnknownVersionError
+from core.errors import CorruptFileError, UnknownVersionError
 from core.messages import decode_vector, encode_vector
+from services.infra.checked_files import read_npz
 from services.infra.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -142,10 +144,8 @@ class RedisModelStore:
         ids_raw = self.r.get(self.keys.track_ids(version)) or b""
         track_ids = ids_raw.decode().split("\n") if ids_raw else []
         artifact = meta.get("artifact", "")
-        if artifact and os.path.exists(artifact):
-            with np.load(artifact, allow_pickle=False) as z:
-                items = z["item_factors"].astype(np.float32)
-        else:
+        items = self._artifact_items(artifact) if artifact and os.path.exists(artifact) else None
+        if items is None:
             items = np.zeros((len(track_ids), model.factors), dtype=np.float32)
             for s in range(0, len(track_ids), CHUNK):
                 raw = self.r.mget([self.keys.track(version, t) for t in track_ids[s : s + CHUNK]])
@@ -159,6 +159,17 @@ class RedisModelStore:
         gram = np.frombuffer(gram_bytes, dtype="<f8").reshape(model.factors, model.factors).copy()
         sample = np.frombuffer(sample_bytes, dtype="<f4").reshape(-1, model.factors).astype(np.float32)
         return LoadedModel(version, model, track_ids, gram, meta, query_sample=sample)
+
+    @staticmethod
+    def _artifact_items(path: str) -> np.ndarray | None:
+        """Track factors from the artifact, or None (read from Redis) when it fails its checksum."""
+        try:
+            return read_npz(Path(path), "model artifact", "reading the track vectors from Redis instead")[
+                "item_factors"
+            ].astype(np.float32)
+        except CorruptFileError as exc:
+            log.error("%s", exc)
+            return None
 
     def load_current(self) -> LoadedModel | None:
         v = self.current_version()

@@ -124,3 +124,44 @@ def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
         worker.stop()
         t.close()
         root.close()
+
+
+def _encore(settings: Settings, *args: str) -> tuple[int, str, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **{k: v for k, v, _ in settings.describe()}}
+    env["ENCORE_REDIS_URL"] = settings.redis_url
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_corrupt_checkpoint_is_refused_and_rebuilt_from_the_topic(settings: Settings, redis_client: redis.Redis) -> None:
+    root = Root(settings)
+    root.clients.ensure_topics()
+    data = _feed(settings)
+    t = root.trainer()
+    version = t.run_once()
+    t.close()
+    ckpt = root.data.checkpoint
+    ckpt.write_bytes(ckpt.read_bytes()[:-4096])  # a torn write (say, a full disk without fsync)
+    code, out, err = _encore(settings, "train", "--once")
+    assert code == 2 and ("fails its checksum" in err or "cannot be read" in err), err
+    assert "encore train --rebuild" in err and "Traceback" not in err
+    code, out, err = _encore(settings, "train", "--once", "--rebuild")
+    assert code == 0, err[-2000:]
+    rebuilt = json.loads(out.strip().splitlines()[-1])["published"]
+    assert rebuilt != version
+    meta = {k.decode(): v for k, v in redis_client.hgetall(Keys(settings.key_prefix).meta(rebuilt)).items()}
+    assert int(meta["n_plays"]) == data.matrix().nnz  # every play of the topic is back
+    assert list(ckpt.parent.glob("checkpoint.npz.set-aside-*")), "the damaged file is kept for a post-mortem"
+    # A tampered model artifact is never loaded: the track vectors come from Redis instead.
+    artifact = root.data.artifact(rebuilt)
+    good = root.models().load(rebuilt).model.item_factors_.copy()
+    artifact.write_bytes(artifact.read_bytes()[:100])
+    again = root.models().load(rebuilt).model.item_factors_
+    assert np.allclose(again, good, atol=1e-6)
+    root.close()

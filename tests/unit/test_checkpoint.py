@@ -61,3 +61,42 @@ def test_a_checkpoint_with_another_half_life_is_refused(tmp_path) -> None:
     with pytest.raises(CheckpointMismatchError, match="half-life"):
         back.check_half_life(0.0)
     PlayMatrix().check_half_life(0.0)  # an empty matrix adopts any setting
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "swap_array"])
+def test_a_damaged_checkpoint_is_refused_with_the_remedy(tmp_path, damage: str) -> None:
+    import zipfile
+
+    from core.errors import CorruptFileError
+
+    pm = PlayMatrix()
+    for i in range(200):
+        pm.add("inc", 0, i, f"u{i % 13}", f"t{i % 7}", 1.0 + i)
+    path = tmp_path / "checkpoint.npz"
+    pm.save(path, 1.0)
+    assert PlayMatrix.load(path).matrix().sum() == pytest.approx(pm.matrix().sum())
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip_byte":
+        # change one stored weight inside the uncompressed data array, keeping the zip valid
+        with zipfile.ZipFile(path) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        data = bytearray(members["data.npy"])
+        data[-1] ^= 0x40
+        members["data.npy"] = bytes(data)
+        with zipfile.ZipFile(path, "w") as z:
+            for n, b in members.items():
+                z.writestr(n, b)
+    else:
+        other = PlayMatrix()
+        other.add("inc", 0, 0, "x", "y", 5.0)
+        other.save(tmp_path / "other.npz", 1.0)
+        with zipfile.ZipFile(path) as z, zipfile.ZipFile(tmp_path / "other.npz") as o:
+            members = {n: z.read(n) for n in z.namelist()}
+            members["data.npy"] = o.read("data.npy")
+        with zipfile.ZipFile(path, "w") as z:
+            for n, b in members.items():
+                z.writestr(n, b)
+    with pytest.raises(CorruptFileError, match="encore train --rebuild"):
+        PlayMatrix.load(path)
