@@ -139,7 +139,7 @@ def _encore(settings: Settings, *args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_corrupt_checkpoint_is_refused_and_rebuilt_from_the_topic(settings: Settings, redis_client: redis.Redis) -> None:
+def test_corrupt_checkpoint_is_refused_and_rebuilt(settings: Settings, redis_client: redis.Redis) -> None:
     root = Root(settings)
     root.clients.ensure_topics()
     data = _feed(settings)
