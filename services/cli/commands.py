@@ -205,6 +205,27 @@ def cmd_up(s: Settings, args: argparse.Namespace) -> int:
     return run_up(s, args)
 
 
+def cmd_status(s: Settings, args: argparse.Namespace) -> int:
+    import redis
+    from kafka.errors import KafkaError
+
+    from services.cli.root import Root
+    from services.cli.status import gather, render
+
+    _require_servers(s)
+    root = Root(s)
+    try:
+        report = gather(root)
+    except (redis.RedisError, KafkaError, OSError) as exc:
+        report = {"problems": [f"cannot reach Redis or Kafka: {type(exc).__name__}: {exc}"], "reachable": False}
+        print(json.dumps(report) if args.json else f"PROBLEM    {report['problems'][0]}")
+        return 2
+    finally:
+        root.close()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 1 if report["problems"] else 0
+
+
 HANDLERS: dict[str, Handler] = {
     "up": cmd_up,
     "embedded": cmd_embedded,
@@ -215,4 +236,5 @@ HANDLERS: dict[str, Handler] = {
     "config": cmd_config,
     "inspect": cmd_inspect,
     "model": cmd_model,
+    "status": cmd_status,
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "inspect", "model")
+COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "inspect", "model", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="JSON: stored history, model version and vector")
     ins.add_argument("kind", choices=("user", "track"))
     ins.add_argument("id")
+    st = sub.add_parser(
+        "status", help="model, lag, stored vs Kafka offsets, retrains, replicas; exit 1 if a person is needed"
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     mo = sub.add_parser("model", help="list model versions or roll back")
     mo_sub = mo.add_subparsers(dest="action", required=True)
     mo_sub.add_parser("list")

@@ -112,7 +112,12 @@ class Root:
             self.clients.ensure_topics()
             return self.clients.topic_reader(self.settings.updates_topic)
 
-        return UpdateFollower(SnapshotBuilder(self.settings, models), models, open_reader if follow_updates else None)
+        return UpdateFollower(
+            SnapshotBuilder(self.settings, models),
+            models,
+            open_reader if follow_updates else None,
+            self.board().replica_heartbeat,
+        )
 
     def serving_app(self, follow: bool = True) -> tuple[FastAPI, UpdateFollower]:
         """The HTTP app and the follower it reads; `follow=False` leaves the follower to the caller."""

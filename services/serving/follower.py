@@ -29,15 +29,21 @@ from services.serving.snapshots import Snapshot, SnapshotBuilder, rebuilt
 log = logging.getLogger(__name__)
 REBUILD_DELETED_SHARE = 0.2
 UPDATES_PER_POLL = 5000
+HEARTBEAT_S = 10.0
 
 
 class UpdateFollower:
     """Component: `run` follows versions and updates until `stop`; queries read `snapshot`."""
 
     def __init__(
-        self, builder: SnapshotBuilder, models: RedisModelStore, open_reader: Callable[[], Consumer] | None
+        self,
+        builder: SnapshotBuilder,
+        models: RedisModelStore,
+        open_reader: Callable[[], Consumer] | None,
+        heartbeat: Callable[[str | None], None] | None = None,
     ) -> None:
         self.builder, self.models, self.open_reader = builder, models, open_reader
+        self.heartbeat, self._beat_at = heartbeat, 0.0  # tells `encore status` which version is loaded
         self.snapshot: Snapshot | None = None
         self.lock = ReadWriteLock()  # queries read; updates and swaps write
         self.stop_event = threading.Event()
@@ -130,6 +136,9 @@ class UpdateFollower:
     def step(self) -> None:
         self.refresh()
         self.finish_rebuild()
+        if self.heartbeat is not None and time.monotonic() - self._beat_at >= HEARTBEAT_S:
+            self._beat_at = time.monotonic()
+            self.heartbeat(self.snapshot.version if self.snapshot is not None else None)
         if self.open_reader is None:
             return
         if self._reader is None:

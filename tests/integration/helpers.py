@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,3 +52,13 @@ def wait_for(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.1
             return True
         time.sleep(every)
     return False
+
+
+def encore(settings: Settings, *args: str, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the `encore` command line with `settings` as its environment: (exit code, stdout, stderr)."""
+    env = {**os.environ, **{k: v for k, v, _ in settings.describe()}}
+    env["ENCORE_REDIS_URL"] = settings.redis_url  # describe() masks credentials
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return proc.returncode, proc.stdout, proc.stderr

@@ -20,7 +20,7 @@ from services.infra.model_store import QUERY_SAMPLE
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from services.speed.records import PlayRecord
-from tests.integration.helpers import WorkerThread, wait_for
+from tests.integration.helpers import WorkerThread, encore, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,19 +126,6 @@ def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
         root.close()
 
 
-def _encore(settings: Settings, *args: str) -> tuple[int, str, str]:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, **{k: v for k, v, _ in settings.describe()}}
-    env["ENCORE_REDIS_URL"] = settings.redis_url
-    proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def test_corrupt_checkpoint_is_refused_and_rebuilt(settings: Settings, redis_client: redis.Redis) -> None:
     root = Root(settings)
     root.clients.ensure_topics()
@@ -148,10 +135,10 @@ def test_corrupt_checkpoint_is_refused_and_rebuilt(settings: Settings, redis_cli
     t.close()
     ckpt = root.data.checkpoint
     ckpt.write_bytes(ckpt.read_bytes()[:-4096])  # a torn write (say, a full disk without fsync)
-    code, out, err = _encore(settings, "train", "--once")
+    code, out, err = encore(settings, "train", "--once")
     assert code == 2 and ("fails its checksum" in err or "cannot be read" in err), err
     assert "encore train --rebuild" in err and "Traceback" not in err
-    code, out, err = _encore(settings, "train", "--once", "--rebuild")
+    code, out, err = encore(settings, "train", "--once", "--rebuild")
     assert code == 0, err[-2000:]
     rebuilt = json.loads(out.strip().splitlines()[-1])["published"]
     assert rebuilt != version
