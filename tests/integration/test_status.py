@@ -54,5 +54,6 @@ def test_status_reports_state_offsets_lag_retrain_and_problems(settings: Setting
     assert code == 1 and "PROBLEM    replay gap" in out and "40 messages" in out
     root.close()
     # Redis unreachable: exit 2 with a one-line reason, no traceback.
-    code, out, err = encore(settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=1.0), "status")
+    away = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=1.0)
+    code, out, err = encore(away, "status")
     assert code == 2 and "cannot reach Redis or Kafka" in out and "Traceback" not in err
