@@ -1,4 +1,11 @@
-"""`encore up`: the main job in one command, each service a real child process."""
+"""`encore up`: the main job in one command, each service a real child process.
+
+Everything it keeps lives under ENCORE_DATA_DIR (default `./data`): the embedded Redis's
+append-only file (`redis/`), the trainer checkpoint, model artifacts and index snapshots, and
+the logs. Started again in the same folder it serves the previous model at once (no training
+first) and keeps every history. Ctrl-C drains: the demo producer stops, fold-in applies what
+the broker holds, then the trainer checkpoints what it read, then the servers stop.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -18,6 +24,8 @@ from pathlib import Path
 from services.infra.clients import Clients
 from services.infra.embedded import EmbeddedServers, free_port, spawn
 from services.infra.settings import Settings
+
+DRAIN_S = 10.0  # at most this long for fold-in to apply what the broker holds at Ctrl-C
 
 
 def _get(url: str) -> dict[str, object] | None:
@@ -41,27 +49,52 @@ class Children:
         self.procs[name] = proc
         return proc
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
+    def stop(self, *names: str) -> None:
+        """SIGTERM (each drains) then wait; `names` first in that order, all when none given."""
+        procs = [self.procs[n] for n in names if n in self.procs] if names else list(self.procs.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs.values():
+        for proc in procs:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
 
 
+def _drain(s: Settings, kids: Children) -> None:
+    """Stop producing, let fold-in apply what the broker holds (it keeps no log), then stop the
+    rest in order: fold-in and the trainer each finish and checkpoint before they exit."""
+    kids.stop("produce", "backlog")
+    from services.cli.root import Root
+    from services.cli.status import gather
+
+    root = Root(s)
+    deadline = time.monotonic() + DRAIN_S
+    try:
+        while time.monotonic() < deadline and gather(root)["groups"]["encore-foldin"]["lag"] > 0:
+            time.sleep(0.2)
+    except Exception as exc:  # the servers are going away anyway; stop what is left
+        print(f"encore up: drain check failed ({exc})", file=sys.stderr)
+    finally:
+        root.close()
+    time.sleep(1.0)  # the trainer polls every second: let it read the same plays
+    kids.stop("foldin", "train", "serve")
+
+
 def run_up(s: Settings, args: argparse.Namespace) -> int:
     embedded = None
     env = dict(os.environ)
+    data = Path(s.data_dir).resolve()
+    s = s.with_(data_dir=str(data))
     if not s.kafka_bootstrap or not s.redis_url:
-        embedded = EmbeddedServers.start(kafka=not s.kafka_bootstrap, redis=not s.redis_url)
+        embedded = EmbeddedServers.start(
+            kafka=not s.kafka_bootstrap, redis=not s.redis_url, workdir=str(data / "redis")
+        )
         s = s.with_(
             kafka_bootstrap=s.kafka_bootstrap or embedded.kafka_bootstrap,
             redis_url=s.redis_url or embedded.redis_url,
-            data_dir=os.path.join(embedded.workdir, "data"),
         )
     # Port 0, or the default port already taken, means: pick a free one.
     port = s.api_port if s.api_port and ("ENCORE_API_PORT" in env or _port_free(s.api_port)) else free_port()
@@ -75,7 +108,8 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
     )
     env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
     Clients(s).ensure_topics()
-    kids = Children(env, Path(s.data_dir if embedded else tempfile.mkdtemp(prefix="encore-up-")) / "logs")
+    kids = Children(env, data / "logs")
+    resumed = _current_model(s)
     stop = threading.Event()
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -83,14 +117,17 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
     try:
         print(
             f"encore up: Kafka {s.kafka_bootstrap}, Redis {s.redis_url}"
-            f"{' (embedded)' if embedded else ''}; logs in {kids.log_dir}",
+            f"{' (embedded)' if embedded else ''}; data in {data}; logs in {kids.log_dir}",
             flush=True,
         )
+        if resumed:
+            print(f"encore up: resuming: model {resumed} and the stored histories are served at once", flush=True)
         backlog = args.users * 10
         demo = ["--synthetic", "--users", str(args.users), "--tracks", str(args.tracks)]
         kids.start("foldin", "foldin")
         kids.start("serve", "serve", "--port", str(port))
-        kids.start("backlog", "produce", *demo, "--limit", str(backlog)).wait()
+        if not resumed:  # a restart keeps its plays: the demo backlog is produced once per folder
+            kids.start("backlog", "produce", *demo, "--limit", str(backlog)).wait()
         kids.start("train", "train")
         kids.start("produce", "produce", *demo, "--seed", "1", "--live", "--rate", str(args.rate))
         url = f"http://{s.api_host}:{port}"
@@ -112,10 +149,21 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
             stop.wait(1.0)
         return 0
     finally:
+        _drain(s, kids)
         kids.stop()
         if embedded:
             embedded.stop()
         print("encore up: stopped", flush=True)
+
+
+def _current_model(s: Settings) -> str | None:
+    from services.cli.root import Root
+
+    root = Root(s)
+    try:
+        return root.models().current_version()
+    finally:
+        root.close()
 
 
 def _port_free(port: int) -> bool:

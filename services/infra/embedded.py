@@ -95,10 +95,14 @@ class EmbeddedServers:
     redis_url: str = ""
     workdir: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    keep: bool = False  # a persistent folder (`encore up`'s data folder) is never deleted
 
     @classmethod
-    def start(cls, kafka: bool = True, redis: bool = True) -> EmbeddedServers:
-        servers = cls(workdir=tempfile.mkdtemp(prefix="encore-embedded-"))
+    def start(cls, kafka: bool = True, redis: bool = True, workdir: str | None = None) -> EmbeddedServers:
+        """Start the servers; with `workdir`, Redis keeps its append-only file there across restarts."""
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
+        servers = cls(workdir=workdir or tempfile.mkdtemp(prefix="encore-embedded-"), keep=bool(workdir))
         atexit.register(servers.stop)
         try:
             if kafka:
@@ -180,7 +184,7 @@ class EmbeddedServers:
                 proc.kill()
                 proc.wait()
         self.procs.clear()
-        if self.workdir:
+        if self.workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property

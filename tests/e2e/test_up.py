@@ -42,7 +42,8 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_encore_up_end_to_end(tmp_path) -> None:
+def _up(tmp_path) -> tuple[subprocess.Popen, str, str, str, list[str]]:
+    """Start `encore up` in `tmp_path` (its data folder is ./data) and read until it is running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
     env["ENCORE_API_PORT"] = "0"
     proc = subprocess.Popen(
@@ -54,19 +55,33 @@ def test_encore_up_end_to_end(tmp_path) -> None:
         text=True,
     )
     lines: list[str] = []
+    deadline = time.monotonic() + 240
+    url = kafka = redis_url = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        lines.append(line)
+        if m := re.search(r"encore up: Kafka (\S+), Redis (\S+)", line):
+            kafka, redis_url = m.group(1).rstrip(","), m.group(2)
+        if m := re.search(r"API ready at (http://\S+)", line):
+            url = m.group(1)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert url and kafka and redis_url, "".join(lines)
+    return proc, url, kafka, redis_url, lines
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
     try:
-        deadline = time.monotonic() + 240
-        url = kafka = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            lines.append(line)
-            if m := re.search(r"encore up: Kafka (\S+), Redis", line):
-                kafka = m.group(1).rstrip(",")
-            if m := re.search(r"API ready at (http://\S+)", line):
-                url = m.group(1)
-            if "Ctrl-C stops everything" in line:
-                break
-        assert url and kafka, "".join(lines)
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_encore_up_end_to_end(tmp_path) -> None:
+    proc, url, kafka, redis_url, lines = _up(tmp_path)
+    try:
         descendants = _children(proc.pid)
         assert len(descendants) >= 5  # broker, redis, foldin, serve, train, produce
         # A brand-new user's plays, through Kafka, become personal recommendations.
@@ -100,13 +115,28 @@ def test_encore_up_end_to_end(tmp_path) -> None:
             time.sleep(0.2)
         assert found
         assert _get(f"{url}/similar/fresh-release?n=5")[0] == 200
+        version = _get(f"{url}/ready")[1]["model_version"]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        _stop(proc)
     time.sleep(0.5)
     alive = [p for p in descendants if os.path.exists(f"/proc/{p}")]
     assert alive == [], alive
+    assert (tmp_path / "data" / "checkpoint.npz").exists() and list((tmp_path / "data" / "redis").iterdir())
+
+    # Started again in the same folder: the previous model is served before any training, and
+    # every history is kept (the embedded Redis replays its append-only file).
+    t0 = time.monotonic()
+    proc, url, kafka, redis_url, lines = _up(tmp_path)
+    try:
+        ready_s = time.monotonic() - t0
+        print(f"restart: API ready with the previous model after {ready_s:.1f}s")
+        assert any("resuming: model" in line for line in lines), "".join(lines)
+        assert _get(f"{url}/ready")[1]["model_version"] == version
+        body = _get(f"{url}/recommendations/newcomer?n=10")[1]
+        assert body["source"] == "personal"
+        import redis
+
+        history = redis.Redis.from_url(redis_url).hgetall("encore:plays:user:newcomer")
+        assert {k.decode() for k in history} == {"t1", "t2", "t3", "t5", "t8"}
+    finally:
+        _stop(proc)
