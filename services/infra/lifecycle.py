@@ -19,6 +19,7 @@ from confluent_kafka import KafkaException
 from kafka.errors import KafkaError
 
 from core.errors import FatalError
+from services.infra import metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class Component(Protocol):
 def is_transient(exc: BaseException) -> bool:
     """True for faults that retrying can fix: lost connections, timeouts, a busy or failing-over
     server, an unreachable broker. Script errors, wrong types and bad data are not."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
+        return True  # redis-py strips the reply's code from these two
     if isinstance(exc, redis.ResponseError):
         return str(exc).startswith(_HEALING_REPLIES)
     return isinstance(exc, redis.RedisError | KafkaError | KafkaException | OSError | TimeoutError)
@@ -77,8 +80,24 @@ def retry_step(
                 raise FatalError(f"{what}: {type(exc).__name__}: {exc}") from exc
             if on_retry is not None:
                 on_retry()
+            if _is_oom(exc):
+                metrics.REDIS_OOM.inc()
+                log.error(
+                    "%s: Redis is at its maxmemory and refuses writes; nothing was written. Raise maxmemory, "
+                    "free memory or add shards (see README: capacity); retrying in %.1fs",
+                    what,
+                    backoff.delay,
+                )
+                backoff.wait(stop)
+                continue
             log.warning(
                 "%s failed (%s: %s); retrying in %.1fs, nothing committed", what, type(exc).__name__, exc, backoff.delay
             )
             backoff.wait(stop)
     return False
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    )

@@ -137,3 +137,44 @@ def test_redis_restored_from_older_snapshot_is_replayed(settings: Settings, redi
     finally:
         w3.stop()
     _check(r, keys, expected)
+
+
+def test_redis_at_maxmemory_refuses_whole_batches_then_heals_exactly(servers: dict, tmp_path) -> None:
+    from prometheus_client import REGISTRY
+
+    own = EmbeddedServers.start(kafka=False)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        settings = Settings(
+            kafka_bootstrap=str(servers["kafka"]),
+            redis_url=own.redis_url,
+            plays_topic=f"plays-{tag}",
+            dlq_topic=f"dlq-{tag}",
+            updates_topic=f"up-{tag}",
+            key_prefix=f"m-{tag}:",
+            factors=16,
+            data_dir=str(tmp_path),
+        )
+        r = redis.Redis.from_url(own.redis_url)
+        keys, group, events, expected, pub = _stream(settings, r, seed=15, n_events=3000)
+        w = WorkerThread(settings, group)
+        _produce_expected(settings, events[:1000], pub, expected)
+        assert wait_for(lambda: _applied(r, keys, group) >= 1000, timeout=60)
+        before = {k: r.dump(k) for k in r.scan_iter(match=f"m-{tag}:plays:*")}
+        offsets = r.hgetall(keys.offsets(group))
+        ooms = REGISTRY.get_sample_value("encore_redis_oom_total") or 0.0
+        r.config_set("maxmemory", str(int(r.info("memory")["used_memory"]) // 2))
+        r.config_set("maxmemory-policy", "noeviction")
+        _produce_expected(settings, events[1000:], pub, expected)
+        assert wait_for(lambda: (REGISTRY.get_sample_value("encore_redis_oom_total") or 0.0) > ooms, timeout=30)
+        # Refused whole: no history and no offset moved.
+        assert r.hgetall(keys.offsets(group)) == offsets
+        assert {k: r.dump(k) for k in r.scan_iter(match=f"m-{tag}:plays:*")} == before
+        r.config_set("maxmemory", "0")
+        try:
+            assert wait_for(lambda: _applied(r, keys, group) >= len(events), timeout=60)
+        finally:
+            w.stop()
+        _check(r, keys, expected)
+    finally:
+        own.stop()

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.unit
         (redis.TimeoutError("timed out"), True),
         (redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'"), True),
         (redis.ResponseError("LOADING Redis is loading the dataset in memory"), True),
+        # what redis-py really raises for an OOM or READONLY reply (the code is stripped)
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
+        (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
         (redis.ResponseError("Script attempted to access a non local key in a cluster node"), False),
         (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
         (ConnectionRefusedError(), True),
