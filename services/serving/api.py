@@ -163,6 +163,11 @@ def create_app(
             return JSONResponse({"ready": False, "reason": f"update follower stopped: {follower.failure}"}, 503)
         if snap is None:
             return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
+        try:
+            await aio["r"].ping()  # bounded by ENCORE_REDIS_TIMEOUT_S like every Redis call
+        except (redis.RedisError, OSError) as exc:
+            reason = f"Redis unreachable: {type(exc).__name__}: {exc}"
+            return JSONResponse({"ready": False, "reason": reason}, 503, headers={"Retry-After": "1"})
         body: dict[str, Any] = {"ready": True, "model_version": snap.version, "tracks": len(snap.ip)}
         body["index"] = {  # search breadth per index and, when it was chosen by measurement, the recall seen
             space: {

@@ -173,3 +173,32 @@ def test_redis_unreachable_is_a_503_with_retry_after(api, settings: Settings) ->
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "state store unavailable" in r.json()["detail"]
         assert client.post("/recommendations", json={"plays": [{"track_id": "t1"}]}).status_code == 200
+
+
+def test_a_hung_redis_gets_a_bounded_503_and_ready_says_why(api, settings: Settings) -> None:
+    """Redis stopped with SIGSTOP (accepts connections, never answers): no request hangs."""
+    import os
+    import signal
+
+    from services.infra.clients import Clients
+    from services.infra.embedded import EmbeddedServers
+    from services.serving.api import create_app
+
+    _, follower, _, _ = api
+    own = EmbeddedServers.start(kafka=False)
+    try:
+        hung = settings.with_(redis_url=own.redis_url, redis_timeout_s=0.5)
+        with TestClient(create_app(hung, follower, Clients(hung).aio_redis, follow=False)) as client:
+            assert client.get("/ready").status_code == 200
+            os.kill(own.procs[0].pid, signal.SIGSTOP)
+            try:
+                r = client.get("/recommendations/u5?n=5")
+                assert r.status_code == 503 and r.headers["retry-after"] == "1"
+                ready = client.get("/ready")
+                assert ready.status_code == 503 and "Redis unreachable" in ready.json()["reason"]
+            finally:
+                os.kill(own.procs[0].pid, signal.SIGCONT)
+            assert client.get("/recommendations/u5?n=5").status_code == 200  # recovers by itself
+            assert client.get("/ready").status_code == 200
+    finally:
+        own.stop()
