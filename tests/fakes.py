@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class FakeHistoryStore:
         self.dirty: dict[str, float] = {}
         self.pending_users: dict[str, int] = {}
         self.new: set[str] = set()
-        self.dlq: list[DeadLetter] = []
+        self.dlq: dict[int, list[DeadLetter]] = {}
         self._seq = itertools.count(1)
         self.clock = time.time
         self.applies = 0  # atomic steps that wrote something
@@ -73,7 +73,7 @@ class FakeHistoryStore:
                 self.dirty[r.user] = now
                 self.pending_users[r.user] = seq
             elif isinstance(r, DeadRecord):
-                self.dlq.append(r.letter)
+                self.dlq.setdefault(r.partition, []).append(r.letter)
             key = (incarnation, r.partition)
             self.offsets[key] = max(self.offsets.get(key, -1), r.offset)
         for user in {r.user for r in records if isinstance(r, PlayRecord)}:
@@ -110,11 +110,12 @@ class FakeHistoryStore:
             for u in users:
                 self.pending_users[u] = seq
 
-    def dead_letters(self) -> list[DeadLetter]:
-        return list(self.dlq)
+    def dead_letters(self, partitions: Collection[int]) -> dict[int, list[DeadLetter]]:
+        return {p: list(self.dlq[p]) for p in sorted(partitions) if self.dlq.get(p)}
 
-    def settle(self, dead_letters: int, done_upto: float | None) -> None:
-        del self.dlq[:dead_letters]
+    def settle(self, dead_letters: Mapping[int, int], done_upto: float | None) -> None:
+        for p, n in dead_letters.items():
+            del self.dlq.setdefault(p, [])[:n]
         if done_upto is not None:
             self.pending_users = {u: s for u, s in self.pending_users.items() if s > done_upto}
 

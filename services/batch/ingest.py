@@ -35,22 +35,48 @@ class Ingest:
         incarnation: str,
         server_time: Callable[[], float],
         stop: threading.Event,
-        on_gap: Callable[[int, int, int], None] | None = None,
+        on_gap: Callable[[str, int, int, int], None] | None = None,
+        incarnation_of: Callable[[], str] | None = None,
     ) -> None:
         self.s, self.consumer, self.path, self.incarnation = settings, consumer, path, incarnation
         self.server_time, self.stop_event = server_time, stop
+        self.on_gap, self.incarnation_of = on_gap, incarnation_of
         self.state = PlayMatrix.load(path)
         self.state.check_half_life(settings.decay_half_life_days * 86_400.0)
         self.plays_since_train = 0
         parts = consumer.partitions_for_topic(settings.plays_topic) or set()
         self.tps = [TopicPartition(settings.plays_topic, p) for p in sorted(parts)]
         consumer.assign(self.tps)
-        earliest = consumer.beginning_offsets(self.tps) if self.tps else {}
+        self._seek_to_state()
+
+    def _seek_to_state(self) -> None:
+        """Every partition from the checkpoint's offsets of this incarnation (+1), or the earliest."""
+        earliest = self.consumer.beginning_offsets(self.tps) if self.tps else {}
         for tp in self.tps:
-            needed = self.state.applied(incarnation, tp.partition) + 1
-            if needed < earliest[tp] and on_gap is not None:
-                on_gap(tp.partition, needed, earliest[tp])  # retention passed: reported, never hidden
-            consumer.seek(tp, max(needed, earliest[tp]))
+            needed = self.state.applied(self.incarnation, tp.partition) + 1
+            if needed < earliest[tp] and self.on_gap is not None:
+                self.on_gap(
+                    self.incarnation, tp.partition, needed, earliest[tp]
+                )  # retention passed: reported, never hidden
+            self.consumer.seek(tp, max(needed, earliest[tp]))
+
+    def _follow_incarnation(self) -> bool:
+        """Called when records come at or below the checkpoint's offsets (the consumer was reset):
+        if the broker restarted empty, read the new incarnation from its start; returns True then."""
+        if self.incarnation_of is None:
+            return False
+        inc = self.incarnation_of()
+        if inc == self.incarnation:
+            return False
+        log.warning(
+            "plays topic incarnation changed %s -> %s: reading the new one from its start", self.incarnation, inc
+        )
+        self.incarnation = inc
+        parts = self.consumer.partitions_for_topic(self.s.plays_topic) or set()
+        self.tps = [TopicPartition(self.s.plays_topic, p) for p in sorted(parts)]
+        self.consumer.assign(self.tps)
+        self._seek_to_state()
+        return True
 
     def poll(self, seconds: float) -> int:
         """Add plays for up to `seconds`; returns how many new plays carried weight."""
@@ -62,6 +88,9 @@ class Ingest:
                 if seconds <= 0:
                     break
                 continue
+            if any(m.offset <= self.state.applied(self.incarnation, m.partition) for r in batch.values() for m in r):
+                if self._follow_incarnation():
+                    continue
             for recs in batch.values():
                 for m in recs:
                     ev = parse_play(m.value, limits)

@@ -62,6 +62,7 @@ class Trainer:
     def train_and_publish(self) -> str:
         """Retrain on the last checkpoint, publish, then sweep superseded versions."""
         started = time.time()
+        self._report(retrain_started_at=started)
         try:
             version = self.retrainer.train_and_publish(self.ingest.state)
         except ModelRejectedError as exc:

@@ -7,6 +7,7 @@ connects before a command asks for it.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 
@@ -96,10 +97,16 @@ class Root:
         incarnation = self.clients.topic_incarnation(s.plays_topic)
         board = self.board()
 
-        def on_gap(partition: int, needed: int, available: int) -> None:
-            board.report_gap(TRAINER_GROUP, incarnation, partition, needed, available)
-
-        ingest = Ingest(s, consumer, self.data.checkpoint, incarnation, self.server_time, stop, on_gap)
+        ingest = Ingest(
+            s,
+            consumer,
+            self.data.checkpoint,
+            incarnation,
+            self.server_time,
+            stop,
+            functools.partial(board.report_gap, TRAINER_GROUP),
+            lambda: self.clients.topic_incarnation(s.plays_topic),
+        )
         models = self.models()
         retrainer = Retrainer(s, engine(engine_name, s), models)
         janitor = VersionJanitor(models, self.data, s.version_grace_s)

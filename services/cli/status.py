@@ -97,7 +97,8 @@ def gather(root: Root) -> dict[str, Any]:
         ),
     }
     report["pending_resolves"] = int(r.zcard(keys.pending_users))
-    report["dead_letters"] = {"queued": int(r.llen(keys.pending_dlq)), "in_topic": _topic_size(root, s.dlq_topic)}
+    queued = sum(int(r.llen(keys.pending_dlq(p))) for p in end)
+    report["dead_letters"] = {"queued": queued, "in_topic": _topic_size(root, s.dlq_topic)}
     report["trainer"] = trainer
     if trainer.get("last_retrain_outcome") in ("failed", "rejected"):
         problems.append(f"last retrain {trainer['last_retrain_outcome']}: {trainer.get('last_retrain_error', '')}")

@@ -72,10 +72,10 @@ class Keys:
         """Counter that scores the pending set (a newer change always scores higher)."""
         return f"{self.prefix}foldin:seq"
 
-    @property
-    def pending_dlq(self) -> str:
-        """List of dead letters recorded atomically with offsets, not yet produced."""
-        return f"{self.prefix}foldin:dlq"
+    def pending_dlq(self, partition: int) -> str:
+        """List of a plays partition's dead letters, recorded atomically with its offsets and not
+        yet produced; only the partition's owner drains it (no two workers send one letter)."""
+        return f"{self.prefix}foldin:dlq:{partition}"
 
     @property
     def status_gaps(self) -> str:

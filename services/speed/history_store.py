@@ -10,7 +10,7 @@ offset lies below what the caller expects, Redis lost writes; nothing is written
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import redis
@@ -57,7 +57,7 @@ class RedisHistoryStore:
         """KEYS and ARGV of apply_batch.lua (its header documents the layout)."""
         ranges: dict[int, list[int]] = {}
         plays: dict[tuple[str, str], list[Any]] = {}
-        dead: list[str] = []
+        dead: list[tuple[int, str]] = []
         for rec in records:
             lo_hi = ranges.setdefault(rec.partition, [rec.offset, rec.offset])
             lo_hi[0], lo_hi[1] = min(lo_hi[0], rec.offset), max(lo_hi[1], rec.offset)
@@ -69,7 +69,7 @@ class RedisHistoryStore:
                     agg[0] += rec.weight
                     agg[1] = max(agg[1], rec.ts)
             elif isinstance(rec, DeadRecord):
-                dead.append(rec.letter.to_json())
+                dead.append((rec.partition, rec.letter.to_json()))
         k = self.keys
         users: dict[str, int] = {}
         listeners: dict[str, int] = {}
@@ -78,7 +78,8 @@ class RedisHistoryStore:
             u = users.setdefault(user, len(users) + 1)
             lk = listeners.setdefault(track, len(listeners) + 1) if new else 0
             rows += [u, track, repr(w), repr(ts), lk]
-        keys = [k.offsets(self.group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks, k.pending_dlq]
+        keys = [k.offsets(self.group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks]
+        keys += [k.pending_dlq(p) for p in ranges]
         keys += [k.history(u) for u in users]
         keys += [k.listeners(t) for t in listeners]
         argv: list[object] = [incarnation, self.history_cap, self.listeners_cap, len(ranges)]
@@ -87,7 +88,11 @@ class RedisHistoryStore:
         argv.append(len(users))
         argv += list(users)
         argv.append(len(plays))
-        return keys, argv + rows + dead
+        range_no = {p: i + 1 for i, p in enumerate(ranges)}
+        letters: list[object] = []
+        for part, letter in dead:
+            letters += [range_no[part], letter]
+        return keys, argv + rows + letters
 
     def applied_offsets(self, incarnation: str) -> dict[int, int]:
         raw = self.r.hgetall(self.keys.offsets(self.group))
@@ -120,15 +125,21 @@ class RedisHistoryStore:
             seq = self.r.incr(self.keys.pending_seq)
             self.r.zadd(self.keys.pending_users, dict.fromkeys(users, seq))
 
-    def dead_letters(self) -> list[DeadLetter]:
-        return [DeadLetter.from_json(raw) for raw in self.r.lrange(self.keys.pending_dlq, 0, -1)]
+    def dead_letters(self, partitions: Collection[int]) -> dict[int, list[DeadLetter]]:
+        parts = sorted(partitions)
+        pipe = self.r.pipeline(transaction=False)
+        for p in parts:
+            pipe.lrange(self.keys.pending_dlq(p), 0, -1)
+        rows = pipe.execute() if parts else []
+        return {p: [DeadLetter.from_json(raw) for raw in row] for p, row in zip(parts, rows, strict=True) if row}
 
-    def settle(self, dead_letters: int, done_upto: float | None) -> None:
-        if not dead_letters and done_upto is None:
+    def settle(self, dead_letters: Mapping[int, int], done_upto: float | None) -> None:
+        if not any(dead_letters.values()) and done_upto is None:
             return
         pipe = self.r.pipeline(transaction=False)
-        if dead_letters:
-            pipe.ltrim(self.keys.pending_dlq, dead_letters, -1)
+        for p, n in dead_letters.items():
+            if n:
+                pipe.ltrim(self.keys.pending_dlq(p), n, -1)
         if done_upto is not None:
             pipe.zremrangebyscore(self.keys.pending_users, "-inf", done_upto)
         pipe.execute()

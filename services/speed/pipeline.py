@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from core.events import Limits
@@ -80,19 +80,27 @@ class SpeedLayer:
         """Pending re-solves, or no model loaded yet (checked on idle polls)."""
         return self.model is None or bool(self.histories.pending(1)[0])
 
-    def handle(self, messages: list[Message], incarnation: str, expected: Mapping[int, int] | None = None) -> Outcome:
+    def handle(
+        self,
+        messages: list[Message],
+        incarnation: str,
+        expected: Mapping[int, int] | None = None,
+        owned: Collection[int] = (),
+    ) -> Outcome:
         """One micro-batch; raises on storage or broker errors (the caller retries it whole),
         and StateRewoundError, before anything is written, when the store's offsets fell below
-        `expected` (the caller replays those partitions from the stored offsets)."""
+        `expected` (the caller replays those partitions from the stored offsets). `owned`: the
+        partitions this worker is assigned, whose queued dead letters it sends."""
         self.refresh_model()
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
         known = self.model.track_index if self.model is not None else {}
         records = to_records(messages, limits, s.min_ms_played, known)
         applied = self.histories.apply(incarnation, records, expected)
-        dead = self.histories.dead_letters()
-        for d in dead:
-            self.sink.dead_letter(d)
+        dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
+        for letters in dead.values():
+            for d in letters:
+                self.sink.dead_letter(d)
         users: list[str] = []
         upto: float | None = None
         tracks = 0
@@ -101,5 +109,5 @@ class SpeedLayer:
             resolve_users(self.histories, self.models, self.model, users, self.sink)
             tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
         self.sink.flush()
-        self.histories.settle(len(dead), upto if users else None)
-        return Outcome(len(records), applied, len(dead), len(users), tracks)
+        self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
+        return Outcome(len(records), applied, sum(len(v) for v in dead.values()), len(users), tracks)

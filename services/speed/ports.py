@@ -7,7 +7,7 @@ unit tests run the same speed-layer code on in-memory fakes (`tests/fakes.py`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -40,13 +40,14 @@ class HistoryStore(Protocol):
 
     def queue_users(self, users: list[str]) -> None: ...
 
-    def dead_letters(self) -> list[DeadLetter]:
-        """Dead letters recorded by `apply`, not yet produced, oldest first."""
+    def dead_letters(self, partitions: Collection[int]) -> dict[int, list[DeadLetter]]:
+        """Dead letters recorded by `apply` for these partitions, not yet produced, oldest first
+        (only a partition's owner asks, so no two workers send the same letter)."""
         ...
 
-    def settle(self, dead_letters: int, done_upto: float | None) -> None:
-        """After a flush: drop the first `dead_letters` dead letters and the pending users
-        queued at or before score `done_upto` (None: none), in one round trip."""
+    def settle(self, dead_letters: Mapping[int, int], done_upto: float | None) -> None:
+        """After a flush: drop the first `dead_letters[p]` dead letters of each partition and the
+        pending users queued at or before score `done_upto` (None: none), in one round trip."""
         ...
 
     def changed_since(self, t: float) -> list[str]:

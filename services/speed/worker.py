@@ -115,13 +115,38 @@ class FoldInWorker:
             )
             self.consumer.seek(TopicPartition(self.s.plays_topic, part, start))
 
+    def _went_back(self, messages: list[Any]) -> bool:
+        """A message at or below what the state holds, without a rewind of ours: the consumer
+        was reset (offset out of range), as when the broker restarted empty."""
+        return any(m.offset() <= self.positions.get(m.partition(), -1) for m in messages)
+
+    def _follow_incarnation(self) -> bool:
+        """Re-read the topic's incarnation; if it changed, restart every partition from the new
+        incarnation's stored offsets (none: the earliest) and return True (drop the batch)."""
+        inc = self._incarnation_of_topic()
+        if inc == self.incarnation:
+            return False
+        log.warning(
+            "plays topic incarnation changed %s -> %s (broker restarted empty or topic re-created)",
+            self.incarnation,
+            inc,
+        )
+        self.incarnation = inc
+        stored = self.layer.histories.applied_offsets(inc)
+        for tp in self.consumer.assignment():
+            start = self._start_offset(tp.partition, stored.get(tp.partition, -1))
+            self.consumer.seek(TopicPartition(self.s.plays_topic, tp.partition, start))
+        return True
+
     def step(self, messages: list[Any]) -> None:
         """Make one batch durable, then commit it (raises; `run` retries)."""
+        if messages and self._went_back(messages) and self._follow_incarnation():
+            messages = []
         while True:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
             try:
-                out = self.layer.handle(messages, self.incarnation, expected)
+                out = self.layer.handle(messages, self.incarnation, expected, self.positions.keys())
                 break
             except StateRewoundError as exc:
                 self._rewind(exc.offsets)

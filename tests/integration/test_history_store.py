@@ -58,13 +58,15 @@ def test_partial_replay_applies_only_the_new_tail(make_store) -> None:
 def test_dead_letters_and_skips_advance_offsets_without_history(make_store) -> None:
     store = make_store()
     letter = DeadLetter(b"\xff not json", "malformed JSON", "plays/0/0")
-    recs = [DeadRecord(0, 0, letter), SkipRecord(0, 1), PlayRecord(0, 2, "u1", "t1", 1.0, 5.0)]
-    assert store.apply("inc", recs) == 3
+    other = DeadLetter(b"{", "malformed JSON", "plays/2/7")
+    recs = [DeadRecord(0, 0, letter), SkipRecord(0, 1), PlayRecord(0, 2, "u1", "t1", 1.0, 5.0), DeadRecord(2, 7, other)]
+    assert store.apply("inc", recs) == 4
     assert store.apply("inc", recs) == 0
-    assert store.dead_letters() == [letter]  # once, not twice; raw bytes kept exactly
+    assert store.dead_letters([0, 1, 2]) == {0: [letter], 2: [other]}  # once, not twice; raw bytes kept
+    assert store.dead_letters([2]) == {2: [other]}  # a worker sees only its partitions' letters
     assert _hist(store, "u1") == {"t1": 1.0}
-    store.settle(1, None)
-    assert store.dead_letters() == []
+    store.settle({0: 1}, None)
+    assert store.dead_letters([0, 1, 2]) == {2: [other]}
 
 
 def test_cap_listeners_and_pending_cutoff(make_store) -> None:
@@ -81,7 +83,7 @@ def test_cap_listeners_and_pending_cutoff(make_store) -> None:
     users, upto = store.pending(3)  # the whole first batch, although larger than the limit
     assert set(users) == {"heavy", *(f"l{o}" for o in range(6))}
     store.apply("inc", [PlayRecord(0, 30, "late", "t1", 1.0, 1.0)])
-    store.settle(0, upto)
+    store.settle({}, upto)
     assert store.pending(10)[0] == ["late"]  # queued after the cut-off: still pending
     store.queue_users(["heavy"])
     assert set(store.pending(10)[0]) == {"late", "heavy"}

@@ -94,7 +94,7 @@ def test_bad_messages_are_dead_letters_exactly_once_even_across_a_failed_flush(l
     layer.sink.fail_next_flush = True
     with pytest.raises(ConnectionError):
         layer.handle(batch, "inc")  # applied durably, but nothing was produced
-    assert len(layer.histories.dead_letters()) == 2 and layer.sink.flushed == []
+    assert len(layer.histories.dead_letters([0])[0]) == 2 and layer.sink.flushed == []
     out = layer.handle(batch, "inc")  # the worker retries the same batch
     assert out.applied == 0  # fenced: the first attempt's apply stands
     letters = layer.sink.letters()
@@ -102,7 +102,7 @@ def test_bad_messages_are_dead_letters_exactly_once_even_across_a_failed_flush(l
     assert "malformed JSON" in letters[0].error and letters[0].raw == b"{not json"
     assert layer.histories.histories == {"a": {"t3": 1.0}}
     assert [u.entity_id for u in layer.sink.flushed_updates()] == ["a"]  # the re-solve was redone after the fault
-    assert layer.histories.dead_letters() == [] and layer.histories.pending(10)[0] == []
+    assert layer.histories.dead_letters([0]) == {} and layer.histories.pending(10)[0] == []
 
 
 def test_a_new_model_re_solves_users_changed_since_its_checkpoint(layer: SpeedLayer) -> None:

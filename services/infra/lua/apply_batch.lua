@@ -2,7 +2,7 @@
 -- dead letters and the per-partition applied offsets change together or not at all.
 --
 -- KEYS: 1 offsets hash, 2 pending sequence counter, 3 dirty users zset, 4 pending users zset,
---       5 new tracks set, 6 dead-letter list,
+--       5 new tracks set, then one dead-letter list per partition range (in ARGV's range order),
 --       then one history hash per user of the batch (n_users of them, in ARGV's user order),
 --       then one listeners zset per new track of the batch.
 -- ARGV: incarnation, history cap, listeners cap,
@@ -11,7 +11,7 @@
 --       n_plays, then (user no., track, weight, ts, listeners no.) per aggregated (user, track);
 --       user no. is 1-based into the users, listeners no. 1-based into the listener keys or 0
 --       for a track the model knows (only unknown tracks keep recent listeners);
---       then the dead letters (JSON).
+--       then (range no., dead letter JSON) per dead letter; range no. is 1-based.
 -- Applied only if every partition's stored offset lies below the batch's first offset and at or
 -- above the offset the caller expects (the last one it applied or read; -1 = no expectation).
 -- Otherwise nothing is written and {-1, partition, stored offset, ...} is returned when the batch
@@ -48,11 +48,12 @@ local n_users = tonumber(ARGV[r_end + 1])
 local u0 = r_end + 1            -- ARGV[u0 + j] is user j
 local p0 = u0 + n_users + 1     -- ARGV[p0] is n_plays
 local n_plays = tonumber(ARGV[p0])
-local l0 = 6 + n_users          -- KEYS[l0 + j] is listeners key j
+local h0 = 5 + n_ranges         -- KEYS[h0 + j] is the history of user j
+local l0 = h0 + n_users         -- KEYS[l0 + j] is listeners key j
 local new, seen = {}, {}
 for i = p0 + 1, p0 + 5 * n_plays, 5 do
   local u, track, lk = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 4])
-  redis.call('HINCRBYFLOAT', KEYS[6 + u], track, ARGV[i + 2])
+  redis.call('HINCRBYFLOAT', KEYS[h0 + u], track, ARGV[i + 2])
   if lk > 0 then
     redis.call('ZADD', KEYS[l0 + lk], ARGV[i + 3], ARGV[u0 + u])
     if not seen[lk] then
@@ -63,7 +64,7 @@ for i = p0 + 1, p0 + 5 * n_plays, 5 do
 end
 local dirty, pending = {}, {}
 for j = 1, n_users do
-  local user, hkey = ARGV[u0 + j], KEYS[6 + j]
+  local user, hkey = ARGV[u0 + j], KEYS[h0 + j]
   dirty[#dirty + 1] = now; dirty[#dirty + 1] = user
   pending[#pending + 1] = seq; pending[#pending + 1] = user
   if redis.call('HLEN', hkey) > hcap + math.floor(hcap / 10) then
@@ -85,9 +86,9 @@ end
 chunked('ZADD', KEYS[3], dirty)
 chunked('ZADD', KEYS[4], pending)
 chunked('SADD', KEYS[5], new)
-local dlq = {}
-for i = p0 + 1 + 5 * n_plays, #ARGV do dlq[#dlq + 1] = ARGV[i] end
-chunked('RPUSH', KEYS[6], dlq)
+for i = p0 + 1 + 5 * n_plays, #ARGV, 2 do
+  redis.call('RPUSH', KEYS[5 + tonumber(ARGV[i])], ARGV[i + 1])
+end
 for i = 5, r_end, 4 do
   redis.call('HSET', offsets, inc .. '|' .. ARGV[i], ARGV[i + 2])
 end
