@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="times each fault is injected")
     p.add_argument("--retrain-s", type=float, default=30.0)
     p.add_argument("--small", action="store_true", help="CI size: 40k plays, each fault once")
+    p.add_argument("--out", type=Path, default=None, help="folder of the JSON result (default bench/results)")
     args = p.parse_args()
     if args.small:
         args.plays, args.rate, args.users, args.tracks = 40_000, 800.0, 3_000, 1_000
@@ -186,7 +187,7 @@ def main() -> None:
     finally:
         soak.stop()
     print(dumps(result))
-    write("chaos_small" if args.small else "chaos", result)
+    write("chaos_small" if args.small else "chaos", result, args.out)
 
 
 def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
     loader.join(timeout=duration + 120)
     res = load.get("r")
     return {
-        "config": {k: v for k, v in vars(args).items()},
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
         "plays_acknowledged": stream.acked,
         "plays_resent_after_failed_delivery": stream.resent,
         "faults": events,
@@ -262,10 +263,23 @@ def _serving(res: Any, events: list[dict[str, Any]], t_load: float) -> dict[str,
     total = len(lat)
     windows = [(e["at_s"], e["at_s"] + max(10.0, e["freshness_recovered_s"] or 10.0)) for e in events]
     during = [x for t, x in res.timeline if any(a <= t <= b for a, b in windows)]
+    # Redis killed: requests needing it get 503 + Retry-After until it is back (by design)
+    outages = [
+        (e["at_s"], e["at_s"] + (e["freshness_recovered_s"] or 10.0)) for e in events if e["fault"] == "redis_kill"
+    ]
+    by_fault = {
+        f"{e['fault']}@{e['at_s']}": sum(1 for t in res.failed_at if a <= t <= b)
+        for e, (a, b) in zip(events, windows, strict=True)
+    }
     return {
         "requests": total,
         "answered_200": total - res.errors,
         "availability": (total - res.errors) / max(1, total),
+        "availability_outside_redis_outages": 1
+        - sum(1 for t in res.failed_at if not any(a <= t <= b for a, b in outages)) / max(1, total),
+        "answers_by_status": {str(k): v for k, v in sorted(res.statuses.items())},  # 0 = no answer
+        "non_200_by_fault_window": by_fault,
+        "non_200_seconds": sorted({round(t, 0) for t in res.failed_at}),
         "errors_by_kind": res.error_kinds,
         "p99_ms": float(np.percentile(lat, 99) * 1000) if total else None,
         "p99_during_faults_ms": float(np.percentile(during, 99) * 1000) if during else None,

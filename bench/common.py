@@ -53,8 +53,9 @@ def in_child(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out  # type: ignore[no-any-return]
 
 
-def write(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(name: str, payload: dict[str, Any], folder: Path | None = None) -> Path:
+    folder = folder or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -63,7 +64,7 @@ def write(name: str, payload: dict[str, Any]) -> Path:
         },
         **payload,
     }
-    path = RESULTS / f"{name}.json"
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path

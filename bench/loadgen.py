@@ -28,6 +28,8 @@ class LoadResult:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # of this (load-generating) process during the run
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (due, latency) in seconds from start
+    statuses: dict[int, int] = field(default_factory=dict)  # answers by HTTP status
+    failed_at: list[float] = field(default_factory=list)  # due times (s from start) of non-200 answers
 
     def all(self) -> list[float]:
         return [x for xs in self.latencies.values() for x in xs]
@@ -65,20 +67,21 @@ async def _run(
 
     async def one(i: int, due: float) -> None:
         route, req = make(i)
-        ok = False
+        ok, status = False, 0
         async with slots:
             conn = idle.pop() if idle else None
             try:
                 if conn is not None:  # reused: if the server closed it meanwhile, retry once on a new one
                     try:
-                        ok = await _exchange(conn[0], conn[1], host, req) == 200
+                        status = await _exchange(conn[0], conn[1], host, req)
                     except ConnectionResetError:
                         conn[1].close()
                         conn = None
                 if conn is None:
                     conn = await asyncio.open_connection(host, port)
                     res.connections += 1
-                    ok = await _exchange(conn[0], conn[1], host, req) == 200
+                    status = await _exchange(conn[0], conn[1], host, req)
+                ok = status == 200
                 idle.append(conn)
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
                 res.error_kinds[type(exc).__name__] = res.error_kinds.get(type(exc).__name__, 0) + 1
@@ -87,6 +90,9 @@ async def _run(
         res.latencies.setdefault(route, []).append(clock() - due)
         res.timeline.append((due - start, res.latencies[route][-1]))
         res.errors += 0 if ok else 1
+        res.statuses[status] = res.statuses.get(status, 0) + 1
+        if not ok:
+            res.failed_at.append(due - start)
 
     cpu0 = time.process_time()
     for i in range(total):
