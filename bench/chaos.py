@@ -73,13 +73,14 @@ class Soak:
         self.r = redis.Redis.from_url(self.s.redis_url, socket_timeout=5)
         self.root = Root(self.s)
         self.snapshot: faults.Snapshot | None = None
+        self.injected_at = 0.0  # when the current fault actually struck (recovery counts from here)
         self.dlq: list[tuple[bytes, str]] = []
 
     def start(self, name: str, *args: str) -> None:
         cmd = [sys.executable, "-m", "services.cli", *args]
         self.procs[name] = spawn(cmd, self.workdir / f"{name}.log", self.env)
 
-    def wait(self, cond: Any, limit: float = 120.0) -> bool:
+    def wait(self, cond: Any, limit: float = 120.0, every: float = 0.05) -> bool:
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             try:
@@ -87,8 +88,11 @@ class Soak:
                     return True
             except Exception:
                 pass
-            time.sleep(0.05)
+            time.sleep(every)
         return False
+
+    def strike(self) -> None:
+        self.injected_at = time.time()
 
     def foldin_lag(self) -> int:
         return int(gather(self.root)["groups"]["encore-foldin"]["lag"])
@@ -96,12 +100,14 @@ class Soak:
     # ---- faults: each returns a note on what it did ----------------------------------
     def foldin(self, k: int) -> str:
         name = f"foldin{k % 2}"
+        self.strike()
         faults.sigkill(self.procs[name])
         self.start(name, "foldin")
         return f"SIGKILL {name}, restarted"
 
-    def _trainer_kill_when(self, cond: Any, what: str) -> str:
-        caught = self.wait(cond, limit=3 * self.args.retrain_s)
+    def _trainer_kill_when(self, cond: Any, what: str, every: float = 0.01) -> str:
+        caught = self.wait(cond, limit=3 * self.args.retrain_s, every=every)
+        self.strike()
         faults.sigkill(self.procs["train"])
         self.start("train", "train")
         return f"SIGKILL trainer {'mid-' + what if caught else '(moment not caught: ' + what + ')'}, restarted"
@@ -117,16 +123,19 @@ class Soak:
 
     def train_mid_checkpoint(self, k: int) -> str:
         tmp = Path(self.s.data_dir) / ".checkpoint.npz.tmp"
-        return self._trainer_kill_when(tmp.exists, "checkpoint")
+        return self._trainer_kill_when(tmp.exists, "checkpoint", every=0.0005)
 
     def serve_worker(self, k: int) -> str:
-        workers = faults.children_of(self.procs["serve"].pid)
-        victims = [p for p in workers if "multiprocessing" not in Path(f"/proc/{p}/cmdline").read_text()]
-        pid = (victims or workers)[0]
+        kids = faults.children_of(self.procs["serve"].pid)
+        cmd = {p: Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in kids}
+        workers = [p for p in kids if "resource_tracker" not in cmd[p]]
+        pid = workers[k % len(workers)]
+        self.strike()
         os.kill(pid, 9)
-        return f"SIGKILL serve worker {pid} (uvicorn restarts it)"
+        return f"SIGKILL serve worker {pid} of {len(workers)} (uvicorn restarts it)"
 
     def redis_kill(self, k: int) -> str:
+        self.strike()
         faults.restart_redis_hard(self.servers, down_s=1.0)
         return "SIGKILL Redis, restarted on its append-only file after 1 s"
 
@@ -137,6 +146,7 @@ class Soak:
         if self.snapshot is None:
             return "no snapshot"
         faults.restore(self.r, self.s.key_prefix, self.snapshot)
+        self.strike()
         n, self.snapshot = len(self.snapshot), None
         return f"Redis restored from an older snapshot ({n} keys)"
 
@@ -145,6 +155,7 @@ class Soak:
         drained = self.wait(lambda: self.foldin_lag() == 0, limit=60)
         time.sleep(2.0)  # the trainer polls every second
         self.dlq += read_topic(self.s.kafka_bootstrap, self.s.dlq_topic)
+        self.strike()
         faults.restart_broker(self.servers)
         self.root.clients.ensure_topics()
         self.snapshot = None  # a snapshot of the old incarnation would point at a log that is gone
@@ -212,7 +223,7 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
         return "similar", ("GET", f"/similar/{tracks[rng.integers(len(tracks))]}?n=10", b"")
 
     load: dict[str, Any] = {}
-    t_load = time.time()
+    t_load = time.time() + 0.2  # the generator's first request is due 0.2 s after it starts
     loader = threading.Thread(
         target=lambda: load.update(r=run_load("127.0.0.1", soak.port, args.http_rate, duration + 30, make)),
         daemon=True,
@@ -227,8 +238,8 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
             soak.wait(lambda n=n: time.monotonic() - t0 >= gap * (n + 0.4), duration)
             soak.take_snapshot()
         soak.wait(lambda n=n: time.monotonic() - t0 >= gap * (n + 1), duration)
-        at = time.time()
         note = soak.broker(n, stream) if fault == "broker" else getattr(soak, fault)(n)
+        at = soak.injected_at
         recovered = probe(s.kafka_bootstrap, s.plays_topic, soak.r, soak.root.keys, at, stream)
         events.append({"fault": fault, "at_s": round(at - t_load, 1), "note": note, "freshness_recovered_s": recovered})
         print(f"[{at - t_load:7.1f}s] {fault}: {note}; fresh again after {recovered}s", flush=True)
