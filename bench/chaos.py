@@ -35,6 +35,8 @@ from bench.loadgen import run_load
 from services.cli import process_defaults
 from services.cli.root import Root
 from services.cli.status import gather
+from services.infra.checked_files import temp_path
+from services.infra.data_dir import DataDir
 from services.infra.embedded import EmbeddedServers, free_port, spawn
 from services.infra.settings import Settings
 
@@ -122,7 +124,7 @@ class Soak:
         return self._trainer_kill_when(retraining, "retrain")
 
     def train_mid_checkpoint(self, k: int) -> str:
-        tmp = Path(self.s.data_dir) / ".checkpoint.npz.tmp"
+        tmp = temp_path(DataDir.of(self.s.data_dir).checkpoint)
         return self._trainer_kill_when(tmp.exists, "checkpoint", every=0.0005)
 
     def serve_worker(self, k: int) -> str:

@@ -33,10 +33,15 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def temp_path(path: Path) -> Path:
+    """Where `write_npz` writes before the rename (exists only while a write is under way)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write `arrays` with their digest; atomic and durable once this returns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         payload: dict[str, np.ndarray] = {**arrays, DIGEST: np.array(_digest(arrays))}
         np.savez(f, **payload)  # type: ignore[arg-type]

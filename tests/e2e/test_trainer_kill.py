@@ -16,6 +16,7 @@ import redis
 from core.synthetic import SyntheticMusic
 from services.batch.checkpoint import PlayMatrix
 from services.infra import kafka_admin as kafka_io
+from services.infra.checked_files import temp_path
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from tests.e2e.test_foldin_kill import _env
@@ -66,7 +67,7 @@ def test_kill9_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path: P
         time.sleep(rng.uniform(0.0, 0.5))
         child.send_signal(signal.SIGKILL)
         child.wait()
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = temp_path(path)
         mid_write += tmp.exists()
         pm = PlayMatrix.load(path)  # the last complete checkpoint
         upto = pm.applied("inc", 0)
