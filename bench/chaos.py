@@ -293,6 +293,7 @@ def _serving(res: Any, events: list[dict[str, Any]], t_load: float) -> dict[str,
         "answers_by_status": {str(k): v for k, v in sorted(res.statuses.items())},  # 0 = no answer
         "non_200_by_fault_window": by_fault,
         "non_200_seconds": sorted({round(t, 0) for t in res.failed_at}),
+        "non_200_sample": [f for f in res.failures if f[1] != 503][:20],
         "errors_by_kind": res.error_kinds,
         "p99_ms": float(np.percentile(lat, 99) * 1000) if total else None,
         "p99_during_faults_ms": float(np.percentile(during, 99) * 1000) if during else None,

@@ -30,6 +30,7 @@ class LoadResult:
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (due, latency) in seconds from start
     statuses: dict[int, int] = field(default_factory=dict)  # answers by HTTP status
     failed_at: list[float] = field(default_factory=list)  # due times (s from start) of non-200 answers
+    failures: list[tuple[float, int, str]] = field(default_factory=list)  # (due, status, path), first 200
 
     def all(self) -> list[float]:
         return [x for xs in self.latencies.values() for x in xs]
@@ -93,6 +94,8 @@ async def _run(
         res.statuses[status] = res.statuses.get(status, 0) + 1
         if not ok:
             res.failed_at.append(due - start)
+            if len(res.failures) < 200:
+                res.failures.append((round(due - start, 2), status, req[1]))
 
     cpu0 = time.process_time()
     for i in range(total):

@@ -51,7 +51,9 @@ class UpdateFollower:
         self.failure: str | None = None  # set when the follower stopped on a fatal fault
         self._reader: Consumer | None = None
         self._rebuilding: Snapshot | None = None  # the snapshot a rebuild was started from
-        self._rebuilt: Snapshot | None = None  # posted by the rebuild thread
+        # (snapshot it started from, result), posted by rebuild threads; a thread that outlived a
+        # version swap posts a result for a snapshot no longer served, which must be dropped
+        self._finished: list[tuple[Snapshot, Snapshot]] = []
         self._replay: list[FactorUpdate] = []  # applied since the rebuild's copy
 
     # ---- swaps ---------------------------------------------------------------------
@@ -77,7 +79,7 @@ class UpdateFollower:
             log.warning("serving follower: %s", exc)
             return False
         self._swap(snap)
-        self._rebuilding, self._rebuilt, self._replay = None, None, []
+        self._rebuilding, self._replay = None, []
         self.builder.prune({v for v, _ in self.models.versions()} | {version})
         log.info("serving model %s (%d tracks, ready in %.1fs)", version, len(snap.ip), time.perf_counter() - t0)
         return True
@@ -111,20 +113,25 @@ class UpdateFollower:
         self._rebuilding, self._replay = snap, []
 
         def build() -> None:
-            self._rebuilt = rebuilt(snap, ids, vecs)
+            fresh = rebuilt(snap, ids, vecs)
+            self._finished.append((snap, fresh))  # list.append and list.pop are atomic
 
         threading.Thread(target=build, daemon=True, name="index-rebuild").start()
 
     def finish_rebuild(self) -> bool:
-        """Swap in a finished rebuild and replay, in order, what arrived since its copy."""
-        fresh = self._rebuilt
+        """Swap in a finished rebuild and replay, in order, what arrived since its copy.
+
+        Only the rebuild of the snapshot being served counts: one started before a version swap
+        (its thread still running when the swap happened) would put the old version back.
+        """
+        done = [self._finished.pop(0) for _ in range(len(self._finished))]
+        fresh = next((new for origin, new in done if origin is self._rebuilding), None)
         if fresh is None:
             return False
-        replay = self._replay
-        self._rebuilt, self._replay = None, []
-        started_from, self._rebuilding = self._rebuilding, None
+        replay, started_from = self._replay, self._rebuilding
+        self._rebuilding, self._replay = None, []
         if started_from is not self.snapshot:
-            return False  # a new version was swapped in meanwhile
+            return False
         with self.lock.write():
             self.snapshot = fresh
         for u in replay:

@@ -202,3 +202,20 @@ def test_a_hung_redis_gets_a_bounded_503_and_ready_says_why(api, settings: Setti
             assert client.get("/ready").status_code == 200
     finally:
         own.stop()
+
+
+def test_a_rebuild_that_outlives_a_version_swap_never_brings_the_old_version_back(
+    api, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Found by the chaos soak: a rebuild thread of version A finishing after the swap to B (and
+    after B's own rebuild started) was swapped in, serving A again until the next refresh."""
+    client, state, version_a, _ = api
+    snap_a = state.snapshot
+    state._start_rebuild(snap_a)  # A's rebuild thread runs ...
+    version_b = publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=400, n_tracks=350, seed=8))
+    assert state.refresh() and state.snapshot.version == version_b  # ... the swap to B happens meanwhile
+    state._start_rebuild(state.snapshot)  # and B starts its own rebuild
+    assert wait_for(lambda: len(state._finished) == 2, timeout=30)
+    assert state.finish_rebuild()  # B's rebuild is swapped in; A's is dropped
+    assert state.snapshot.version == version_b and len(state.snapshot.ip) == 350
+    assert client.get("/similar/t340?n=5").status_code == 200  # a track only B knows
