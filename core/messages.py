@@ -103,6 +103,12 @@ class DeadLetter:
     def headers(self) -> list[tuple[str, bytes]]:
         return [("error", self.error.encode()), ("source", self.source.encode())]
 
+    @property
+    def offset(self) -> int:
+        """The input message's offset, from `source` (`topic/partition/offset`); -1 if absent."""
+        tail = self.source.rsplit("/", 1)[-1]
+        return int(tail) if tail.isdigit() else -1
+
     def to_json(self) -> str:
         """Durable form for a Redis queue (raw bytes kept exactly through latin-1)."""
         return json.dumps({"raw": self.raw.decode("latin-1"), "error": self.error, "source": self.source})

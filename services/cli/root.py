@@ -20,6 +20,7 @@ from services.batch.janitor import VersionJanitor
 from services.batch.retrain import Retrainer
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.batch.trainer import Trainer
+from services.infra import rdkafka
 from services.infra.checked_files import set_aside
 from services.infra.clients import Clients
 from services.infra.data_dir import DataDir
@@ -82,7 +83,14 @@ class Root:
         layer = SpeedLayer(s, self.history_store(group), self.models(), sink)
         consumer = self.clients.group_consumer(group)
         return FoldInWorker(
-            s, layer, consumer, sink, lambda: self.clients.topic_incarnation(s.plays_topic), self.board(), group
+            s,
+            layer,
+            consumer,
+            sink,
+            lambda: self.clients.topic_incarnation(s.plays_topic),
+            self.board(),
+            group,
+            lambda incarnation: rdkafka.produced_letters(s.kafka_bootstrap, s.dlq_topic, incarnation),
         )
 
     def trainer(self, engine_name: str = "local", rebuild: bool = False) -> Trainer:

@@ -121,10 +121,12 @@ class UpdatePublisher:
 
 
 class KafkaUpdateSink:
-    """The speed layer's update sink on Kafka: vectors to `factor-updates`, rejects to the DLQ."""
+    """The speed layer's update sink on Kafka: vectors to `factor-updates`, rejects to the DLQ
+    (each with the plays topic's `incarnation` header, set by the worker)."""
 
     def __init__(self, publisher: UpdatePublisher, updates_topic: str, dlq_topic: str) -> None:
         self.publisher, self.updates_topic, self.dlq_topic = publisher, updates_topic, dlq_topic
+        self.incarnation = ""
 
     def update(self, u: FactorUpdate) -> None:
         self.publisher.send(self.updates_topic, key=u.key(), value=u.value())
@@ -135,7 +137,8 @@ class KafkaUpdateSink:
             send(topic, key=key, value=value)
 
     def dead_letter(self, d: DeadLetter) -> None:
-        self.publisher.send(self.dlq_topic, value=d.raw, headers=d.headers())
+        headers = [*d.headers(), ("incarnation", self.incarnation.encode())]
+        self.publisher.send(self.dlq_topic, value=d.raw, headers=headers)
 
     def flush(self) -> None:
         self.publisher.flush()
@@ -148,3 +151,43 @@ def commit(c: Consumer, topic: str, last: dict[int, int]) -> None:
     """Synchronously commit `last offset + 1` per partition."""
     if last:
         c.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
+
+
+def produced_letters(bootstrap: str, dlq_topic: str, incarnation: str, tail: int = 100_000) -> dict[int, int]:
+    """Per plays partition, the highest source offset among this incarnation's dead letters in
+    the last `tail` records of the dead-letter topic: letters up to it are already produced.
+
+    The owner of a partition produces its letters in offset order and flushes before it settles
+    them, so this high-water mark tells a worker replaying lost Redis state which letters not to
+    send again.
+    """
+    c = consumer(bootstrap, f"encore-dlq-scan-{uuid.uuid4().hex[:12]}", **{"enable.partition.eof": True})
+    try:
+        meta = c.list_topics(dlq_topic, timeout=15).topics.get(dlq_topic)
+        start = []
+        for p in meta.partitions if meta is not None and meta.partitions else []:
+            low, high = c.get_watermark_offsets(TopicPartition(dlq_topic, p), timeout=10)
+            if high > low:
+                start.append(TopicPartition(dlq_topic, p, max(low, high - tail)))
+        c.assign(start)
+        done: dict[int, int] = {}
+        left, idle = {tp.partition for tp in start}, 0
+        while left and idle < 20:
+            batch = c.consume(num_messages=10_000, timeout=0.5)
+            idle = 0 if batch else idle + 1
+            for m in batch:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        left.discard(m.partition() or 0)
+                    continue
+                h = {k: v for k, v in m.headers() or []}
+                if (h.get("incarnation") or b"").decode() != incarnation:
+                    continue
+                src = (h.get("source") or b"").decode().split("/")
+                if len(src) >= 3 and src[-1].isdigit() and src[-2].isdigit():
+                    p, o = int(src[-2]), int(src[-1])
+                    done[p] = max(done.get(p, -1), o)
+        return done
+    finally:
+        c.close()

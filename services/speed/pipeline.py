@@ -86,11 +86,14 @@ class SpeedLayer:
         incarnation: str,
         expected: Mapping[int, int] | None = None,
         owned: Collection[int] = (),
+        letters_done: Mapping[int, int] | None = None,
     ) -> Outcome:
         """One micro-batch; raises on storage or broker errors (the caller retries it whole),
         and StateRewoundError, before anything is written, when the store's offsets fell below
         `expected` (the caller replays those partitions from the stored offsets). `owned`: the
-        partitions this worker is assigned, whose queued dead letters it sends."""
+        partitions this worker is assigned, whose queued dead letters it sends, except those at or
+        below `letters_done[partition]` (already in the dead-letter topic: a replay after Redis
+        lost state records them again)."""
         self.refresh_model()
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
@@ -98,9 +101,12 @@ class SpeedLayer:
         records = to_records(messages, limits, s.min_ms_played, known)
         applied = self.histories.apply(incarnation, records, expected)
         dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
-        for letters in dead.values():
+        done, sent = letters_done or {}, 0
+        for part, letters in dead.items():
             for d in letters:
-                self.sink.dead_letter(d)
+                if d.offset > done.get(part, -1):
+                    self.sink.dead_letter(d)
+                    sent += 1
         users: list[str] = []
         upto: float | None = None
         tracks = 0
@@ -110,4 +116,4 @@ class SpeedLayer:
             tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
         self.sink.flush()
         self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
-        return Outcome(len(records), applied, sum(len(v) for v in dead.values()), len(users), tracks)
+        return Outcome(len(records), applied, sent, len(users), tracks)

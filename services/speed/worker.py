@@ -48,12 +48,15 @@ class FoldInWorker:
         incarnation: Callable[[], str],
         board: StatusBoard,
         group: str = GROUP,
+        produced_letters: Callable[[str], dict[int, int]] = lambda _incarnation: {},
     ) -> None:
         self.s, self.layer, self.consumer, self.sink = settings, layer, consumer, sink
         self.board, self.group = board, group
         self._incarnation_of_topic = incarnation
         self.incarnation = ""
         self.positions: dict[int, int] = {}  # partition → offset the state holds (as last seen)
+        self._produced_letters = produced_letters
+        self.letters_done: dict[int, int] = {}  # partition → last source offset already in the DLQ
         self.stop_event = threading.Event()
         self._lag_at = self._verified_at = 0.0
         consumer.subscribe([settings.plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -70,6 +73,7 @@ class FoldInWorker:
                 stored = self.layer.histories.applied_offsets(self.incarnation)
                 for tp in assigned:
                     tp.offset = self._start_offset(tp.partition, stored.get(tp.partition, -1))
+                self._use_incarnation(self.incarnation)
                 break
             except Exception as exc:
                 if self.stop_event.is_set():
@@ -99,9 +103,16 @@ class FoldInWorker:
             self.board.report_gap(self.group, self.incarnation, partition, stored + 1, low)
         return max(stored + 1, low)
 
+    def _use_incarnation(self, incarnation: str) -> None:
+        """Dead letters carry the incarnation; read which ones the topic already has (a state
+        restored from an older copy records them again)."""
+        self.sink.incarnation = incarnation
+        self.letters_done = self._produced_letters(incarnation)
+
     def _rewind(self, stored: dict[int, int]) -> None:
         """Redis lost writes this worker had applied: replay those partitions from its offsets."""
         metrics.STATE_REWINDS.inc(len(stored))
+        self._use_incarnation(self.incarnation)
         for part, off in stored.items():
             applied = self.positions.get(part, -1)
             start = self._start_offset(part, off)
@@ -132,6 +143,7 @@ class FoldInWorker:
             inc,
         )
         self.incarnation = inc
+        self._use_incarnation(inc)
         stored = self.layer.histories.applied_offsets(inc)
         for tp in self.consumer.assignment():
             start = self._start_offset(tp.partition, stored.get(tp.partition, -1))
@@ -146,7 +158,7 @@ class FoldInWorker:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
             try:
-                out = self.layer.handle(messages, self.incarnation, expected, self.positions.keys())
+                out = self.layer.handle(messages, self.incarnation, expected, self.positions.keys(), self.letters_done)
                 break
             except StateRewoundError as exc:
                 self._rewind(exc.offsets)

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -102,6 +103,7 @@ def test_redis_restored_from_older_snapshot_is_replayed(settings: Settings, redi
     next one seeks to the stored offsets, not the group's). Histories end exact."""
     from prometheus_client import REGISTRY
 
+    from bench.chaos_stream import read_topic
     from bench.faults import restore, snapshot
 
     def rewinds() -> float:
@@ -109,34 +111,48 @@ def test_redis_restored_from_older_snapshot_is_replayed(settings: Settings, redi
 
     r = redis_client
     keys, group, events, expected, pub = _stream(settings, r, seed=14, n_events=6000)
+    bad_sent: list[bytes] = []
+
+    def produce(chunk: list[dict]) -> None:  # plays, and one malformed event per 100 of them
+        for _ in range(0, len(chunk), 100):
+            bad = f'{{"bad": "b{len(bad_sent)}"'.encode()
+            bad_sent.append(bad)
+            pub.publish_raw(b"x", bad)
+        _produce_expected(settings, chunk, pub, expected)
+
+    def all_applied(n_plays: int) -> Callable[[], bool]:
+        return lambda: _applied(r, keys, group) >= n_plays + len(bad_sent)
+
     w = WorkerThread(settings, group)
-    _produce_expected(settings, events[:1500], pub, expected)
-    assert wait_for(lambda: _applied(r, keys, group) >= 1500, timeout=60)
+    produce(events[:1500])
+    assert wait_for(all_applied(1500), timeout=60)
     old = snapshot(r, settings.key_prefix)
-    _produce_expected(settings, events[1500:3000], pub, expected)
-    assert wait_for(lambda: _applied(r, keys, group) >= 3000, timeout=60)
+    produce(events[1500:3000])
+    assert wait_for(all_applied(3000), timeout=60)
     before = rewinds()
     restore(r, settings.key_prefix, old)  # under the running worker
-    _produce_expected(settings, events[3000:4000], pub, expected)
+    produce(events[3000:4000])
     try:
-        assert wait_for(lambda: _applied(r, keys, group) >= 4000, timeout=90)
+        assert wait_for(all_applied(4000), timeout=90)
     finally:
         w.stop()
     _check(r, keys, expected)
     assert rewinds() > before, "the running worker noticed the rollback and rewound"
     old = snapshot(r, settings.key_prefix)
-    _produce_expected(settings, events[4000:5000], pub, expected)
+    produce(events[4000:5000])
     w2 = WorkerThread(settings, group)
-    assert wait_for(lambda: _applied(r, keys, group) >= 5000, timeout=60)
+    assert wait_for(all_applied(5000), timeout=60)
     w2.stop()
     restore(r, settings.key_prefix, old)  # Kafka's committed offsets now lie ahead of the state
-    _produce_expected(settings, events[5000:], pub, expected)
+    produce(events[5000:])
     w3 = WorkerThread(settings, group)
     try:
-        assert wait_for(lambda: _applied(r, keys, group) >= len(events), timeout=90)
+        assert wait_for(all_applied(len(events)), timeout=90)
     finally:
         w3.stop()
     _check(r, keys, expected)
+    letters = [v for v, _ in read_topic(settings.kafka_bootstrap, settings.dlq_topic)]
+    assert sorted(letters) == sorted(bad_sent)  # every malformed event exactly once, across two rollbacks
 
 
 def test_redis_at_maxmemory_refuses_whole_batches_then_heals_exactly(servers: dict, tmp_path) -> None:

@@ -128,3 +128,13 @@ def test_cold_start_track_gets_a_vector_from_its_listeners(layer: SpeedLayer) ->
     assert second.tracks_resolved == 1
     assert ("v1", "brand-new") in layer.models.tracks
     assert any(u.entity == "track" and u.entity_id == "brand-new" for u in layer.sink.flushed_updates())
+
+
+def test_letters_already_in_the_topic_are_settled_not_sent_again(layer: SpeedLayer) -> None:
+    """After Redis lost state, the replay records dead letters again; those the dead-letter topic
+    already has (at or below the worker's high-water mark) are dropped, the rest are sent."""
+    batch = [Msg(0, 0, b"{not json"), Msg(0, 1, _play("a", "t1")), Msg(0, 2, b"[]"), Msg(1, 0, b"{")]
+    out = layer.handle(batch, "inc", letters_done={0: 0})
+    assert [d.source for d in layer.sink.letters()] == ["plays/0/2", "plays/1/0"]
+    assert out.dead_letters == 2
+    assert layer.histories.dead_letters([0, 1]) == {}  # all settled
