@@ -234,11 +234,13 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
     schedule = [f for _ in range(args.repeats) for f in FAULTS]
     t0 = time.monotonic()
     events: list[dict[str, Any]] = []
+    snapshots: list[float] = []  # when each snapshot used by a later restore was taken
     gap = duration * 0.8 / (len(schedule) + 1)
     for n, fault in enumerate(schedule):
         if fault == "redis_restore":  # snapshot taken some time before the restore (older state)
             soak.wait(lambda n=n: time.monotonic() - t0 >= gap * (n + 0.4), duration)
             soak.take_snapshot()
+            snapshots.append(round(time.time() - t_load, 1))
         soak.wait(lambda n=n: time.monotonic() - t0 >= gap * (n + 1), duration)
         note = soak.broker(n, stream) if fault == "broker" else getattr(soak, fault)(n)
         at = soak.injected_at
@@ -248,7 +250,7 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
     stream.done.wait()
     caught_up = soak.wait(lambda: soak.foldin_lag() == 0, limit=300)
     time.sleep(3.0)
-    check = compare(soak.r, soak.root.keys, stream.expected)
+    check = compare(soak.r, soak.root.keys, stream.expected, stream.ledger, t_load)
     soak.dlq += read_topic(s.kafka_bootstrap, s.dlq_topic)
     loader.join(timeout=duration + 120)
     res = load.get("r")
@@ -257,6 +259,7 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
         "plays_acknowledged": stream.acked,
         "plays_resent_after_failed_delivery": stream.resent,
         "faults": events,
+        "snapshots_taken_at_s": snapshots,
         "caught_up": caught_up,
         "histories": check,
         "dead_letters": dead_letter_check(stream.bad_sent, soak.dlq),

@@ -13,11 +13,13 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import redis
 from confluent_kafka import Consumer, Producer
 
+from bench.chaos_ledger import Ledger
 from core.events import PlayEvent
 from services.infra import rdkafka
 from services.infra.keys import Keys
@@ -41,6 +43,7 @@ class PlayStream:
         self.running.set()
         self.done = threading.Event()
         self.rng = np.random.default_rng(7)
+        self.ledger = Ledger(total)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.producer = Producer(
             {"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5, "message.timeout.ms": 10_000}
@@ -49,10 +52,10 @@ class PlayStream:
     def start(self) -> None:
         self.thread.start()
 
-    def _message(self, i: int) -> tuple[bytes, bytes, tuple[str, str, float] | None, str | None]:
+    def _message(self, i: int) -> tuple[bytes, bytes, tuple[str, str, float] | None, str | None, int]:
         if i % self.bad_every == self.bad_every - 1:
             bad = f"chaos-bad-{i}"
-            return b"x", f'{{"bad": "{bad}"'.encode(), None, bad  # not JSON: a dead letter
+            return b"x", f'{{"bad": "{bad}"'.encode(), None, bad, i  # not JSON: a dead letter
         u = int(self.rng.integers(self.users))
         genre = u % 20
         per = max(1, self.tracks // 20)
@@ -64,28 +67,31 @@ class PlayStream:
         ms = int(self.rng.integers(5_000, 300_000))
         ev = PlayEvent(f"u{u}", f"t{t}", time.time(), ms, 1, False, None)
         w = ev.weight(MIN_MS)
-        return ev.user_id.encode(), ev.to_json(), (ev.user_id, ev.track_id, w), None
+        return ev.user_id.encode(), ev.to_json(), (ev.user_id, ev.track_id, w), None, i
 
-    def _send_all(self, batch: list[tuple[bytes, bytes, tuple[str, str, float] | None, str | None]]) -> None:
+    def _send_all(self, batch: list[tuple[bytes, bytes, tuple[str, str, float] | None, str | None, int]]) -> None:
         """Send until every message of the batch is acknowledged (failed ones again)."""
         producer = self.producer
         while batch:
             failed: set[int] = set()
-            for j, (key, value, _, _) in enumerate(batch):
+            for j, (key, value, _, _, i) in enumerate(batch):
 
-                def report(err: object, _msg: object, j: int = j, failed: set[int] = failed) -> None:
+                def report(err: object, msg: Any, j: int = j, i: int = i, failed: set[int] = failed) -> None:
                     if err is not None:
                         failed.add(j)
+                    else:
+                        self.ledger.acked(i, msg.partition(), msg.offset())
 
                 producer.produce(self.topic, value=value, key=key, on_delivery=report)
             left = producer.flush(15.0)
             if left:
                 failed = set(range(len(batch)))  # unknown fate is not counted; resent
-            for j, (_, _, play, bad) in enumerate(batch):
+            for j, (_, _, play, bad, i) in enumerate(batch):
                 if j in failed:
                     continue
                 if play is not None:
                     self.expected[play[0]][play[1]] += play[2]
+                    self.ledger.play(i, play[0], play[1])
                 if bad is not None:
                     self.bad_sent.add(bad)
                 self.acked += 1
@@ -164,10 +170,18 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes, str]]:
     return out
 
 
-def compare(r: redis.Redis, keys: Keys, expected: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Plays lost (expected, not stored) and counted twice (stored beyond expected), by weight."""
+def compare(
+    r: redis.Redis,
+    keys: Keys,
+    expected: dict[str, dict[str, float]],
+    ledger: Ledger | None = None,
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """Plays lost (expected, not stored) and counted twice (stored beyond expected), by weight;
+    with a ledger, a sample of the wrong (user, track) pairs and where their plays landed."""
     lost = doubled = 0.0
     users_off = 0
+    wrong: list[tuple[str, str, float]] = []
     names = list(expected)
     for s in range(0, len(names), 1000):
         pipe = r.pipeline(transaction=False)
@@ -179,6 +193,8 @@ def compare(r: redis.Redis, keys: Keys, expected: dict[str, dict[str, float]]) -
             off = False
             for t in set(want) | set(stored):
                 d = stored.get(t, 0.0) - want.get(t, 0.0)
+                if abs(d) > 1e-6:
+                    wrong.append((u, t, d))
                 if d > 1e-6:
                     doubled += d
                     off = True
@@ -186,7 +202,18 @@ def compare(r: redis.Redis, keys: Keys, expected: dict[str, dict[str, float]]) -
                     lost -= d
                     off = True
             users_off += off
-    return {"lost_plays": lost, "doubled_plays": doubled, "users_checked": len(names), "users_wrong": users_off}
+    out: dict[str, Any] = {
+        "lost_plays": lost,
+        "doubled_plays": doubled,
+        "users_checked": len(names),
+        "users_wrong": users_off,
+    }
+    if ledger is not None and wrong:
+        out["wrong_sample"] = [
+            {"user": u, "track": t, "stored_minus_expected": d, "plays": ledger.where(u, t, t0)}
+            for u, t, d in wrong[:40]
+        ]
+    return out
 
 
 def dead_letter_check(bad_sent: set[str], dlq: list[tuple[bytes, str]]) -> dict[str, object]:

@@ -10,6 +10,7 @@ offset lies below what the caller expects, Redis lost writes; nothing is written
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -21,7 +22,16 @@ from services.infra.keys import Keys
 from services.infra.lua import source
 from services.speed.records import DeadRecord, PlayRecord, Record
 
+log = logging.getLogger(__name__)
 HISTORIES_PER_CALL = 5000
+
+
+def _ranges(records: list[Record]) -> dict[int, tuple[int, int]]:
+    out: dict[int, tuple[int, int]] = {}
+    for r in records:
+        lo, hi = out.get(r.partition, (r.offset, r.offset))
+        out[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+    return out
 
 
 class FencingError(RuntimeError):
@@ -48,7 +58,14 @@ class RedisHistoryStore:
             stored = {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
             if status == -2:
                 raise StateRewoundError(stored)
-            records = [r for r in records if r.offset > stored.get(r.partition, -1)]
+            kept = [r for r in records if r.offset > stored.get(r.partition, -1)]
+            log.info(
+                "replayed records skipped (already applied): %d; stored offsets %s, batch ranges %s",
+                len(records) - len(kept),
+                stored,
+                _ranges(records),
+            )
+            records = kept
         raise FencingError("offsets kept moving under this worker: another writer owns its partitions")
 
     def _keys_and_args(
