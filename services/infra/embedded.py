@@ -29,7 +29,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 20.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -132,7 +132,7 @@ class EmbeddedServers:
         ]
         proc = spawn(cmd, os.path.join(self.workdir, "tansu.log"))
         self.procs.append(proc)
-        _wait_port(port, proc, "tansu broker")
+        wait_port(port, proc, "tansu broker")
         self.kafka_bootstrap = f"127.0.0.1:{port}"
         log.info("embedded Kafka-protocol broker on %s", self.kafka_bootstrap)
 
@@ -157,7 +157,7 @@ class EmbeddedServers:
         ]
         proc = spawn(cmd, os.path.join(self.workdir, "redis.log"))
         self.procs.append(proc)
-        _wait_port(port, proc, "redis-server")
+        wait_port(port, proc, "redis-server")
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         log.info("embedded Redis on %s", self.redis_url)
         return proc
