@@ -214,7 +214,12 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
     assert soak.wait(lambda: soak.root.models().current_version() is not None, 300), "no first model"
     soak.start("serve", "serve")
     assert soak.wait(lambda: _ready(soak.port), 300), "serve never ready"
-    loaded = soak.root.models().load_current()
+    # /similar asks for tracks of a version every serve worker already has (later versions only
+    # add tracks): a track of a version published a moment ago is rightly a 404 on a worker
+    # that has not switched yet
+    version = soak.root.models().current_version() or ""
+    assert soak.wait(lambda: _serving_version(soak.port, version, 8), 120), "serve never switched to " + version
+    loaded = soak.root.models().load(version)
     tracks = loaded.track_ids if loaded else ["t1"]
     duration = args.plays / args.rate
     rng = np.random.default_rng(3)
@@ -272,6 +277,18 @@ def _ready(port: int) -> bool:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
         return resp.status == 200
+
+
+def _serving_version(port: int, version: str, times: int) -> bool:
+    """`times` answers of /ready in a row (spread over the workers) report `version` or a later one."""
+    import json
+    import urllib.request
+
+    for _ in range(times):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
+            if json.loads(resp.read()).get("model_version", "") < version:
+                return False
+    return True
 
 
 def _serving(res: Any, events: list[dict[str, Any]], t_load: float) -> dict[str, Any]:
