@@ -29,6 +29,7 @@ import numpy as np
 import redis
 
 from bench import faults
+from bench.chaos_report import ready, serving_summary, serving_version
 from bench.chaos_stream import PlayStream, compare, dead_letter_check, dumps, probe, read_topic
 from bench.common import write
 from bench.loadgen import run_load
@@ -37,7 +38,7 @@ from services.cli.root import Root
 from services.cli.status import gather
 from services.infra.checked_files import temp_path
 from services.infra.data_dir import DataDir
-from services.infra.embedded import EmbeddedServers, free_port, spawn
+from services.infra.embedded import EmbeddedServers, free_port, spawn, stop_processes
 from services.infra.settings import Settings
 
 FAULTS = (
@@ -165,14 +166,7 @@ class Soak:
         return f"broker restarted empty (new incarnation); drained first: {drained}"
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=30)
-            except Exception:
-                p.kill()
+        stop_processes(list(self.procs.values()), timeout=30)
         self.root.close()
         self.servers.stop()
 
@@ -213,12 +207,12 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
     stream.start()
     assert soak.wait(lambda: soak.root.models().current_version() is not None, 300), "no first model"
     soak.start("serve", "serve")
-    assert soak.wait(lambda: _ready(soak.port), 300), "serve never ready"
+    assert soak.wait(lambda: ready(soak.port), 300), "serve never ready"
     # /similar asks for tracks of a version every serve worker already has (later versions only
     # add tracks): a track of a version published a moment ago is rightly a 404 on a worker
     # that has not switched yet
     version = soak.root.models().current_version() or ""
-    assert soak.wait(lambda: _serving_version(soak.port, version, 8), 120), "serve never switched to " + version
+    assert soak.wait(lambda: serving_version(soak.port, version, 8), 120), "serve never switched to " + version
     loaded = soak.root.models().load(version)
     tracks = loaded.track_ids if loaded else ["t1"]
     duration = args.plays / args.rate
@@ -268,55 +262,7 @@ def run(soak: Soak, args: argparse.Namespace) -> dict[str, Any]:
         "caught_up": caught_up,
         "histories": check,
         "dead_letters": dead_letter_check(stream.bad_sent, soak.dlq),
-        "serving": _serving(res, events, t_load) if res else None,
-    }
-
-
-def _ready(port: int) -> bool:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
-        return resp.status == 200
-
-
-def _serving_version(port: int, version: str, times: int) -> bool:
-    """`times` answers of /ready in a row (spread over the workers) report `version` or a later one."""
-    import json
-    import urllib.request
-
-    for _ in range(times):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as resp:
-            if json.loads(resp.read()).get("model_version", "") < version:
-                return False
-    return True
-
-
-def _serving(res: Any, events: list[dict[str, Any]], t_load: float) -> dict[str, Any]:
-    lat = np.array(res.all())
-    total = len(lat)
-    windows = [(e["at_s"], e["at_s"] + max(10.0, e["freshness_recovered_s"] or 10.0)) for e in events]
-    during = [x for t, x in res.timeline if any(a <= t <= b for a, b in windows)]
-    # Redis killed: requests needing it get 503 + Retry-After until it is back (by design)
-    outages = [
-        (e["at_s"], e["at_s"] + (e["freshness_recovered_s"] or 10.0)) for e in events if e["fault"] == "redis_kill"
-    ]
-    by_fault = {
-        f"{e['fault']}@{e['at_s']}": sum(1 for t in res.failed_at if a <= t <= b)
-        for e, (a, b) in zip(events, windows, strict=True)
-    }
-    return {
-        "requests": total,
-        "answered_200": total - res.errors,
-        "availability": (total - res.errors) / max(1, total),
-        "availability_outside_redis_outages": 1
-        - sum(1 for t in res.failed_at if not any(a <= t <= b for a, b in outages)) / max(1, total),
-        "answers_by_status": {str(k): v for k, v in sorted(res.statuses.items())},  # 0 = no answer
-        "non_200_by_fault_window": by_fault,
-        "non_200_seconds": sorted({round(t, 0) for t in res.failed_at}),
-        "non_200_sample": [f for f in res.failures if f[1] != 503][:20],
-        "errors_by_kind": res.error_kinds,
-        "p99_ms": float(np.percentile(lat, 99) * 1000) if total else None,
-        "p99_during_faults_ms": float(np.percentile(during, 99) * 1000) if during else None,
+        "serving": serving_summary(res, events, t_load) if res else None,
     }
 
 

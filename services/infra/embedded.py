@@ -60,6 +60,41 @@ def redis_binary() -> str:
     return path
 
 
+def redis_command(port: int, folder: str, *extra: str) -> list[str]:
+    """redis-server on loopback with an append-only file (fsync every second) in `folder`."""
+    return [
+        redis_binary(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--dir",
+        folder,
+        "--protected-mode",
+        "no",
+        *extra,
+    ]
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every live child, wait for each, SIGKILL whichever does not exit in time."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def spawn(
     cmd: list[str], log_path: str | os.PathLike[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -138,24 +173,7 @@ class EmbeddedServers:
 
     def start_redis(self, port: int | None = None) -> subprocess.Popen[bytes]:
         port = port or free_port()
-        cmd = [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            self.workdir,
-            "--protected-mode",
-            "no",
-        ]
-        proc = spawn(cmd, os.path.join(self.workdir, "redis.log"))
+        proc = spawn(redis_command(port, self.workdir), os.path.join(self.workdir, "redis.log"))
         self.procs.append(proc)
         wait_port(port, proc, "redis-server")
         self.redis_url = f"redis://127.0.0.1:{port}/0"
@@ -174,15 +192,7 @@ class EmbeddedServers:
         self.start_redis(port)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(reversed(self.procs)))
         self.procs.clear()
         if self.workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import redis
 
 from core.errors import EncoreError
-from services.infra.embedded import redis_binary, spawn, wait_port
+from services.infra.embedded import redis_command, spawn, stop_processes, wait_port
 
 log = logging.getLogger(__name__)
 NODE_TIMEOUT_MS = 2000  # failover within a few seconds of a master's death
@@ -82,31 +82,18 @@ class EmbeddedRedisCluster:
     def _start_node(self, port: int) -> None:
         folder = os.path.join(self.workdir, str(port))
         os.makedirs(folder, exist_ok=True)
-        cmd = [
-            redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
+        cmd = redis_command(
+            port,
+            folder,
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
             "nodes.conf",
             "--cluster-node-timeout",
             str(NODE_TIMEOUT_MS),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--save",
-            "",
             "--repl-diskless-sync-delay",
             "0",
-            "--dir",
-            folder,
-            "--protected-mode",
-            "no",
-        ]
+        )
         proc = spawn(cmd, os.path.join(folder, "redis.log"))
         self.procs[port] = proc
         if port not in self.ports:
@@ -172,20 +159,8 @@ class EmbeddedRedisCluster:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
 
-    def restart(self, port: int) -> None:
-        """Start a killed node again on its folder; it rejoins (as a replica if it was failed over)."""
-        self._start_node(port)
-
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(self.procs.values()))
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedisCluster:

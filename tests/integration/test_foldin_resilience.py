@@ -40,6 +40,22 @@ def _stream(settings: Settings, r: redis.Redis, seed: int, n_events: int) -> tup
     return Keys(settings.key_prefix), f"g-{uuid.uuid4().hex[:6]}", list(data.events(n_events)), expected, pub
 
 
+def _own_redis_settings(servers: dict, own: EmbeddedServers, prefix: str, tmp_path: object) -> tuple[str, Settings]:
+    """Fresh topics and key prefix on the shared broker, state on a Redis of the test's own
+    (one it may restart, stop or starve without hurting other tests)."""
+    tag = uuid.uuid4().hex[:8]
+    return tag, Settings(
+        kafka_bootstrap=str(servers["kafka"]),
+        redis_url=own.redis_url,
+        plays_topic=f"plays-{tag}",
+        dlq_topic=f"dlq-{tag}",
+        updates_topic=f"up-{tag}",
+        key_prefix=f"{prefix}-{tag}:",
+        factors=16,
+        data_dir=str(tmp_path),
+    )
+
+
 def _applied(r: redis.Redis, keys: Keys, group: str) -> int:
     return sum(int(v) + 1 for v in r.hgetall(keys.offsets(group)).values())
 
@@ -69,17 +85,7 @@ def test_two_workers_and_rebalances_lose_nothing(settings: Settings, redis_clien
 def test_redis_restart_mid_stream_loses_nothing(servers: dict, tmp_path) -> None:
     own = EmbeddedServers.start(kafka=False)  # a Redis of its own, so the restart hurts no other test
     try:
-        tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            kafka_bootstrap=str(servers["kafka"]),
-            redis_url=own.redis_url,
-            plays_topic=f"plays-{tag}",
-            dlq_topic=f"dlq-{tag}",
-            updates_topic=f"up-{tag}",
-            key_prefix=f"r-{tag}:",
-            factors=16,
-            data_dir=str(tmp_path),
-        )
+        _, settings = _own_redis_settings(servers, own, "r", tmp_path)
         r = redis.Redis.from_url(own.redis_url)
         keys, group, events, expected, pub = _stream(settings, r, seed=13, n_events=4000)
         w = WorkerThread(settings, group)
@@ -160,17 +166,7 @@ def test_redis_at_maxmemory_refuses_whole_batches_then_heals_exactly(servers: di
 
     own = EmbeddedServers.start(kafka=False)
     try:
-        tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            kafka_bootstrap=str(servers["kafka"]),
-            redis_url=own.redis_url,
-            plays_topic=f"plays-{tag}",
-            dlq_topic=f"dlq-{tag}",
-            updates_topic=f"up-{tag}",
-            key_prefix=f"m-{tag}:",
-            factors=16,
-            data_dir=str(tmp_path),
-        )
+        tag, settings = _own_redis_settings(servers, own, "m", tmp_path)
         r = redis.Redis.from_url(own.redis_url)
         keys, group, events, expected, pub = _stream(settings, r, seed=15, n_events=3000)
         w = WorkerThread(settings, group)
