@@ -32,6 +32,9 @@ STATE_REWINDS = Counter(
 REPLAY_GAPS = Counter(
     "encore_replay_gaps_total", "partitions whose needed offsets Kafka no longer holds (plays lost for good)", ["group"]
 )
+OFFSET_GAPS = Counter(
+    "encore_offset_gaps_total", "consumed batches that skipped offsets of a partition (cut there and fetched again)"
+)
 REDIS_OOM = Counter("encore_redis_oom_total", "Redis commands refused at maxmemory (retried, nothing written)")
 
 

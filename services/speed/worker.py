@@ -14,7 +14,6 @@ the worker loudly (its uncommitted batch is re-read by the next owner and fenced
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.settings import Settings
 from services.infra.status_board import StatusBoard
+from services.speed.continuity import OffsetContinuity
 from services.speed.pipeline import SpeedLayer
 from services.speed.records import last_offsets
 
@@ -55,6 +55,8 @@ class FoldInWorker:
         self._incarnation_of_topic = incarnation
         self.incarnation = ""
         self.positions: dict[int, int] = {}  # partition → offset the state holds (as last seen)
+        self.continuity = OffsetContinuity()  # partition → offset the next message must have
+        self._batch: list[Any] = []  # what is left of the consumed batch (retries see only that)
         self._produced_letters = produced_letters
         self.letters_done: dict[int, int] = {}  # partition → last source offset already in the DLQ
         self.stop_event = threading.Event()
@@ -73,6 +75,7 @@ class FoldInWorker:
                 stored = self.layer.histories.applied_offsets(self.incarnation)
                 for tp in assigned:
                     tp.offset = self._start_offset(tp.partition, stored.get(tp.partition, -1))
+                    self.continuity.expect(tp.partition, tp.offset)
                 self._use_incarnation(self.incarnation)
                 break
             except Exception as exc:
@@ -92,6 +95,7 @@ class FoldInWorker:
     def _on_revoke(self, _c: Consumer, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
             self.positions.pop(tp.partition, None)
+            self.continuity.forget(tp.partition)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     def _start_offset(self, partition: int, stored: int) -> int:
@@ -124,7 +128,7 @@ class FoldInWorker:
                 applied,
                 start,
             )
-            self.consumer.seek(TopicPartition(self.s.plays_topic, part, start))
+            self._seek(part, start)
 
     def _went_back(self, messages: list[Any]) -> bool:
         """A message at or below what the state holds, without a rewind of ours: the consumer
@@ -146,14 +150,29 @@ class FoldInWorker:
         self._use_incarnation(inc)
         stored = self.layer.histories.applied_offsets(inc)
         for tp in self.consumer.assignment():
-            start = self._start_offset(tp.partition, stored.get(tp.partition, -1))
-            self.consumer.seek(TopicPartition(self.s.plays_topic, tp.partition, start))
+            self._seek(tp.partition, self._start_offset(tp.partition, stored.get(tp.partition, -1)))
         return True
 
+    def _seek(self, partition: int, offset: int) -> None:
+        self.consumer.seek(TopicPartition(self.s.plays_topic, partition, offset))
+        self.continuity.expect(partition, offset)
+
+    def _follows_on(self, messages: list[Any]) -> list[Any]:
+        """The batch without what lies past a gap in a partition's offsets; those partitions
+        are fetched again from the offset expected (see `continuity`)."""
+        kept, refetch = self.continuity.cut(messages)
+        for part, off in refetch.items():
+            log.warning("partition %d: the consumer skipped ahead of offset %d; fetching again from there", part, off)
+            metrics.OFFSET_GAPS.inc()
+            self.consumer.seek(TopicPartition(self.s.plays_topic, part, off))
+        return kept
+
     def step(self, messages: list[Any]) -> None:
-        """Make one batch durable, then commit it (raises; `run` retries)."""
+        """Make one batch durable, then commit it (raises; `process` retries what is left)."""
+        messages = self._follows_on(messages)
         if messages and self._went_back(messages) and self._follow_incarnation():
             messages = []
+        self._batch = messages
         while True:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
@@ -162,7 +181,7 @@ class FoldInWorker:
                 break
             except StateRewoundError as exc:
                 self._rewind(exc.offsets)
-                messages = [m for m in messages if m.partition() not in exc.offsets]
+                messages = self._batch = [m for m in messages if m.partition() not in exc.offsets]
         metrics.EVENTS_APPLIED.inc(out.applied)
         metrics.EVENTS_SKIPPED.inc(out.records - out.applied)
         metrics.DEAD_LETTERS.inc(out.dead_letters)
@@ -171,6 +190,7 @@ class FoldInWorker:
         last = last_offsets(messages)
         for part, off in last.items():
             self.positions[part] = max(self.positions.get(part, -1), off)
+        self.continuity.advance(messages)
         rdkafka.commit(self.consumer, self.s.plays_topic, last)
 
     def verify_positions(self) -> None:
@@ -194,9 +214,9 @@ class FoldInWorker:
             lag += max(0, high - tp.offset) if tp.offset >= 0 else high
         metrics.LAG.set(lag)
 
-    def _one(self, messages: list[Any]) -> None:
-        if messages or self.layer.has_work():
-            self.step(messages)
+    def _one(self) -> None:
+        if self._batch or self.layer.has_work():
+            self.step(self._batch)
         elif time.monotonic() - self._verified_at >= 1.0:
             self._verified_at = time.monotonic()
             self.verify_positions()
@@ -209,11 +229,18 @@ class FoldInWorker:
             messages = rdkafka.data_messages(raw)
             metrics.EVENTS_IN.inc(len(messages))
             t0 = time.perf_counter()
-            one = functools.partial(self._one, messages)
-            if retry_step(one, self.stop_event, f"batch of {len(messages)}", backoff, metrics.RETRIES.inc):
+            if self.process(messages, backoff):
                 metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
             if on_batch and messages:
                 on_batch(len(messages))
+
+    def process(self, messages: list[Any], backoff: Backoff | None = None) -> bool:
+        """One consumed batch, retried on transient faults until durable. A retry sees only
+        what is left of it: partitions rewound or cut at a gap are fetched again, never
+        applied from the stale copy (that would skip the range in between)."""
+        self._batch = messages
+        what = f"batch of {len(messages)}"
+        return retry_step(self._one, self.stop_event, what, backoff or Backoff(), metrics.RETRIES.inc)
 
     def stop(self) -> None:
         """Ask the loop to end after the current batch (signal-handler safe)."""

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
+from core.errors import StateRewoundError
+from services.infra.lifecycle import Backoff
 from services.infra.settings import Settings
 from services.speed.pipeline import SpeedLayer
 from services.speed.worker import FoldInWorker
@@ -120,3 +122,76 @@ def test_an_idle_worker_notices_the_rollback_without_new_plays() -> None:
     store.offsets[("inc", 0)] = 3
     w.verify_positions()
     assert c.seeks == [(0, 4)]
+
+
+def _reference(batches: list[list[Msg]]) -> dict[str, dict[str, float]]:
+    """The histories of these plays applied straight to a store (no consumer in between)."""
+    store = FakeHistoryStore()
+    w, _, _ = _worker(store, Consumer())
+    for b in batches:
+        w.layer.handle(b, "inc")
+    return store.histories
+
+
+def test_a_batch_that_skips_offsets_is_cut_at_the_gap_and_fetched_again() -> None:
+    """The fence alone cannot see a batch starting above stored + 1 (the chaos soak once lost
+    one partition's slice of a micro-batch that way): the worker cuts it and re-fetches."""
+    store = FakeHistoryStore()
+    c = Consumer()
+    w, _, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0), TopicPartition("plays", 1)])
+    w.step(_msgs(0, range(0, 10)) + _msgs(1, range(0, 5)))
+    w.step(_msgs(0, range(10, 15)) + _msgs(0, range(30, 40)) + _msgs(1, range(5, 10)))  # 15..29 skipped
+    assert c.seeks == [(0, 15)]
+    assert store.offsets[("inc", 0)] == 14 and store.offsets[("inc", 1)] == 9
+    w.step(_msgs(0, range(15, 40)))  # the fresh fetch
+    assert store.histories == _reference([_msgs(0, range(0, 40)) + _msgs(1, range(0, 10))])
+
+
+def test_a_gap_that_the_log_really_has_is_accepted_on_the_second_look() -> None:
+    """Transaction markers and compaction leave offsets no message has: after one fresh fetch
+    that starts at the same offset again, the worker goes on."""
+    store = FakeHistoryStore()
+    c = Consumer()
+    w, _, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    w.step(_msgs(0, range(0, 10)))
+    w.step(_msgs(0, range(11, 20)))  # offset 10 is a commit marker
+    assert c.seeks == [(0, 10)] and store.offsets[("inc", 0)] == 9
+    w.step(_msgs(0, range(11, 20)))
+    assert c.seeks == [(0, 10)] and store.offsets[("inc", 0)] == 19
+    assert store.histories == _reference([_msgs(0, range(0, 10)) + _msgs(0, range(11, 20))])
+
+
+class _FlakyAfterRewind(FakeHistoryStore):
+    """Redis that answers the rewind and then drops the connection once (it is restarting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rewound = self.failed = False
+
+    def apply(self, incarnation: str, records: list[Any], expected: Any = None) -> int:
+        try:
+            return super().apply(incarnation, records, expected)
+        except StateRewoundError:
+            self.rewound = True
+            raise
+        finally:
+            if self.rewound and not self.failed and records:
+                self.failed = True
+                raise ConnectionError("connection reset")
+
+
+def test_a_retry_after_a_rewind_never_applies_the_stale_copy_of_a_rewound_partition() -> None:
+    store = _FlakyAfterRewind()
+    c = Consumer()
+    w, _, _ = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0), TopicPartition("plays", 1)])
+    w.step(_msgs(0, range(0, 20)) + _msgs(1, range(0, 5)))
+    snapshot = {k: dict(v) for k, v in store.histories.items()}, dict(store.offsets)
+    w.step(_msgs(0, range(20, 40)))
+    store.histories, store.offsets = snapshot  # Redis restored: 20..39 are lost
+    assert w.process(_msgs(0, range(40, 50)) + _msgs(1, range(5, 10)), Backoff(first=0.01))
+    assert store.failed and store.offsets[("inc", 0)] == 19  # not 49: 20..39 were not skipped
+    w.step(_msgs(0, range(20, 50)))  # the replay from Kafka
+    assert store.histories == _reference([_msgs(0, range(0, 50)) + _msgs(1, range(0, 10))])
