@@ -75,3 +75,20 @@ def redis_client(servers: dict[str, object]) -> Iterator[object]:
     client = redis.Redis.from_url(str(servers["redis"]))
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A real Redis Cluster: ENCORE_TEST_REDIS_CLUSTER_URL, else 3 masters + 3 replicas as
+    child processes (kept for the session; tests that kill nodes start their own)."""
+    url = os.environ.get("ENCORE_TEST_REDIS_CLUSTER_URL", "")
+    if url:
+        yield url
+        return
+    from services.infra.embedded_cluster import EmbeddedRedisCluster
+
+    cluster = EmbeddedRedisCluster.start(masters=3, replicas=1)
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()

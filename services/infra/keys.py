@@ -2,18 +2,92 @@
 
 Lua scripts never build keys: they receive every key they touch in KEYS, so this module stays
 the single source of the schema and a script's keys can be routed by a cluster client.
+
+On Redis Cluster (`buckets` > 0) the speed layer's per-user state lives in hash-tag buckets:
+user u belongs to bucket CRC32(u) mod `buckets`, and every key one atomic step touches (the
+histories of the bucket's users, its offsets fence, dirty and pending sets, dead-letter lists)
+carries the tag `{bucket}`, so the step runs in one slot. Vectors, listeners, versions and
+status keys have no tag: single-key reads and writes route by the whole key.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+
+def bucket_of(user_id: str, buckets: int) -> int:
+    """CRC32 (IEEE, as zlib, Java and Go compute it) of the UTF-8 id, modulo the bucket count."""
+    return zlib.crc32(user_id.encode()) % buckets
+
+
+@dataclass(frozen=True)
+class BucketKeys:
+    """The keys of one bucket's atomic step (Redis Cluster): all share the tag `{bucket}`."""
+
+    prefix: str
+    bucket: int
+
+    @property
+    def tag(self) -> str:
+        return "{" + str(self.bucket) + "}"
+
+    def offsets(self, group: str) -> str:
+        return f"{self.prefix}offsets:{self.tag}:{group}"
+
+    @property
+    def pending_seq(self) -> str:
+        return f"{self.prefix}foldin:{self.tag}:seq"
+
+    @property
+    def dirty_users(self) -> str:
+        return f"{self.prefix}dirty:{self.tag}:users"
+
+    @property
+    def pending_users(self) -> str:
+        return f"{self.prefix}foldin:{self.tag}:pending"
+
+    @property
+    def new_tracks(self) -> str:
+        """Never written (new tracks and listeners are kept outside the fenced step on a
+        cluster); present so the step's script has the same KEYS layout everywhere."""
+        return f"{self.prefix}tracks:{self.tag}:new"
+
+    def pending_dlq(self, partition: int) -> str:
+        return f"{self.prefix}foldin:{self.tag}:dlq:{partition}"
+
+    def history(self, user_id: str) -> str:
+        return f"{self.prefix}plays:{self.tag}:user:{user_id}"
+
+    def listeners(self, track_id: str) -> str:
+        return f"{self.prefix}listeners:{self.tag}:track:{track_id}"
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Key builder for one prefix (default `encore:`)."""
+    """Key builder for one prefix (default `encore:`); `buckets` > 0 on Redis Cluster."""
 
     prefix: str = "encore:"
+    buckets: int = 0
+
+    def __post_init__(self) -> None:
+        if self.buckets and ("{" in self.prefix or "}" in self.prefix):
+            raise ValueError(f"key prefix {self.prefix!r}: no braces on Redis Cluster (they are hash tags)")
+
+    def bucket(self, b: int) -> BucketKeys:
+        return BucketKeys(self.prefix, b)
+
+    def bucket_of_user(self, user_id: str) -> int:
+        return bucket_of(user_id, self.buckets)
+
+    def dlq_bucket(self, partition: int) -> int:
+        """The bucket whose step records a partition's dead letters."""
+        return partition % self.buckets
+
+    @property
+    def bucket_count(self) -> str:
+        """The bucket count the state was written with (Redis Cluster; fixed once written)."""
+        return f"{self.prefix}cluster:buckets"
 
     @property
     def current(self) -> str:
@@ -41,7 +115,9 @@ class Keys:
         return f"{self.prefix}model:{version}:*"
 
     def history(self, user_id: str) -> str:
-        """Hash track_id → accumulated play weight."""
+        """Hash track_id → accumulated play weight (on a cluster: in the user's bucket)."""
+        if self.buckets:
+            return self.bucket(self.bucket_of_user(user_id)).history(user_id)
         return f"{self.prefix}plays:user:{user_id}"
 
     def listeners(self, track_id: str) -> str:

@@ -70,6 +70,12 @@ class Settings:
     redis_timeout_s: float = _s(
         10.0, "timeout of every Redis command and connect (one policy for all clients)", min=0.1
     )
+    redis_cluster: str = _s(
+        "auto", "Redis Cluster mode: auto (ask the server), true or false", choices=("auto", "true", "false")
+    )
+    redis_buckets: int = _s(
+        256, "hash-tag buckets of per-user state on Redis Cluster (fixed once state is written)", min=1, max=16384
+    )
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @classmethod

@@ -18,7 +18,7 @@ import redis
 
 from core.errors import StateRewoundError
 from core.messages import DeadLetter
-from services.infra.keys import Keys
+from services.infra.keys import BucketKeys, Keys
 from services.infra.lua import source
 from services.speed.records import DeadRecord, PlayRecord, Record
 
@@ -26,12 +26,62 @@ log = logging.getLogger(__name__)
 HISTORIES_PER_CALL = 5000
 
 
-def _ranges(records: list[Record]) -> dict[int, tuple[int, int]]:
+def ranges_of(records: list[Record]) -> dict[int, tuple[int, int]]:
     out: dict[int, tuple[int, int]] = {}
     for r in records:
         lo, hi = out.get(r.partition, (r.offset, r.offset))
         out[r.partition] = (min(lo, r.offset), max(hi, r.offset))
     return out
+
+
+def apply_args(
+    k: Keys | BucketKeys,
+    group: str,
+    caps: tuple[int, int],
+    incarnation: str,
+    records: list[Record],
+    expected: Mapping[int, int],
+    ranges: Mapping[int, tuple[int, int]] | None = None,
+    listeners: bool = True,
+) -> tuple[list[str], list[object]]:
+    """KEYS and ARGV of apply_batch.lua (its header documents the layout). `ranges` (default:
+    the records' own) is what the step advances the fence over; `listeners` False leaves new
+    tracks' listeners to the caller (Redis Cluster keeps them outside the bucket's slot)."""
+    ranges = dict(ranges) if ranges is not None else ranges_of(records)
+    plays: dict[tuple[str, str], list[Any]] = {}
+    dead: list[tuple[int, str]] = []
+    for rec in records:
+        if isinstance(rec, PlayRecord):
+            agg = plays.get((rec.user, rec.track))
+            if agg is None:
+                plays[(rec.user, rec.track)] = [rec.weight, rec.ts, rec.new_track and listeners]
+            else:
+                agg[0] += rec.weight
+                agg[1] = max(agg[1], rec.ts)
+        elif isinstance(rec, DeadRecord):
+            dead.append((rec.partition, rec.letter.to_json()))
+    users: dict[str, int] = {}
+    tracks: dict[str, int] = {}
+    rows: list[object] = []
+    for (user, track), (w, ts, new) in plays.items():
+        u = users.setdefault(user, len(users) + 1)
+        lk = tracks.setdefault(track, len(tracks) + 1) if new else 0
+        rows += [u, track, repr(w), repr(ts), lk]
+    keys = [k.offsets(group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks]
+    keys += [k.pending_dlq(p) for p in ranges]
+    keys += [k.history(u) for u in users]
+    keys += [k.listeners(t) for t in tracks]
+    argv: list[object] = [incarnation, caps[0], caps[1], len(ranges)]
+    for part, (lo, hi) in ranges.items():
+        argv += [part, lo, hi, expected.get(part, -1)]
+    argv.append(len(users))
+    argv += list(users)
+    argv.append(len(plays))
+    range_no = {p: i + 1 for i, p in enumerate(ranges)}
+    letters: list[object] = []
+    for part, letter in dead:
+        letters += [range_no[part], letter]
+    return keys, argv + rows + letters
 
 
 class FencingError(RuntimeError):
@@ -51,7 +101,10 @@ class RedisHistoryStore:
         for _ in range(5):
             if not records:
                 return 0
-            reply = self._apply(*self._keys_and_args(incarnation, records, expected or {}))
+            keys, args = apply_args(
+                self.keys, self.group, (self.history_cap, self.listeners_cap), incarnation, records, expected or {}
+            )
+            reply = self._apply(keys, args)
             status = int(reply[0])
             if status >= 0:
                 return len(records)
@@ -63,53 +116,10 @@ class RedisHistoryStore:
                 "replayed records skipped (already applied): %d; stored offsets %s, batch ranges %s",
                 len(records) - len(kept),
                 stored,
-                _ranges(records),
+                ranges_of(records),
             )
             records = kept
         raise FencingError("offsets kept moving under this worker: another writer owns its partitions")
-
-    def _keys_and_args(
-        self, incarnation: str, records: list[Record], expected: Mapping[int, int]
-    ) -> tuple[list[str], list[object]]:
-        """KEYS and ARGV of apply_batch.lua (its header documents the layout)."""
-        ranges: dict[int, list[int]] = {}
-        plays: dict[tuple[str, str], list[Any]] = {}
-        dead: list[tuple[int, str]] = []
-        for rec in records:
-            lo_hi = ranges.setdefault(rec.partition, [rec.offset, rec.offset])
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], rec.offset), max(lo_hi[1], rec.offset)
-            if isinstance(rec, PlayRecord):
-                agg = plays.get((rec.user, rec.track))
-                if agg is None:
-                    plays[(rec.user, rec.track)] = [rec.weight, rec.ts, rec.new_track]
-                else:
-                    agg[0] += rec.weight
-                    agg[1] = max(agg[1], rec.ts)
-            elif isinstance(rec, DeadRecord):
-                dead.append((rec.partition, rec.letter.to_json()))
-        k = self.keys
-        users: dict[str, int] = {}
-        listeners: dict[str, int] = {}
-        rows: list[object] = []
-        for (user, track), (w, ts, new) in plays.items():
-            u = users.setdefault(user, len(users) + 1)
-            lk = listeners.setdefault(track, len(listeners) + 1) if new else 0
-            rows += [u, track, repr(w), repr(ts), lk]
-        keys = [k.offsets(self.group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks]
-        keys += [k.pending_dlq(p) for p in ranges]
-        keys += [k.history(u) for u in users]
-        keys += [k.listeners(t) for t in listeners]
-        argv: list[object] = [incarnation, self.history_cap, self.listeners_cap, len(ranges)]
-        for part, (lo, hi) in ranges.items():
-            argv += [part, lo, hi, expected.get(part, -1)]
-        argv.append(len(users))
-        argv += list(users)
-        argv.append(len(plays))
-        range_no = {p: i + 1 for i, p in enumerate(ranges)}
-        letters: list[object] = []
-        for part, letter in dead:
-            letters += [range_no[part], letter]
-        return keys, argv + rows + letters
 
     def applied_offsets(self, incarnation: str) -> dict[int, int]:
         raw = self.r.hgetall(self.keys.offsets(self.group))

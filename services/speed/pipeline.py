@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from core.events import Limits
 from services.infra.model_store import LoadedModel
@@ -37,6 +38,7 @@ class Outcome:
     dead_letters: int = 0
     users_resolved: int = 0
     tracks_resolved: int = 0
+    letters_upto: Mapping[int, int] = field(default_factory=dict)  # partition → last letter's offset sent
 
 
 class SpeedLayer:
@@ -101,14 +103,15 @@ class SpeedLayer:
         records = to_records(messages, limits, s.min_ms_played, known)
         applied = self.histories.apply(incarnation, records, expected)
         dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
-        done, sent = letters_done or {}, 0
+        done, sent, last_letter = letters_done or {}, 0, {}
         for part, letters in dead.items():
             for d in letters:
                 if d.offset > done.get(part, -1):
                     self.sink.dead_letter(d)
                     sent += 1
+                    last_letter[part] = d.offset
         users: list[str] = []
-        upto: float | None = None
+        upto: Any = None
         tracks = 0
         if self.model is not None:
             users, upto = self.histories.pending(PENDING_PER_STEP)
@@ -116,4 +119,4 @@ class SpeedLayer:
             tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
         self.sink.flush()
         self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
-        return Outcome(len(records), applied, sent, len(users), tracks)
+        return Outcome(len(records), applied, sent, len(users), tracks, last_letter)

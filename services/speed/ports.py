@@ -8,7 +8,7 @@ unit tests run the same speed-layer code on in-memory fakes (`tests/fakes.py`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,8 +34,9 @@ class HistoryStore(Protocol):
         """Flat [track, weight, track, weight, ...] per user, in the given order."""
         ...
 
-    def pending(self, limit: int) -> tuple[list[str], float]:
-        """Users awaiting a re-solve, oldest first, and the queue score they reach."""
+    def pending(self, limit: int) -> tuple[list[str], Any]:
+        """Users awaiting a re-solve, oldest first, and how far they reach in the queue (a
+        score; per bucket on Redis Cluster), for `settle`."""
         ...
 
     def queue_users(self, users: list[str]) -> None: ...
@@ -45,9 +46,9 @@ class HistoryStore(Protocol):
         (only a partition's owner asks, so no two workers send the same letter)."""
         ...
 
-    def settle(self, dead_letters: Mapping[int, int], done_upto: float | None) -> None:
+    def settle(self, dead_letters: Mapping[int, int], done_upto: Any) -> None:
         """After a flush: drop the first `dead_letters[p]` dead letters of each partition and the
-        pending users queued at or before score `done_upto` (None: none), in one round trip."""
+        pending users up to `done_upto` as `pending` returned it (None: none), in one round trip."""
         ...
 
     def changed_since(self, t: float) -> list[str]:

@@ -1,7 +1,8 @@
 """The HistoryStore contract: offset fencing, aggregation, caps, pending work and dead letters.
 
-One suite, every implementation: the Redis adapter on a real Redis, and the in-memory fake the
-speed layer's unit tests rely on (so the fake cannot drift from what Redis does).
+One suite, every implementation: the Redis adapter on a real Redis, the bucketed adapter on a
+real Redis Cluster (3 masters, 3 replicas), and the in-memory fake the speed layer's unit tests
+rely on (so neither can drift from what one Redis does).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import redis
 from core.messages import DeadLetter
 from services.infra.keys import Keys
 from services.infra.settings import Settings
+from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.history_store import RedisHistoryStore
 from services.speed.records import DeadRecord, PlayRecord, SkipRecord
 from tests.fakes import FakeHistoryStore
@@ -19,14 +21,24 @@ from tests.fakes import FakeHistoryStore
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["redis", "fake"])
-def make_store(request, settings: Settings, redis_client: redis.Redis):
+@pytest.fixture(params=["redis", "cluster", "fake"])
+def make_store(request, settings: Settings):
+    clients: list[redis.Redis | redis.RedisCluster] = []
+
     def make(history_cap: int = 100, listeners_cap: int = 3):
         if request.param == "fake":
             return FakeHistoryStore(history_cap, listeners_cap)
-        return RedisHistoryStore(redis_client, Keys(settings.key_prefix), "g", history_cap, listeners_cap)
+        if request.param == "cluster":
+            rc = redis.RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+            clients.append(rc)
+            keys = Keys(settings.key_prefix, buckets=16)
+            return ClusterHistoryStore(rc, keys, "g", history_cap, listeners_cap)
+        r = request.getfixturevalue("redis_client")
+        return RedisHistoryStore(r, Keys(settings.key_prefix), "g", history_cap, listeners_cap)
 
-    return make
+    yield make
+    for c in clients:
+        c.close()
 
 
 def _hist(store, user: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from core.errors import StateRewoundError
+from core.messages import DeadLetter
 from services.infra.lifecycle import Backoff
 from services.infra.settings import Settings
 from services.speed.pipeline import SpeedLayer
@@ -195,3 +196,21 @@ def test_a_retry_after_a_rewind_never_applies_the_stale_copy_of_a_rewound_partit
     assert store.failed and store.offsets[("inc", 0)] == 19  # not 49: 20..39 were not skipped
     w.step(_msgs(0, range(20, 50)))  # the replay from Kafka
     assert store.histories == _reference([_msgs(0, range(0, 50)) + _msgs(1, range(0, 10))])
+
+
+def test_a_dead_letter_sent_is_not_sent_again_when_redis_rolls_back_before_the_worker_notices() -> None:
+    """Redis restored to a moment between recording a letter and settling it brings the letter
+    back; a step that meets it before any play of its partition (re-solves only) must not send
+    it twice (the chaos soak saw one such duplicate)."""
+    store = FakeHistoryStore()
+    c = Consumer()
+    w, _, sink = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    w.step([*_msgs(0, range(0, 3)), Msg(0, 3, b"{not json")])
+    letters = [d for d in sink.flushed if isinstance(d, DeadLetter)]
+    assert [d.offset for d in letters] == [3] and not store.dlq.get(0)
+    store.dlq[0] = list(letters)  # the restored copy still holds it, not yet settled
+    store.queue_users(["u1"])  # pending re-solves: the worker steps without new plays
+    assert w.process([], Backoff(first=0.01))
+    assert [d.offset for d in sink.flushed if isinstance(d, DeadLetter)] == [3]
+    assert not store.dlq.get(0)  # dropped from the queue all the same
