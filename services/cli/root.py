@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+from typing import cast
 
 import redis
 from fastapi import FastAPI
+from redis.cluster import RedisCluster
 
 from services.batch.engines import engine
 from services.batch.ingest import Ingest
@@ -32,6 +34,7 @@ from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import SnapshotBuilder
+from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.history_store import RedisHistoryStore
 from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
@@ -64,8 +67,12 @@ class Root:
     def models(self) -> RedisModelStore:
         return RedisModelStore(self.redis, self.keys)
 
-    def history_store(self, group: str = FOLDIN_GROUP) -> RedisHistoryStore:
+    def history_store(self, group: str = FOLDIN_GROUP) -> RedisHistoryStore | ClusterHistoryStore:
+        """Histories on one Redis, or bucketed by hash tag on a Redis Cluster."""
         s = self.settings
+        if self.clients.cluster:
+            rc = cast(RedisCluster, self.redis)
+            return ClusterHistoryStore(rc, self.keys, group, s.history_cap, s.track_listeners_cap)
         return RedisHistoryStore(self.redis, self.keys, group, s.history_cap, s.track_listeners_cap)
 
     def board(self) -> StatusBoard:

@@ -58,7 +58,7 @@ def _group(state: dict[int, int], committed: dict[int, int], low: dict[int, int]
 
 
 def gather(root: Root) -> dict[str, Any]:
-    s, r, keys = root.settings, root.redis, root.keys
+    s = root.settings
     models, board = root.models(), root.board()
     now = time.time()
     report: dict[str, Any] = {"time": now, "problems": []}
@@ -96,8 +96,7 @@ def gather(root: Root) -> dict[str, Any]:
             end,
         ),
     }
-    report["pending_resolves"] = int(r.zcard(keys.pending_users))
-    queued = sum(int(r.llen(keys.pending_dlq(p))) for p in end)
+    report["pending_resolves"], queued = root.history_store().backlog(list(end))
     report["dead_letters"] = {"queued": queued, "in_topic": _topic_size(root, s.dlq_topic)}
     report["trainer"] = trainer
     if trainer.get("last_retrain_outcome") in ("failed", "rejected"):

@@ -3,24 +3,30 @@
 Every command and component gets its clients from `Clients(settings)`; nothing connects at
 import time. Redis: `ENCORE_REDIS_TIMEOUT_S` for connects and every command, one quick retry
 of a dropped connection (writes are fenced or idempotent, so a repeat is safe), health checks on
-idle connections. Kafka: request timeouts of 15 s, acks=all, manual commits.
+idle connections. Redis Cluster (`ENCORE_REDIS_CLUSTER`, auto-detected by default) gets
+redis-py's cluster clients with the same timeouts, and keys bucketed by hash tag (`Keys`).
+Kafka: request timeouts of 15 s, acks=all, manual commits.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from confluent_kafka import Consumer
 from kafka import KafkaConsumer, KafkaProducer
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.infra import kafka_admin, rdkafka
+from services.infra.cluster_io import fixed_bucket_count, is_cluster
 from services.infra.keys import Keys
 from services.infra.settings import Settings
 
@@ -37,18 +43,42 @@ def redis_options(timeout_s: float) -> dict[str, Any]:
     }
 
 
+def cluster_options(timeout_s: float) -> dict[str, Any]:
+    """Redis Cluster clients: the same timeouts; redirects and failovers are retried by the
+    cluster client itself (it re-learns the slots), and Encore's steps on top of that."""
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+
 @dataclass(frozen=True)
 class Clients:
     """Factory of every client, configured from one Settings."""
 
     settings: Settings
 
-    @property
+    @functools.cached_property
+    def cluster(self) -> bool:
+        """Whether Redis is a Redis Cluster (ENCORE_REDIS_CLUSTER, or asked of the server)."""
+        s = self.settings
+        return bool(s.redis_url) and is_cluster(s.redis_url, s.redis_cluster, s.redis_timeout_s)
+
+    @functools.cached_property
     def keys(self) -> Keys:
-        return Keys(self.settings.key_prefix)
+        """The key schema; on a cluster with the bucket count the state was written with."""
+        s = self.settings
+        if not self.cluster:
+            return Keys(s.key_prefix)
+        rc = self.redis()
+        try:
+            return Keys(s.key_prefix, fixed_bucket_count(rc, Keys(s.key_prefix).bucket_count, s.redis_buckets))
+        finally:
+            rc.close()
 
     def redis(self) -> redis.Redis:
+        """One Redis, or a `RedisCluster` (same single-key command API; multi-key writes go
+        through `mset_nonatomic`/`mget_nonatomic` or per-node pipelines where it matters)."""
         s = self.settings
+        if self.cluster:
+            return cast(redis.Redis, RedisCluster.from_url(s.redis_url, **cluster_options(s.redis_timeout_s)))
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES)
         return redis.Redis.from_url(s.redis_url, retry=retry, **redis_options(s.redis_timeout_s))
 
@@ -57,6 +87,8 @@ class Clients:
         from redis.asyncio.retry import Retry as AsyncRetry
 
         s = self.settings
+        if self.cluster:
+            return cast(aioredis.Redis, AsyncRedisCluster.from_url(s.redis_url, **cluster_options(s.redis_timeout_s)))
         retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES)
         return aioredis.Redis.from_url(s.redis_url, retry=retry, **redis_options(s.redis_timeout_s))
 

@@ -17,8 +17,6 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from core.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 Call = tuple[str, Callable[[Any], object]]  # (a key the call touches, adds it to a pipeline)
@@ -74,12 +72,16 @@ def refresh(rc: RedisCluster) -> None:
 
 
 def fixed_bucket_count(rc: RedisCluster, key: str, buckets: int) -> int:
-    """The bucket count is part of the key layout: record it on first use, refuse a change."""
+    """The bucket count is part of the key layout: the first writer records it (from
+    ENCORE_REDIS_BUCKETS), and everyone after uses the recorded one, readers included."""
     rc.set(key, buckets, nx=True)
     stored = int(rc.get(key) or buckets)
     if stored != buckets:
-        raise ConfigError(
-            f"ENCORE_REDIS_BUCKETS={buckets}, but the state in this Redis Cluster was written with {stored} "
-            f"buckets; set ENCORE_REDIS_BUCKETS={stored} (changing it needs a fresh key prefix and a replay)"
+        log.warning(
+            "ENCORE_REDIS_BUCKETS=%d, but the state in this Redis Cluster is laid out in %d buckets: using %d "
+            "(a new count needs a fresh key prefix and a replay from Kafka)",
+            buckets,
+            stored,
+            stored,
         )
     return stored

@@ -36,8 +36,13 @@ class Component(Protocol):
 def is_transient(exc: BaseException) -> bool:
     """True for faults that retrying can fix: lost connections, timeouts, a busy or failing-over
     server, an unreachable broker. Script errors, wrong types and bad data are not."""
-    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
-        return True  # redis-py strips the reply's code from these two
+    e = redis.exceptions
+    if isinstance(exc, e.OutOfMemoryError | e.ReadOnlyError | e.BusyLoadingError):
+        return True  # redis-py strips the reply's code from these
+    if isinstance(exc, e.ClusterError | e.AskError | e.TryAgainError):
+        return True  # CLUSTERDOWN, MASTERDOWN, MOVED, ASK, TRYAGAIN: a failover or reshard in progress
+    if isinstance(exc, e.RedisClusterException) and not isinstance(exc, e.ClusterCrossSlotError):
+        return True  # no reachable node, a slot not covered yet: the cluster is still electing
     if isinstance(exc, redis.ResponseError):
         return str(exc).startswith(_HEALING_REPLIES)
     return isinstance(exc, redis.RedisError | KafkaError | KafkaException | OSError | TimeoutError)

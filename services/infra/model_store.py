@@ -10,11 +10,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from core.als import ImplicitALS
 from core.errors import CorruptFileError, UnknownVersionError
@@ -69,6 +72,19 @@ class RedisModelStore:
 
     def __init__(self, r: redis.Redis, keys: Keys) -> None:
         self.r, self.keys = r, keys
+        self._cluster = isinstance(r, RedisCluster)
+
+    def _mset(self, mapping: Mapping[str, bytes]) -> None:
+        """One MSET; on a cluster one per slot, pipelined per node (vector keys carry no tag)."""
+        if self._cluster:
+            cast(RedisCluster, self.r).mset_nonatomic(dict(mapping))
+        else:
+            self.r.mset(dict(mapping))
+
+    def _mget(self, keys: list[str]) -> list[bytes | None]:
+        if self._cluster:
+            return cast(RedisCluster, self.r).mget_nonatomic(keys)  # type: ignore[no-any-return]
+        return self.r.mget(keys)  # type: ignore[no-any-return]
 
     # ---- versions ------------------------------------------------------------------
     def current_version(self) -> str | None:
@@ -102,7 +118,7 @@ class RedisModelStore:
             width = 4 * F.shape[1]
             for s in range(0, len(ids), CHUNK):
                 hi = min(s + CHUNK, len(ids))
-                self.r.mset({key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)})
+                self._mset({key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)})
         U = model.user_factors_.astype(np.float64)
         full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
         full_meta.update(
@@ -116,20 +132,21 @@ class RedisModelStore:
             }
         )
         full_meta.setdefault("trained_at", str(time.time()))
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.r.pipeline(transaction=False)  # nothing reads them before the flip
         pipe.hset(self.keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]
         pipe.set(self.keys.track_ids(version), "\n".join(track_ids))
         pipe.execute()
         self.flip(version)
 
     def flip(self, version: str) -> None:
-        """Make `version` current atomically (readers see the old or the new, never a mix)."""
+        """Make `version` current. The flip is the one write of `model:current`: a reader
+        reads it once per request and then only keys of that version, which stay readable for
+        the grace period, so no reader mixes two versions (on a cluster too: no transaction
+        spans slots, and none is needed). The version is listed before it becomes current."""
         if not self.r.exists(self.keys.meta(version)):
             raise UnknownVersionError(f"version {version} is not in Redis (expired?); see `encore model list`")
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.current, version)
-        pipe.zadd(self.keys.versions, {version: time.time()})
-        pipe.execute()
+        self.r.zadd(self.keys.versions, {version: time.time()})
+        self.r.set(self.keys.current, version)
         log.info("model version %s is current", version)
 
     def load(self, version: str) -> LoadedModel:
@@ -148,7 +165,7 @@ class RedisModelStore:
         if items is None:
             items = np.zeros((len(track_ids), model.factors), dtype=np.float32)
             for s in range(0, len(track_ids), CHUNK):
-                raw = self.r.mget([self.keys.track(version, t) for t in track_ids[s : s + CHUNK]])
+                raw = self._mget([self.keys.track(version, t) for t in track_ids[s : s + CHUNK]])
                 for j, b in enumerate(raw):
                     if b is not None:
                         items[s + j] = decode_vector(b)
@@ -194,12 +211,12 @@ class RedisModelStore:
     # ---- vectors -------------------------------------------------------------------
     def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]:
         """Stored vectors of `users` in `version` (None where missing), one MGET."""
-        return self.r.mget([self.keys.user(version, u) for u in users]) if users else []  # type: ignore[no-any-return]
+        return self._mget([self.keys.user(version, u) for u in users]) if users else []
 
     def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
         """One MSET of every given user's vector."""
         if users:
-            self.r.mset({self.keys.user(version, u): encode_vector(v) for u, v in zip(users, vectors, strict=True)})
+            self._mset({self.keys.user(version, u): encode_vector(v) for u, v in zip(users, vectors, strict=True)})
 
     def track_vector(self, version: str, track: str) -> bytes | None:
         return self.r.get(self.keys.track(version, track))  # type: ignore[no-any-return]

@@ -195,6 +195,13 @@ class ClusterHistoryStore:
         if calls:
             per_node(self.r, calls)
 
+    def backlog(self, partitions: Collection[int]) -> tuple[int, int]:
+        """(users awaiting a re-solve, dead letters recorded but not yet produced): for status."""
+        calls = [cmd("zcard", self.keys.bucket(b).pending_users) for b in self.all]
+        calls += [cmd("llen", self.keys.bucket(self.keys.dlq_bucket(p)).pending_dlq(p)) for p in partitions]
+        counts = [int(c) for c in per_node(self.r, calls)]
+        return sum(counts[: len(self.all)]), sum(counts[len(self.all) :])
+
     def changed_since(self, t: float) -> list[str]:
         keys = [self.keys.bucket(b).dirty_users for b in self.all]
         rows = per_node(self.r, [cmd("zrangebyscore", k, t, "+inf") for k in keys])

@@ -171,6 +171,15 @@ class RedisHistoryStore:
             pipe.zremrangebyscore(self.keys.pending_users, "-inf", done_upto)
         pipe.execute()
 
+    def backlog(self, partitions: Collection[int]) -> tuple[int, int]:
+        """(users awaiting a re-solve, dead letters recorded but not yet produced): for status."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(self.keys.pending_users)
+        for p in partitions:
+            pipe.llen(self.keys.pending_dlq(p))
+        counts = pipe.execute()
+        return int(counts[0]), sum(int(c) for c in counts[1:])
+
     def changed_since(self, t: float) -> list[str]:
         return [u.decode() for u in self.r.zrangebyscore(self.keys.dirty_users, t, "+inf")]
 

@@ -24,6 +24,12 @@ pytestmark = pytest.mark.unit
         (redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
         (redis.exceptions.ReadOnlyError("You can't write against a read only replica."), True),
         (redis.ResponseError("Script attempted to access a non local key in a cluster node"), False),
+        # Redis Cluster in a failover or reshard (redis-py strips MOVED/CLUSTERDOWN from the text)
+        (redis.exceptions.MovedError("3999 127.0.0.1:7001"), True),
+        (redis.exceptions.ClusterDownError("The cluster is down"), True),
+        (redis.exceptions.SlotNotCoveredError("Slot 3999 is not covered by the cluster."), True),
+        (redis.exceptions.RedisClusterException("Redis Cluster cannot be connected."), True),
+        (redis.exceptions.ClusterCrossSlotError(), False),
         (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
         (ConnectionRefusedError(), True),
         (ValueError("bad data"), False),
