@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from core.events import Limits
@@ -38,7 +38,6 @@ class Outcome:
     dead_letters: int = 0
     users_resolved: int = 0
     tracks_resolved: int = 0
-    letters_upto: Mapping[int, int] = field(default_factory=dict)  # partition → last letter's offset sent
 
 
 class SpeedLayer:
@@ -88,14 +87,16 @@ class SpeedLayer:
         incarnation: str,
         expected: Mapping[int, int] | None = None,
         owned: Collection[int] = (),
-        letters_done: Mapping[int, int] | None = None,
+        letters_done: MutableMapping[int, int] | None = None,
     ) -> Outcome:
         """One micro-batch; raises on storage or broker errors (the caller retries it whole),
         and StateRewoundError, before anything is written, when the store's offsets fell below
         `expected` (the caller replays those partitions from the stored offsets). `owned`: the
         partitions this worker is assigned, whose queued dead letters it sends, except those at or
         below `letters_done[partition]` (already in the dead-letter topic: a replay after Redis
-        lost state records them again)."""
+        lost state records them again). `letters_done` is raised as soon as the sink's flush
+        returns, before the letters are settled: if settling fails (Redis went away), the retry
+        must not send them twice."""
         self.refresh_model()
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
@@ -103,7 +104,8 @@ class SpeedLayer:
         records = to_records(messages, limits, s.min_ms_played, known)
         applied = self.histories.apply(incarnation, records, expected)
         dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
-        done, sent, last_letter = letters_done or {}, 0, {}
+        done = letters_done if letters_done is not None else {}
+        sent, last_letter = 0, dict[int, int]()
         for part, letters in dead.items():
             for d in letters:
                 if d.offset > done.get(part, -1):
@@ -118,5 +120,7 @@ class SpeedLayer:
             resolve_users(self.histories, self.models, self.model, users, self.sink)
             tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
         self.sink.flush()
+        for part, off in last_letter.items():
+            done[part] = max(done.get(part, -1), off)
         self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
-        return Outcome(len(records), applied, sent, len(users), tracks, last_letter)
+        return Outcome(len(records), applied, sent, len(users), tracks)

@@ -185,8 +185,6 @@ class FoldInWorker:
         metrics.EVENTS_APPLIED.inc(out.applied)
         metrics.EVENTS_SKIPPED.inc(out.records - out.applied)
         metrics.DEAD_LETTERS.inc(out.dead_letters)
-        for part, off in out.letters_upto.items():  # flushed: never send these again, even if
-            self.letters_done[part] = max(self.letters_done.get(part, -1), off)  # Redis rolls back
         metrics.USERS_FOLDED.inc(out.users_resolved)
         metrics.TRACKS_FOLDED.inc(out.tracks_resolved)
         last = last_offsets(messages)

@@ -214,3 +214,28 @@ def test_a_dead_letter_sent_is_not_sent_again_when_redis_rolls_back_before_the_w
     assert w.process([], Backoff(first=0.01))
     assert [d.offset for d in sink.flushed if isinstance(d, DeadLetter)] == [3]
     assert not store.dlq.get(0)  # dropped from the queue all the same
+
+
+class _SettleFailsOnce(FakeHistoryStore):
+    """Redis that goes away after the letters were produced and before they are settled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def settle(self, dead_letters: Any, done_upto: Any) -> None:
+        if any(dead_letters.values()) and not self.failed:
+            self.failed = True
+            raise ConnectionError("connection reset")
+        super().settle(dead_letters, done_upto)
+
+
+def test_a_retry_after_the_letters_were_flushed_does_not_send_them_again() -> None:
+    store = _SettleFailsOnce()
+    c = Consumer()
+    w, _, sink = _worker(store, c)
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    assert w.process([*_msgs(0, range(0, 3)), Msg(0, 3, b"{not json")], Backoff(first=0.01))
+    assert store.failed
+    assert [d.offset for d in sink.flushed if isinstance(d, DeadLetter)] == [3]
+    assert not store.dlq.get(0)
