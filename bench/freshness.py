@@ -1,12 +1,14 @@
 """Speed-layer freshness: produce → user's updated vector readable in Redis.
 
-    python -m bench.freshness [--rate 5000] [--seconds 20] [--backlog 200000]
+    python -m bench.freshness [--rate 5000] [--seconds 20] [--backlog 200000] [--topologies redis,cluster]
 
 Embedded broker and Redis, a model at factors=64 published, one `encore foldin` process.
 (1) At a fixed background produce rate, probe users (one play each, fresh ids) are timed from
 send to their vector key existing in Redis: p50/p99. (2) Maximum sustained throughput: a
 backlog of plays is produced first, then one worker is timed until it has applied all of it.
-Writes bench/results/freshness.json.
+Both on one Redis and, in the same run, on an embedded Redis Cluster (3 masters + 3 replicas,
+256 buckets), with the cluster's ratios to the single node. Writes bench/results/freshness.json
+(single node at the top level as before, the cluster under `cluster`).
 """
 
 from __future__ import annotations
@@ -27,19 +29,22 @@ from bench.common import write
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services.cli import process_defaults
-from services.infra.clients import Clients
+from services.cli.root import Root
 from services.infra.embedded import EmbeddedServers, spawn
+from services.infra.embedded_cluster import EmbeddedRedisCluster
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
+from services.speed.cluster_history_store import ClusterHistoryStore
+from services.speed.history_store import RedisHistoryStore
 
 
 def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
-        "ENCORE_REDIS_URL": servers.redis_url,
+        "ENCORE_REDIS_URL": settings.redis_url,
         "ENCORE_PLAYS_TOPIC": settings.plays_topic,
         "ENCORE_KEY_PREFIX": settings.key_prefix,
     }
@@ -53,57 +58,83 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--backlog", type=int, default=200_000)
+    ap.add_argument("--topologies", default="redis,cluster", help="comma-separated: redis, cluster")
     args = ap.parse_args()
     data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
     model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
     out: dict[str, Any] = {"factors": 64, "tracks": data.n_tracks}
     with EmbeddedServers.start() as servers:
-        r = redis.Redis.from_url(servers.redis_url)
-        for phase in ("latency", "throughput"):
-            settings = Settings(
-                kafka_bootstrap=servers.kafka_bootstrap,
-                redis_url=servers.redis_url,
-                plays_topic=f"plays-{phase}",
-                key_prefix=f"{phase}:",
-            )
-            keys = Keys(settings.key_prefix)
-            Clients(settings).ensure_topics()
-            version = new_version()
-            RedisModelStore(r, keys).publish(version, model, list(data.user_ids), list(data.track_ids), {})
-            pub = PlayPublisher.connect(servers.kafka_bootstrap, settings.plays_topic)
-            events = list(data.events(args.backlog if phase == "throughput" else int(args.rate * args.seconds)))
-            if phase == "latency":
-                out["latency"] = latency(servers, settings, r, keys, version, pub, events, args.rate)
+        for topology in args.topologies.split(","):
+            print(f"{topology}:")
+            if topology == "cluster":
+                with EmbeddedRedisCluster.start(masters=3, replicas=1) as cluster:
+                    out["cluster"] = run(servers, cluster.url, topology, data, model, args)
             else:
-                for ev in events:
-                    pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
-                pub.flush()
-                t0 = time.perf_counter()
-                proc = _worker(servers, settings)
-                first, first_n = 0.0, 0
-                while (n := applied(r, keys)) < len(events) and time.perf_counter() - t0 < 900:
-                    if n and not first:
-                        first, first_n = time.perf_counter(), n
-                    time.sleep(0.05)
-                end = time.perf_counter()
-                out["throughput"] = {
-                    "events": len(events),
-                    "seconds_incl_group_join": end - t0,
-                    "events_per_s_incl_group_join": len(events) / (end - t0),
-                    # sustained: from the first applied batch to the last, excluding start-up
-                    "events_per_s": (len(events) - first_n) / (end - first),
-                    "target_events_per_s": 20_000,
-                }
-                print(f"  throughput: {out['throughput']}")
-                proc.terminate()
-                proc.wait(timeout=30)
-            pub.close()
+                out.update(run(servers, servers.redis_url, topology, data, model, args))
+    if "cluster" in out and "throughput" in out:
+        c, one = out["cluster"], out
+        out["cluster_vs_single"] = {
+            "events_per_s": c["throughput"]["events_per_s"] / one["throughput"]["events_per_s"],
+            "p99_ms": c["latency"]["p99_ms"] / one["latency"]["p99_ms"],
+        }
+        print(f"  cluster vs single: {out['cluster_vs_single']}")
     write("freshness", out)
 
 
-def applied(r: redis.Redis, keys: Keys) -> int:
-    raw = r.hgetall(keys.offsets("encore-foldin"))
-    return sum(int(v) + 1 for v in raw.values())
+def run(
+    servers: EmbeddedServers, url: str, tag: str, data: SyntheticMusic, model: ImplicitALS, args: Any
+) -> dict[str, Any]:
+    """Both phases against one Redis or one Redis Cluster."""
+    out: dict[str, Any] = {}
+    for phase in ("latency", "throughput"):
+        settings = Settings(
+            kafka_bootstrap=servers.kafka_bootstrap,
+            redis_url=url,
+            plays_topic=f"plays-{phase}-{tag}",
+            key_prefix=f"{phase}:",
+        )
+        root = Root(settings)
+        r, keys = root.redis, root.keys
+        root.clients.ensure_topics()
+        version = new_version()
+        RedisModelStore(r, keys).publish(version, model, list(data.user_ids), list(data.track_ids), {})
+        pub = PlayPublisher.connect(servers.kafka_bootstrap, settings.plays_topic)
+        events = list(data.events(args.backlog if phase == "throughput" else int(args.rate * args.seconds)))
+        if phase == "latency":
+            out["latency"] = latency(servers, settings, r, keys, version, pub, events, args.rate)
+        else:
+            for ev in events:
+                pub.publish_raw(str(ev["user_id"]).encode(), json.dumps(ev).encode())
+            pub.flush()
+            store = root.history_store()
+            incarnation = root.clients.topic_incarnation(settings.plays_topic)
+            t0 = time.perf_counter()
+            proc = _worker(servers, settings)
+            first, first_n = 0.0, 0
+            while (n := applied(store, incarnation)) < len(events) and time.perf_counter() - t0 < 900:
+                if n and not first:
+                    first, first_n = time.perf_counter(), n
+                time.sleep(0.05)
+            end = time.perf_counter()
+            out["throughput"] = {
+                "events": len(events),
+                "seconds_incl_group_join": end - t0,
+                "events_per_s_incl_group_join": len(events) / (end - t0),
+                # sustained: from the first applied batch to the last, excluding start-up
+                "events_per_s": (len(events) - first_n) / (end - first),
+                "target_events_per_s": 20_000,
+            }
+            print(f"  throughput: {out['throughput']}")
+            proc.terminate()
+            proc.wait(timeout=30)
+        pub.close()
+        root.close()
+    return out
+
+
+def applied(store: RedisHistoryStore | ClusterHistoryStore, incarnation: str) -> int:
+    """Messages the state covers (on a cluster: up to the lowest bucket fence per partition)."""
+    return sum(o + 1 for o in store.applied_offsets(incarnation).values())
 
 
 def latency(

@@ -51,13 +51,27 @@ def servers() -> Iterator[dict[str, object]]:
         yield {"kafka": kafka, "redis": redis, "embedded": embedded}
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_topologies` run once on one Redis and once on a Redis Cluster."""
+    if metafunc.definition.get_closest_marker("both_topologies") and "topology" in metafunc.fixturenames:
+        metafunc.parametrize("topology", ["redis", "cluster"], indirect=True)
+
+
 @pytest.fixture
-def settings(servers: dict[str, object], tmp_path: object) -> Settings:
-    """Settings with this test's own topics and key prefix."""
+def topology(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def settings(servers: dict[str, object], tmp_path: object, topology: str, request: pytest.FixtureRequest) -> Settings:
+    """Settings with this test's own topics and key prefix (on a Redis Cluster for the
+    `cluster` leg of a `both_topologies` test)."""
     tag = uuid.uuid4().hex[:10]
+    cluster = topology == "cluster"
     return Settings(
         kafka_bootstrap=str(servers["kafka"]),
-        redis_url=str(servers["redis"]),
+        redis_url=request.getfixturevalue("redis_cluster_url") if cluster else str(servers["redis"]),
+        redis_buckets=16,
         plays_topic=f"plays-{tag}",
         dlq_topic=f"plays-{tag}.dlq",
         updates_topic=f"factor-updates-{tag}",
@@ -69,10 +83,11 @@ def settings(servers: dict[str, object], tmp_path: object) -> Settings:
 
 
 @pytest.fixture
-def redis_client(servers: dict[str, object]) -> Iterator[object]:
-    import redis
+def redis_client(settings: Settings) -> Iterator[object]:
+    """A client of the test's Redis (a cluster client on the cluster leg)."""
+    from services.infra.clients import Clients
 
-    client = redis.Redis.from_url(str(servers["redis"]))
+    client = Clients(settings).redis()
     yield client
     client.close()
 

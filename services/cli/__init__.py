@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+import redis
+
 from core.errors import EncoreError, FatalError
 from services.cli.parser import COMMANDS, build_parser
 from services.infra.settings import ConfigError, Settings, configure_logging
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except EncoreError as exc:
         print(f"encore {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except redis.ConnectionError as exc:  # at start-up, before any component retries on its own
+        print(f"encore {args.command}: cannot reach Redis: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

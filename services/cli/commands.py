@@ -98,21 +98,21 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
-    from services.cli.root import Root
+    from services.cli.root import STARTUP_PATIENCE_S, Root
     from services.infra import metrics
 
     _require_servers(s)
     metrics.serve_metrics(s.metrics_port)
-    root = Root(s)
+    root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
     return _run_component(root, worker, worker.run)
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:
-    from services.cli.root import Root
+    from services.cli.root import STARTUP_PATIENCE_S, Root
 
     _require_servers(s)
-    root = Root(s)
+    root = Root(s, STARTUP_PATIENCE_S)
     trainer = root.trainer(args.engine, rebuild=args.rebuild)
 
     def once() -> None:

@@ -40,13 +40,17 @@ from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
 from services.speed.worker import FoldInWorker
 
+STARTUP_PATIENCE_S = 30.0  # a component started beside Redis waits this long for it to answer
+
 
 class Root:
     """Builds Encore's parts for one process; `close` releases the shared Redis client."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, patience_s: float = 0.0) -> None:
+        """`patience_s`: how long a long-running component waits at start for Redis to answer
+        whether it is a cluster (commands like `status` answer at once instead)."""
         self.settings = settings
-        self.clients = Clients(settings)
+        self.clients = Clients(settings, patience_s=patience_s)
         self._redis: redis.Redis | None = None
 
     @property
@@ -159,5 +163,5 @@ def serving_app_from_env() -> FastAPI:
     sys.setswitchinterval(0.001)
     settings = Settings.from_env()
     configure_logging(settings.log_level)  # worker processes start with logging unconfigured
-    app, _ = Root(settings).serving_app()
+    app, _ = Root(settings, STARTUP_PATIENCE_S).serving_app()
     return app

@@ -54,12 +54,14 @@ class Clients:
     """Factory of every client, configured from one Settings."""
 
     settings: Settings
+    patience_s: float = 0.0  # how long to wait for Redis to answer whether it is a cluster
 
     @functools.cached_property
     def cluster(self) -> bool:
-        """Whether Redis is a Redis Cluster (ENCORE_REDIS_CLUSTER, or asked of the server)."""
+        """Whether Redis is a Redis Cluster (ENCORE_REDIS_CLUSTER, or asked of the server; a
+        failure to ask is raised, not cached)."""
         s = self.settings
-        return bool(s.redis_url) and is_cluster(s.redis_url, s.redis_cluster, s.redis_timeout_s)
+        return bool(s.redis_url) and is_cluster(s.redis_url, s.redis_cluster, s.redis_timeout_s, self.patience_s)
 
     @functools.cached_property
     def keys(self) -> Keys:

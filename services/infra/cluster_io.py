@@ -11,6 +11,7 @@ topology; the caller's step is retried whole, which its fences make safe.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,15 +33,26 @@ def script_call(script: Any, keys: list[str], args: list[object] | None = None) 
     return keys[0], lambda pipe: script(keys=keys, args=args or [], client=pipe)
 
 
-def is_cluster(url: str, mode: str, timeout_s: float) -> bool:
-    """`mode` true/false as configured; auto asks the server (INFO cluster)."""
+def is_cluster(url: str, mode: str, timeout_s: float, patience_s: float = 0.0) -> bool:
+    """`mode` true/false as configured; auto asks the server (INFO cluster), for up to
+    `patience_s` while it cannot be reached (a start-up race), then raises the connection error."""
     if mode != "auto":
         return mode == "true"
-    r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    try:
-        return bool(r.info("cluster").get("cluster_enabled"))
-    finally:
-        r.close()
+    deadline = time.monotonic() + patience_s
+    while True:
+        r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            return bool(r.info("cluster").get("cluster_enabled"))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() >= deadline:
+                raise redis.ConnectionError(
+                    f"cannot reach Redis to tell whether it is a Redis Cluster ({exc}); "
+                    "set ENCORE_REDIS_CLUSTER=true or false to skip the question"
+                ) from exc
+            log.warning("Redis not reachable yet to detect cluster mode (%s); retrying", exc)
+            time.sleep(1.0)
+        finally:
+            r.close()
 
 
 def per_node(rc: RedisCluster, calls: Sequence[Call]) -> list[Any]:

@@ -62,12 +62,9 @@ class EmbeddedRedisCluster:
         try:
             for _ in range(masters * (1 + replicas)):
                 c._start_node(cluster_port())
-            cli = shutil.which("redis-cli")
-            if cli is None:
-                raise EncoreError("redis-cli not found (Debian package redis-tools / redis-server)")
             nodes = [f"127.0.0.1:{p}" for p in c.ports]
             subprocess.run(
-                [cli, "--cluster", "create", *nodes, "--cluster-replicas", str(replicas), "--cluster-yes"],
+                [c._cli(), "--cluster", "create", *nodes, "--cluster-replicas", str(replicas), "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=60,
@@ -151,6 +148,36 @@ class EmbeddedRedisCluster:
             if time.monotonic() > deadline:
                 raise EncoreError("Redis Cluster did not become healthy")
             time.sleep(0.2)
+
+    def reshard(self, from_port: int, to_port: int, slots: int) -> None:
+        """Move `slots` slots (with their keys, live) from one master to another, as an
+        operator does with `redis-cli --cluster reshard`: clients see ASK and MOVED meanwhile."""
+        ids = {p: self.node(p).execute_command("CLUSTER", "MYID").decode() for p in (from_port, to_port)}
+        subprocess.run(
+            [
+                self._cli(),
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{from_port}",
+                "--cluster-from",
+                ids[from_port],
+                "--cluster-to",
+                ids[to_port],
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    @staticmethod
+    def _cli() -> str:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise EncoreError("redis-cli not found (Debian package redis-tools / redis-server)")
+        return cli
 
     def kill(self, port: int) -> None:
         """SIGKILL one node (no flush, no goodbye)."""

@@ -84,9 +84,16 @@ def create_app(
     queries = QueryService(follower, follower.models.keys)
     aio: dict[str, aioredis.Redis] = {}
 
+    def r() -> aioredis.Redis:
+        """The asyncio client, made on first use in this event loop (making it may ask Redis
+        whether it is a cluster: while Redis is unreachable that fails, and the request is a
+        503 like any other Redis fault, rather than the app failing to start)."""
+        if "r" not in aio:
+            aio["r"] = redis_factory()
+        return aio["r"]
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aio["r"] = redis_factory()  # bound to this event loop
         thread = None
         if follow:
             thread = threading.Thread(target=follower.run, daemon=True, name="serving-follower")
@@ -96,7 +103,8 @@ def create_app(
         if thread:
             thread.join(timeout=5)
         follower.close()
-        await aio.pop("r").aclose()
+        if "r" in aio:
+            await aio.pop("r").aclose()
 
     app = FastAPI(
         title="Encore",
@@ -128,15 +136,15 @@ def create_app(
         user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
     ) -> Response:
         check_n(n)
-        snap = await queries.snapshot(aio["r"])
-        vec, played = await queries.user_context(aio["r"], snap.version, user_id)
+        snap = await queries.snapshot(r)
+        vec, played = await queries.user_context(r(), snap.version, user_id)
         source, items = queries.recommend(snap, vec, n, played)
         return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items)
 
     @app.post("/recommendations", response_model=Recommendations)
     async def recommend_anonymous(req: AnonymousRequest) -> Response:
         check_n(req.n)
-        snap = await queries.snapshot(aio["r"])
+        snap = await queries.snapshot(r)
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
@@ -148,7 +156,7 @@ def create_app(
         track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
     ) -> Response:
         check_n(n)
-        snap = await queries.snapshot(aio["r"])
+        snap = await queries.snapshot(r)
         hits = queries.similar(snap, track_id, n)
         return answer({"track_id": track_id, "model_version": snap.version}, hits)
 
@@ -164,7 +172,7 @@ def create_app(
         if snap is None:
             return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
         try:
-            await aio["r"].ping()  # bounded by ENCORE_REDIS_TIMEOUT_S like every Redis call
+            await r().ping()  # bounded by ENCORE_REDIS_TIMEOUT_S like every Redis call
         except (redis.RedisError, OSError) as exc:
             reason = f"Redis unreachable: {type(exc).__name__}: {exc}"
             return JSONResponse({"ready": False, "reason": reason}, 503, headers={"Retry-After": "1"})

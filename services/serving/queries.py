@@ -9,7 +9,7 @@ processes instead (ENCORE_API_WORKERS).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -29,12 +29,14 @@ class QueryService:
     def __init__(self, follower: UpdateFollower, keys: Keys) -> None:
         self.follower, self.keys = follower, keys
 
-    async def snapshot(self, r: aioredis.Redis) -> Snapshot:
+    async def snapshot(self, r: Callable[[], aioredis.Redis]) -> Snapshot:
         """The current model. While this worker loads its first one (another worker may already
         answer, having built the snapshot this one now loads) a request waits for it, up to
-        FIRST_MODEL_WAIT_S, rather than failing; with no model published it fails at once."""
+        FIRST_MODEL_WAIT_S, rather than failing; with no model published it fails at once. `r`
+        gives the Redis client, asked for only while waiting (an answer from the snapshot alone,
+        like an anonymous one, needs no Redis)."""
         waited = 0.0
-        while self.follower.snapshot is None and waited < FIRST_MODEL_WAIT_S and await r.exists(self.keys.current):
+        while self.follower.snapshot is None and waited < FIRST_MODEL_WAIT_S and await r().exists(self.keys.current):
             await asyncio.sleep(0.05)
             waited += 0.05
         snap = self.follower.snapshot

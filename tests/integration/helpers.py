@@ -14,10 +14,26 @@ import redis
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
+from services.infra.clients import Clients
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
 from services.speed.worker import FoldInWorker
+
+
+def keys_for(settings: Settings) -> Keys:
+    """The key schema the services use for these settings (bucketed on a Redis Cluster)."""
+    return Clients(settings).keys
+
+
+def applied_count(settings: Settings, group: str = "encore-foldin") -> int:
+    """Messages of the plays topic the state covers (on a cluster: up to the lowest fence)."""
+    root = Root(settings)
+    try:
+        incarnation = root.clients.topic_incarnation(settings.plays_topic)
+        return sum(o + 1 for o in root.history_store(group).applied_offsets(incarnation).values())
+    finally:
+        root.close()
 
 
 def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:

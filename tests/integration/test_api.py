@@ -14,19 +14,18 @@ from core.messages import FactorUpdate
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
 from services.client import EncoreClient
-from services.infra.keys import Keys
 from services.infra.settings import Settings
 from services.serving.http_models import Recommendations, Similar
-from tests.integration.helpers import publish_synthetic_model, wait_for
+from tests.integration.helpers import keys_for, publish_synthetic_model, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_topologies]
 
 
 @pytest.fixture
 def api(settings: Settings, redis_client: redis.Redis):
     data = SyntheticMusic(n_users=400, n_tracks=300, seed=6)
     version = publish_synthetic_model(settings, redis_client, data)
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     redis_client.hset(keys.history("u5"), mapping={"t1": 3.0, "t2": 1.0})
     root = Root(settings)
     app, follower = root.serving_app(follow=False)  # the test drives the follower by hand

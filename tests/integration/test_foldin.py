@@ -13,12 +13,11 @@ import redis
 from core.messages import decode_vector
 from core.synthetic import SyntheticMusic
 from services.infra import kafka_admin as kafka_io
-from services.infra.keys import Keys
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
+from tests.integration.helpers import WorkerThread, keys_for, publish_synthetic_model, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_topologies]
 
 
 def _consume_all(settings: Settings, topic: str, want: int, timeout: float = 30) -> list:
@@ -43,7 +42,7 @@ def _consume_all(settings: Settings, topic: str, want: int, timeout: float = 30)
 def test_play_to_vector_history_and_dlq(settings: Settings, redis_client: redis.Redis) -> None:
     data = SyntheticMusic(n_users=300, n_tracks=200, seed=2)
     version = publish_synthetic_model(settings, redis_client, data)
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     kafka_io.ensure_topics(settings)
     worker = WorkerThread(settings, f"g-{uuid.uuid4().hex[:6]}")
     try:
@@ -78,7 +77,7 @@ def test_new_track_cold_start(settings: Settings, redis_client: redis.Redis) -> 
     settings = settings.with_(cold_start_min_listeners=3)
     data = SyntheticMusic(n_users=300, n_tracks=200, seed=3)
     version = publish_synthetic_model(settings, redis_client, data)
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     worker = WorkerThread(settings, f"g-{uuid.uuid4().hex[:6]}")
     try:
         pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)

@@ -17,7 +17,7 @@ from services.infra.embedded import EmbeddedServers
 from services.infra.keys import Keys
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
+from tests.integration.helpers import WorkerThread, applied_count, keys_for, publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def _stream(settings: Settings, r: redis.Redis, seed: int, n_events: int) -> tup
     kafka_io.ensure_topics(settings)
     expected: dict = defaultdict(lambda: defaultdict(float))
     pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
-    return Keys(settings.key_prefix), f"g-{uuid.uuid4().hex[:6]}", list(data.events(n_events)), expected, pub
+    return keys_for(settings), f"g-{uuid.uuid4().hex[:6]}", list(data.events(n_events)), expected, pub
 
 
 def _own_redis_settings(servers: dict, own: EmbeddedServers, prefix: str, tmp_path: object) -> tuple[str, Settings]:
@@ -66,6 +66,7 @@ def _check(r: redis.Redis, keys: Keys, expected: dict) -> None:
         assert stored == dict(tracks), user
 
 
+@pytest.mark.both_topologies
 def test_two_workers_and_rebalances_lose_nothing(settings: Settings, redis_client: redis.Redis) -> None:
     keys, group, events, expected, pub = _stream(settings, redis_client, seed=12, n_events=6000)
     a = WorkerThread(settings, group)
@@ -76,7 +77,7 @@ def test_two_workers_and_rebalances_lose_nothing(settings: Settings, redis_clien
     a.stop()  # leaves: rebalance again, b takes every partition
     _produce_expected(settings, events[4000:], pub, expected)
     try:
-        assert wait_for(lambda: _applied(redis_client, keys, group) >= len(events), timeout=90)
+        assert wait_for(lambda: applied_count(settings, group) >= len(events), timeout=90)
     finally:
         b.stop()
     _check(redis_client, keys, expected)

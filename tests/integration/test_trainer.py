@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 
 import numpy as np
 import pytest
@@ -15,12 +16,11 @@ from core.recommend import top_n
 from core.synthetic import SyntheticMusic
 from services.cli.produce import produce, synthetic_stream
 from services.cli.root import Root
-from services.infra.keys import Keys
 from services.infra.model_store import QUERY_SAMPLE
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from services.speed.records import PlayRecord
-from tests.integration.helpers import WorkerThread, encore, wait_for
+from tests.integration.helpers import WorkerThread, encore, keys_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +32,7 @@ def _feed(settings: Settings, n_users: int = 400, n_tracks: int = 200, seed: int
     return SyntheticMusic(n_users=n_users, n_tracks=n_tracks, seed=seed)
 
 
+@pytest.mark.both_topologies
 def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redis_client: redis.Redis) -> None:
     root = Root(settings)
     root.clients.ensure_topics()
@@ -39,7 +40,7 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     t = root.trainer()
     models = root.models()
     version = t.run_once()
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     assert models.current_version() == version
     meta = {k.decode(): v for k, v in redis_client.hgetall(keys.meta(version)).items()}
     assert float(meta["precision@10"]) > 0.05 and int(meta["n_plays"]) == data.matrix().nnz
@@ -101,6 +102,7 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     root.close()
 
 
+@pytest.mark.both_topologies
 def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -108,7 +110,7 @@ def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
     users whose history changed after that version's checkpoint."""
     root = Root(settings)
     root.clients.ensure_topics()
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     _feed(settings, 200, 100, seed=5)
     t = root.trainer()
     t.ingest.to_end()
@@ -117,7 +119,7 @@ def test_speed_layer_catches_up_users_who_played_after_the_checkpoint(
     root.history_store().apply("inc", [PlayRecord(0, 0, "late-user", "t3", 2.0, 1.0)])
     version = t.train_and_publish()
     assert redis_client.get(keys.user(version, "late-user")) is None  # the trainer did not fold it
-    worker = WorkerThread(settings, "encore-foldin")
+    worker = WorkerThread(settings, f"g-{uuid.uuid4().hex[:6]}")
     try:
         assert wait_for(lambda: redis_client.get(keys.user(version, "late-user")) is not None, timeout=60)
     finally:
@@ -142,7 +144,7 @@ def test_corrupt_checkpoint_is_refused_and_rebuilt(settings: Settings, redis_cli
     assert code == 0, err[-2000:]
     rebuilt = json.loads(out.strip().splitlines()[-1])["published"]
     assert rebuilt != version
-    meta = {k.decode(): v for k, v in redis_client.hgetall(Keys(settings.key_prefix).meta(rebuilt)).items()}
+    meta = {k.decode(): v for k, v in redis_client.hgetall(keys_for(settings).meta(rebuilt)).items()}
     assert int(meta["n_plays"]) == data.matrix().nnz  # every play of the topic is back
     assert list(ckpt.parent.glob("checkpoint.npz.set-aside-*")), "the damaged file is kept for a post-mortem"
     # A tampered model artifact is never loaded: the track vectors come from Redis instead.
