@@ -7,7 +7,7 @@ Embedded broker and Redis, a model at factors=64 published, one `encore foldin` 
 send to their vector key existing in Redis: p50/p99. (2) Maximum sustained throughput: a
 backlog of plays is produced first, then one worker is timed until it has applied all of it.
 Both on one Redis and, in the same run, on an embedded Redis Cluster (3 masters + 3 replicas,
-256 buckets), with the cluster's ratios to the single node. Writes bench/results/freshness.json
+64 buckets, the default), with the cluster's ratios to the single node. Writes bench/results/freshness.json
 (single node at the top level as before, the cluster under `cluster`).
 """
 

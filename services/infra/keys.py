@@ -6,8 +6,10 @@ the single source of the schema and a script's keys can be routed by a cluster c
 On Redis Cluster (`buckets` > 0) the speed layer's per-user state lives in hash-tag buckets:
 user u belongs to bucket CRC32(u) mod `buckets`, and every key one atomic step touches (the
 histories of the bucket's users, its offsets fence, dirty and pending sets, dead-letter lists)
-carries the tag `{bucket}`, so the step runs in one slot. Vectors, listeners, versions and
-status keys have no tag: single-key reads and writes route by the whole key.
+carries the tag `{bucket}`, so the step runs in one slot. Listeners, versions, meta and
+status keys have no tag: single-key reads and writes route by the whole key. Vectors carry the
+bucket tag too (of the user id, or of the track id), so a batch's vectors move in one MGET or
+MSET per bucket.
 """
 
 from __future__ import annotations
@@ -102,9 +104,16 @@ class Keys:
         return f"{self.prefix}model:{version}:meta"
 
     def user(self, version: str, user_id: str) -> str:
+        """A user's vector; on a cluster tagged with the user's bucket (as the history), so a
+        batch's vectors are one MGET/MSET per bucket rather than one command per user."""
+        if self.buckets:
+            return f"{self.prefix}model:{version}:user:{{{self.bucket_of_user(user_id)}}}:{user_id}"
         return f"{self.prefix}model:{version}:user:{user_id}"
 
     def track(self, version: str, track_id: str) -> str:
+        """A track's vector; on a cluster tagged with the track id's bucket (same CRC32 rule)."""
+        if self.buckets:
+            return f"{self.prefix}model:{version}:track:{{{bucket_of(track_id, self.buckets)}}}:{track_id}"
         return f"{self.prefix}model:{version}:track:{track_id}"
 
     def track_ids(self, version: str) -> str:

@@ -74,7 +74,7 @@ class Settings:
         "auto", "Redis Cluster mode: auto (ask the server), true or false", choices=("auto", "true", "false")
     )
     redis_buckets: int = _s(
-        256, "hash-tag buckets of per-user state on Redis Cluster (fixed once state is written)", min=1, max=16384
+        64, "hash-tag buckets of per-user state on Redis Cluster (fixed once state is written)", min=1, max=16384
     )
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

@@ -39,7 +39,7 @@ def applied_count(settings: Settings, group: str = "encore-foldin") -> int:
 def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:
     model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(data.matrix())
     version = new_version()
-    RedisModelStore(r, Keys(settings.key_prefix)).publish(
+    RedisModelStore(r, keys_for(settings)).publish(
         version, model, list(data.user_ids), list(data.track_ids), {"checkpoint_time": time.time()}
     )
     return version
