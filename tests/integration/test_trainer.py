@@ -16,6 +16,7 @@ from core.recommend import top_n
 from core.synthetic import SyntheticMusic
 from services.cli.produce import produce, synthetic_stream
 from services.cli.root import Root
+from services.infra.clients import Clients
 from services.infra.model_store import QUERY_SAMPLE
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
@@ -79,11 +80,16 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     stop = threading.Event()
 
     def reader() -> None:
-        rr = redis.Redis.from_url(settings.redis_url)
-        while not stop.is_set():
-            v = rr.get(keys.current).decode()
-            if rr.get(keys.user(v, "u1")) is None or rr.get(keys.track(v, "t1")) is None:
-                errors.append(v)
+        rr = Clients(settings).redis()  # a cluster client on the cluster leg
+        try:
+            while not stop.is_set():
+                v = rr.get(keys.current).decode()
+                if rr.get(keys.user(v, "u1")) is None or rr.get(keys.track(v, "t1")) is None:
+                    errors.append(v)
+        except redis.RedisError as exc:  # a reader that cannot read is a failure too
+            errors.append(repr(exc))
+        finally:
+            rr.close()
 
     th = threading.Thread(target=reader)
     th.start()
