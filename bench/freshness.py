@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--backlog", type=int, default=200_000)
     ap.add_argument("--topologies", default="redis,cluster", help="comma-separated: redis, cluster")
+    ap.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master of the embedded cluster")
     args = ap.parse_args()
     data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
     model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
@@ -67,8 +68,9 @@ def main() -> None:
         for topology in args.topologies.split(","):
             print(f"{topology}:")
             if topology == "cluster":
-                with EmbeddedRedisCluster.start(masters=3, replicas=1) as cluster:
+                with EmbeddedRedisCluster.start(masters=3, replicas=args.cluster_replicas) as cluster:
                     out["cluster"] = run(servers, cluster.url, topology, data, model, args)
+                    out["cluster"]["replicas_per_master"] = args.cluster_replicas
             else:
                 out.update(run(servers, servers.redis_url, topology, data, model, args))
     if "cluster" in out and "throughput" in out:
