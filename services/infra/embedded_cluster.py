@@ -179,6 +179,11 @@ class EmbeddedRedisCluster:
             raise EncoreError("redis-cli not found (Debian package redis-tools / redis-server)")
         return cli
 
+    def restart(self, port: int) -> None:
+        """Start a killed node again on its port and folder (its append-only file and
+        nodes.conf): it rejoins with the slots it had, minus what its AOF had not synced."""
+        self._start_node(port)
+
     def kill(self, port: int) -> None:
         """SIGKILL one node (no flush, no goodbye)."""
         proc = self.procs[port]

@@ -125,10 +125,10 @@ def test_the_bucket_count_is_fixed_once_state_is_written(on_cluster: tuple[Setti
     assert EncoreClient(s.redis_url, s.key_prefix).keys.buckets == 64
 
 
-def _exact_through(settings: Settings, fault: Callable[[EmbeddedRedisCluster, int], None]) -> None:
-    """Stream plays into a fold-in worker on a fresh 3+3 cluster, inject `fault` (given the
-    cluster and the master holding most buckets) a second in, and check every history exact."""
-    cluster = EmbeddedRedisCluster.start(masters=3, replicas=1)
+def _exact_through(settings: Settings, fault: Callable[[EmbeddedRedisCluster, int], None], replicas: int = 1) -> None:
+    """Stream plays into a fold-in worker on a fresh cluster (3 masters), inject `fault` (given
+    the cluster and the master holding most buckets) a second in, and check every history exact."""
+    cluster = EmbeddedRedisCluster.start(masters=3, replicas=replicas)
     s = settings.with_(redis_url=cluster.url, redis_buckets=BUCKETS)
     worker = WorkerThread(s, "encore-foldin")
     root = Root(s)
@@ -176,3 +176,19 @@ def test_exactly_once_across_a_reshard_mid_stream(settings: Settings) -> None:
         cluster.reshard(port, other, 3000)
 
     _exact_through(settings, reshard)
+
+
+def test_exactly_once_through_clusterdown(settings: Settings) -> None:
+    """A master without a replica killed: its slots are uncovered and every node answers
+    CLUSTERDOWN until it is back (on its append-only file, maybe without its last second).
+    The worker backs off with nothing committed and, once the cluster heals, replays what the
+    master lost: every history exact."""
+
+    def down_and_back(cluster: EmbeddedRedisCluster, port: int) -> None:
+        cluster.kill(port)
+        live = next(p for p in cluster.live_ports())
+        assert wait_for(lambda: cluster.info(live).get("cluster_state") == "fail", timeout=30)
+        time.sleep(1.0)  # plays keep streaming while the cluster is down
+        cluster.restart(port)
+
+    _exact_through(settings, down_and_back, replicas=0)
