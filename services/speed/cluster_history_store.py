@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any
 
 from redis.cluster import RedisCluster
 
@@ -30,18 +29,21 @@ from core.messages import DeadLetter
 from services.infra.cluster_io import Call, cmd, per_node, script_call
 from services.infra.keys import Keys
 from services.infra.lua import source
-from services.speed.history_store import HISTORIES_PER_CALL, FencingError, apply_args, ranges_of
+from services.speed.history_store import (
+    HISTORIES_PER_CALL,
+    FencingError,
+    TrackListeners,
+    apply_args,
+    ranges_of,
+    stored_offsets,
+)
 from services.speed.records import PlayRecord, Record
 
 log = logging.getLogger(__name__)
 Share = tuple[list[Record], dict[int, tuple[int, int]]]  # a bucket's records and fence ranges
 
 
-def _pairs(reply: list[Any]) -> dict[int, int]:
-    return {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
-
-
-class ClusterHistoryStore:
+class ClusterHistoryStore(TrackListeners):
     """HistoryStore on Redis Cluster (see `ports.HistoryStore` for the contract)."""
 
     def __init__(self, r: RedisCluster, keys: Keys, group: str, history_cap: int, listeners_cap: int) -> None:
@@ -85,10 +87,10 @@ class ClusterHistoryStore:
                 if status >= 0:
                     applied += len(todo[b][0])
                 elif status == -2:
-                    for p, o in _pairs(reply).items():
+                    for p, o in stored_offsets(reply).items():
                         lost[p] = min(lost.get(p, o), o)
                 else:
-                    share = self._unapplied(todo[b], _pairs(reply))
+                    share = self._unapplied(todo[b], stored_offsets(reply))
                     if share[1]:
                         again[b] = share
             if lost:
@@ -206,18 +208,3 @@ class ClusterHistoryStore:
         keys = [self.keys.bucket(b).dirty_users for b in self.all]
         rows = per_node(self.r, [cmd("zrangebyscore", k, t, "+inf") for k in keys])
         return [u.decode() for row in rows for u in row]
-
-    def new_tracks(self) -> list[str]:
-        return [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
-
-    def forget_new_tracks(self, tracks: list[str]) -> None:
-        if tracks:
-            self.r.srem(self.keys.new_tracks, *tracks)
-
-    def listener_weights(self, track: str) -> tuple[list[str], list[float]]:
-        listeners = [u.decode() for u in self.r.zrange(self.keys.listeners(track), 0, -1)]
-        pipe = self.r.pipeline(transaction=False)
-        for u in listeners:
-            pipe.hget(self.keys.history(u), track)
-        weights = [float(w) if w is not None else 0.0 for w in pipe.execute()] if listeners else []
-        return listeners, weights

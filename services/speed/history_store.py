@@ -84,11 +84,39 @@ def apply_args(
     return keys, argv + rows + letters
 
 
+def stored_offsets(reply: list[Any]) -> dict[int, int]:
+    """The {partition: stored offset} pairs of a refused apply_batch.lua reply."""
+    return {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+
+
 class FencingError(RuntimeError):
     """Offsets kept moving under this worker: another writer applies its partitions."""
 
 
-class RedisHistoryStore:
+class TrackListeners:
+    """New tracks and their recent listeners: untagged keys read the same way on one Redis and
+    on a cluster (single-key commands, a non-transactional pipeline)."""
+
+    r: Any
+    keys: Keys
+
+    def new_tracks(self) -> list[str]:
+        return [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
+
+    def forget_new_tracks(self, tracks: list[str]) -> None:
+        if tracks:
+            self.r.srem(self.keys.new_tracks, *tracks)
+
+    def listener_weights(self, track: str) -> tuple[list[str], list[float]]:
+        listeners = [u.decode() for u in self.r.zrange(self.keys.listeners(track), 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for u in listeners:
+            pipe.hget(self.keys.history(u), track)
+        weights = [float(w) if w is not None else 0.0 for w in pipe.execute()] if listeners else []
+        return listeners, weights
+
+
+class RedisHistoryStore(TrackListeners):
     """The HistoryStore port on one Redis (see `ports.HistoryStore` for the contract)."""
 
     def __init__(self, r: redis.Redis, keys: Keys, group: str, history_cap: int, listeners_cap: int) -> None:
@@ -108,7 +136,7 @@ class RedisHistoryStore:
             status = int(reply[0])
             if status >= 0:
                 return len(records)
-            stored = {int(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)}
+            stored = stored_offsets(reply)
             if status == -2:
                 raise StateRewoundError(stored)
             kept = [r for r in records if r.offset > stored.get(r.partition, -1)]
@@ -182,18 +210,3 @@ class RedisHistoryStore:
 
     def changed_since(self, t: float) -> list[str]:
         return [u.decode() for u in self.r.zrangebyscore(self.keys.dirty_users, t, "+inf")]
-
-    def new_tracks(self) -> list[str]:
-        return [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
-
-    def forget_new_tracks(self, tracks: list[str]) -> None:
-        if tracks:
-            self.r.srem(self.keys.new_tracks, *tracks)
-
-    def listener_weights(self, track: str) -> tuple[list[str], list[float]]:
-        listeners = [u.decode() for u in self.r.zrange(self.keys.listeners(track), 0, -1)]
-        pipe = self.r.pipeline(transaction=False)
-        for u in listeners:
-            pipe.hget(self.keys.history(u), track)
-        weights = [float(w) if w is not None else 0.0 for w in pipe.execute()] if listeners else []
-        return listeners, weights

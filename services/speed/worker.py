@@ -164,6 +164,7 @@ class FoldInWorker:
         for part, off in refetch.items():
             log.warning("partition %d: the consumer skipped ahead of offset %d; fetching again from there", part, off)
             metrics.OFFSET_GAPS.inc()
+            # not `_seek`: that would reset the gap's second look, which the re-fetch needs
             self.consumer.seek(TopicPartition(self.s.plays_topic, part, off))
         return kept
 
