@@ -1,13 +1,14 @@
 """The publish stage of a retrain on one Redis and on a Redis Cluster, in one run.
 
-    python -m bench.publish [--users 500000] [--tracks 200000] [--rounds 2]
+    python -m bench.publish [--users 500000] [--tracks 200000] [--rounds 2] [--cluster-replicas 1]
 
 Publishing a version writes every user and track vector (64 float32), the meta and the id list,
 then flips `model:current`: what `bench.retrain` times as "publish" at 10M plays (500k users,
 200k tracks). Here the vectors are random (training is not what is measured) and the same model
 is published alternately to an embedded single Redis and an embedded 3-master cluster (with
 replicas), `--rounds` times each; both are emptied between rounds. On the cluster the vectors go
-through `mset_nonatomic` (one MSET per slot, pipelined per node). Writes bench/results/publish.json.
+through `cluster_io.mset_per_node` (one MSET per slot, one pipeline per node, nodes in
+parallel). Writes bench/results/publish.json.
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=500_000)
     ap.add_argument("--tracks", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master of the embedded cluster")
     args = ap.parse_args()
     model = _model(args.users, args.tracks)
     user_ids = [f"u{i}" for i in range(args.users)]
     track_ids = [f"t{i}" for i in range(args.tracks)]
     runs: dict[str, list[float]] = {"single": [], "cluster": []}
-    with EmbeddedServers.start(kafka=False) as single, EmbeddedRedisCluster.start(masters=3, replicas=1) as cluster:
+    with (
+        EmbeddedServers.start(kafka=False) as single,
+        EmbeddedRedisCluster.start(masters=3, replicas=args.cluster_replicas) as cluster,
+    ):
         for _ in range(args.rounds):
             for name, url in (("single", single.redis_url), ("cluster", cluster.url)):
                 runs[name].append(_publish_s(url, model, user_ids, track_ids))
@@ -72,13 +77,14 @@ def main() -> None:
         "users": args.users,
         "tracks": args.tracks,
         "factors": 64,
+        "cluster_replicas_per_master": args.cluster_replicas,
         "seconds": runs,
         "best_s": best,
         "vectors_per_s": {k: (args.users + args.tracks) / v for k, v in best.items()},
         "cluster_vs_single_throughput": best["single"] / best["cluster"],
     }
     print(out)
-    write("publish", out)
+    write("publish" if args.cluster_replicas == 1 else f"publish_replicas{args.cluster_replicas}", out)
 
 
 if __name__ == "__main__":

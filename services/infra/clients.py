@@ -77,7 +77,7 @@ class Clients:
 
     def redis(self) -> redis.Redis:
         """One Redis, or a `RedisCluster` (same single-key command API; multi-key writes go
-        through `mset_nonatomic`/`mget_nonatomic` or per-node pipelines where it matters)."""
+        through cluster_io's per-node pipelines, the nodes at once, where it matters)."""
         s = self.settings
         if self.cluster:
             return cast(redis.Redis, RedisCluster.from_url(s.redis_url, **cluster_options(s.redis_timeout_s)))

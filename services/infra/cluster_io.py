@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
+from redis.crc import key_slot
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,109 @@ def is_cluster(url: str, mode: str, timeout_s: float, patience_s: float = 0.0) -
             r.close()
 
 
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="encore-redis-node")
+
+
+def _on_nodes(groups: Sequence[tuple[Any, Any]], fn: Callable[[Any, Any], Any]) -> list[Any]:
+    """fn(node, work) for every (node, work) group, the nodes at once: each master does its
+    share in parallel (and the network waits overlap) where a loop would visit them in turn."""
+    if len(groups) == 1:
+        return [fn(*groups[0])]
+    return list(_POOL.map(lambda g: fn(*g), groups))
+
+
 def per_node(rc: RedisCluster, calls: Sequence[Call]) -> list[Any]:
     """Run `calls` grouped by owning node, one pipeline each; results in call order."""
     groups: dict[str, tuple[Any, list[int]]] = {}
     for i, (key, _) in enumerate(calls):
         node = rc.get_node_from_key(key)
         groups.setdefault(node.name, (node, []))[1].append(i)
+
+    def send(node: Any, idx: list[int]) -> list[Any]:
+        pipe = node.redis_connection.pipeline(transaction=False)
+        for i in idx:
+            calls[i][1](pipe)
+        return pipe.execute()  # type: ignore[no-any-return]
+
     out: list[Any] = [None] * len(calls)
     try:
-        for node, idx in groups.values():
-            pipe = node.redis_connection.pipeline(transaction=False)
-            for i in idx:
-                calls[i][1](pipe)
-            for i, res in zip(idx, pipe.execute(), strict=True):
+        for (_, idx), results in zip(groups.values(), _on_nodes(list(groups.values()), send), strict=True):
+            for i, res in zip(idx, results, strict=True):
                 out[i] = res
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
         refresh(rc)
         raise
+    return out
+
+
+def _by_slot(keys: Sequence[str]) -> dict[int, list[int]]:
+    """Key positions grouped by slot. The slot is CRC16 of the hash tag (the key's first
+    `{...}`, as the cluster spec hashes it), computed once per tag rather than once per key."""
+    slots: dict[int, list[int]] = {}
+    memo: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        lo = k.find("{")
+        hi = k.find("}", lo + 1) if lo >= 0 else -1
+        tag = k[lo + 1 : hi] if hi > lo + 1 else k
+        slot = memo.get(tag)
+        if slot is None:
+            slot = memo[tag] = key_slot(tag.encode())
+        slots.setdefault(slot, []).append(i)
+    return slots
+
+
+def _retrying(rc: RedisCluster, what: str, attempt_fn: Callable[[], Any], attempts: int = 6) -> Any:
+    """Idempotent bulk reads and writes: after a MOVED, ASK or lost node the topology is
+    re-learnt and the whole call repeated (what redis-py's cluster client does per command)."""
+    for attempt in range(attempts):
+        try:
+            return attempt_fn()
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, redis.RedisClusterException) as exc:
+            refresh(rc)
+            if attempt == attempts - 1:
+                raise
+            log.warning("%s on the cluster failed (%s); topology re-read, trying again", what, exc)
+            time.sleep(min(0.25 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
+def _slot_groups(rc: RedisCluster, slots: dict[int, list[int]]) -> list[tuple[Any, list[list[int]]]]:
+    groups: dict[str, tuple[Any, list[list[int]]]] = {}
+    for slot, idx in slots.items():
+        node = rc.nodes_manager.get_node_from_slot(slot)
+        groups.setdefault(node.name, (node, []))[1].append(idx)
+    return list(groups.values())
+
+
+def mset_per_node(rc: RedisCluster, mapping: Mapping[str, bytes]) -> None:
+    """One MSET per slot, one pipeline per node, the nodes at once (redis-py's `mset_nonatomic`
+    visits them one by one). For vectors: idempotent, so a failed call is simply repeated."""
+    keys, values = list(mapping), list(mapping.values())
+    slots = _by_slot(keys)
+
+    def send(node: Any, per_slot: list[list[int]]) -> None:
+        pipe = node.redis_connection.pipeline(transaction=False)
+        for idx in per_slot:
+            pipe.execute_command("MSET", *[a for i in idx for a in (keys[i], values[i])])
+        pipe.execute()
+
+    _retrying(rc, "MSET", lambda: _on_nodes(_slot_groups(rc, slots), send))
+
+
+def mget_per_node(rc: RedisCluster, keys: Sequence[str]) -> list[bytes | None]:
+    """MGET of keys in any slots: one per slot, one pipeline per node, the nodes at once."""
+    slots = _by_slot(keys)
+    out: list[bytes | None] = [None] * len(keys)
+
+    def send(node: Any, per_slot: list[list[int]]) -> None:
+        pipe = node.redis_connection.pipeline(transaction=False)
+        for idx in per_slot:
+            pipe.execute_command("MGET", *[keys[i] for i in idx])
+        for idx, values in zip(per_slot, pipe.execute(), strict=True):
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+
+    _retrying(rc, "MGET", lambda: _on_nodes(_slot_groups(rc, slots), send))
     return out
 
 

@@ -172,6 +172,24 @@ class EmbeddedRedisCluster:
             timeout=300,
         )
 
+    def slot_ranges(self, port: int) -> list[tuple[int, int]]:
+        """The slot ranges the master on `port` serves (its own view)."""
+        return [(int(e[0]), int(e[1])) for e in self.node(port).execute_command("CLUSTER", "SLOTS") if e[2][1] == port]
+
+    def unassign(self, port: int) -> list[tuple[int, int]]:
+        """Take a master's slots out of every node's map (CLUSTER DELSLOTSRANGE everywhere): the
+        cluster has unassigned slots and answers CLUSTERDOWN; the node keeps its keys."""
+        ranges = self.slot_ranges(port)
+        for p in self.live_ports():
+            for lo, hi in ranges:
+                self.node(p).execute_command("CLUSTER", "DELSLOTSRANGE", lo, hi)
+        return ranges
+
+    def assign(self, port: int, ranges: list[tuple[int, int]]) -> None:
+        """Give `ranges` to the master on `port` (CLUSTER ADDSLOTSRANGE); gossip spreads the claim."""
+        for lo, hi in ranges:
+            self.node(port).execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+
     @staticmethod
     def _cli() -> str:
         cli = shutil.which("redis-cli")

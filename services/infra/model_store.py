@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -23,6 +24,7 @@ from core.als import ImplicitALS
 from core.errors import CorruptFileError, UnknownVersionError
 from core.messages import decode_vector, encode_vector
 from services.infra.checked_files import read_npz
+from services.infra.cluster_io import mget_per_node, mset_per_node
 from services.infra.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -75,15 +77,15 @@ class RedisModelStore:
         self._cluster = isinstance(r, RedisCluster)
 
     def _mset(self, mapping: Mapping[str, bytes]) -> None:
-        """One MSET; on a cluster one per slot, pipelined per node (vector keys carry no tag)."""
+        """One MSET; on a cluster one per slot, one pipeline per node, the nodes in parallel."""
         if self._cluster:
-            cast(RedisCluster, self.r).mset_nonatomic(dict(mapping))
+            mset_per_node(cast(RedisCluster, self.r), mapping)
         else:
             self.r.mset(dict(mapping))
 
     def _mget(self, keys: list[str]) -> list[bytes | None]:
         if self._cluster:
-            return cast(RedisCluster, self.r).mget_nonatomic(keys)  # type: ignore[no-any-return]
+            return mget_per_node(cast(RedisCluster, self.r), keys)
         return self.r.mget(keys)  # type: ignore[no-any-return]
 
     # ---- versions ------------------------------------------------------------------
@@ -109,16 +111,24 @@ class RedisModelStore:
         track_ids: list[str],
         meta: dict[str, object],
     ) -> None:
-        """Write every vector of `version` in chunks (one MSET each), then flip model:current in one step."""
-        for ids, F, key in (
-            (user_ids, model.user_factors_, self.keys.user),
-            (track_ids, model.item_factors_, self.keys.track),
-        ):
-            raw = np.ascontiguousarray(F, dtype="<f4").tobytes()
-            width = 4 * F.shape[1]
-            for s in range(0, len(ids), CHUNK):
-                hi = min(s + CHUNK, len(ids))
-                self._mset({key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)})
+        """Write every vector of `version` in chunks (one MSET each, the next chunk built while one is
+        written), then flip model:current in one step."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encore-publish") as writer:
+            sent: Future[None] | None = None  # one chunk in flight while the next is built
+            for ids, F, key in (
+                (user_ids, model.user_factors_, self.keys.user),
+                (track_ids, model.item_factors_, self.keys.track),
+            ):
+                raw = np.ascontiguousarray(F, dtype="<f4").tobytes()
+                width = 4 * F.shape[1]
+                for s in range(0, len(ids), CHUNK):
+                    hi = min(s + CHUNK, len(ids))
+                    chunk = {key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)}
+                    if sent is not None:
+                        sent.result()
+                    sent = writer.submit(self._mset, chunk)
+            if sent is not None:
+                sent.result()
         U = model.user_factors_.astype(np.float64)
         full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
         full_meta.update(

@@ -192,3 +192,21 @@ def test_exactly_once_through_clusterdown(settings: Settings) -> None:
         cluster.restart(port)
 
     _exact_through(settings, down_and_back, replicas=0)
+
+
+def test_exactly_once_through_unassigned_slots(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """The busiest master's slots taken out of the cluster's map mid-stream (unassigned slots:
+    CLUSTERDOWN everywhere), then given back: the worker says why it waits and that nothing
+    was committed, backs off, and ends with every history exact."""
+
+    def unassigned_and_back(cluster: EmbeddedRedisCluster, port: int) -> None:
+        ranges = cluster.unassign(port)
+        live = next(p for p in cluster.live_ports())
+        assert wait_for(lambda: cluster.info(live).get("cluster_state") == "fail", timeout=30)
+        time.sleep(2.0)  # plays keep streaming while slots are unassigned
+        cluster.assign(port, ranges)
+
+    with caplog.at_level("WARNING"):
+        _exact_through(settings, unassigned_and_back)
+    waits = [r.getMessage() for r in caplog.records if "nothing committed" in r.getMessage()]
+    assert any("ClusterDown" in m or "CLUSTERDOWN" in m or "not covered" in m for m in waits), waits[:5]

@@ -26,3 +26,39 @@ def test_spark_quality_matches_local(tmp_path) -> None:
     p_spark = ranking_metrics(spark.user_factors_, spark.item_factors_, train, test).precision
     print(f"precision@10 local {p_local:.4f} spark {p_spark:.4f}")
     assert p_spark >= 0.95 * p_local
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17 on PATH")
+def test_spark_trainer_publishes_on_a_redis_cluster(settings: Settings, redis_cluster_url: str) -> None:
+    """`encore train --engine spark` on a Redis Cluster: plays from Kafka, fitted by Spark, every
+    vector written to its slot and the version flipped; the lookup client reads them back."""
+    pytest.importorskip("pyspark")
+    from services.cli.produce import produce, synthetic_stream
+    from services.cli.root import Root
+    from services.client import EncoreClient
+    from services.produce import PlayPublisher
+
+    s = settings.with_(redis_url=redis_cluster_url, spark_master="local[2]")
+    pub = PlayPublisher.connect(s.kafka_bootstrap, s.plays_topic)
+    produce(pub, synthetic_stream(300, 150, 5, None, live=False))
+    pub.close()
+    root = Root(s)
+    try:
+        root.clients.ensure_topics()
+        trainer = root.trainer("spark")
+        version = trainer.run_once()
+        trainer.close()
+        models = root.models()
+        assert models.current_version() == version
+        meta = {k.decode(): v.decode(errors="replace") for k, v in models.meta(version).items()}
+        assert meta["engine"] == "spark" and int(meta["n_users"]) == 300
+        loaded = models.load(version)
+        client = EncoreClient(s.redis_url, s.key_prefix)
+        assert client.current_version() == version
+        vectors = [client.user_vector(f"u{u}") for u in range(300)]
+        assert all(v is not None and v.shape == (s.factors,) for v in vectors)
+        track = client.track_vector(loaded.track_ids[0])
+        assert track is not None and track.tolist() == loaded.model.item_factors_[0].tolist()
+        client.close()
+    finally:
+        root.close()
