@@ -80,7 +80,7 @@ def main() -> None:
             "p99_ms": c["latency"]["p99_ms"] / one["latency"]["p99_ms"],
         }
         print(f"  cluster vs single: {out['cluster_vs_single']}")
-    write("freshness", out)
+    write("freshness" if args.cluster_replicas == 1 else "freshness_cluster_no_replicas", out)
 
 
 def run(
