@@ -131,9 +131,11 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
 
     from services.cli.root import serving_app_from_env
     from services.infra.metrics import multiprocess_dir
+    from services.serving.auth import ApiAuth, warn_if_open
 
     _require_servers(s)
     host, port = args.host or s.api_host, args.port or s.api_port
+    warn_if_open(ApiAuth.from_settings(s), host)
     workers = s.api_workers or os.cpu_count() or 1
     if workers == 1:
         uvicorn.run(serving_app_from_env(), host=host, port=port, log_level="warning")

@@ -67,6 +67,10 @@ class Settings:
         0.95, "recall@10 vs exact search the auto-chosen ef must reach (95 % lower bound)", min=0.5, max=1.0
     )
     max_n: int = _s(100, "largest n the API accepts", min=1)
+    api_keys: str = _s("", "read API keys, comma-separated (none set anywhere: the API is open)", secret=True)
+    api_keys_file: str = _s("", "file with read API keys, one a line (re-read when it changes)")
+    admin_api_keys: str = _s("", "admin API keys, comma-separated (admin endpoints; may also read)", secret=True)
+    admin_api_keys_file: str = _s("", "file with admin API keys, one a line (re-read when it changes)")
     redis_timeout_s: float = _s(
         10.0, "timeout of every Redis command and connect (one policy for all clients)", min=0.1
     )
@@ -102,11 +106,18 @@ class Settings:
         rows = []
         for f in fields(self):
             value = str(getattr(self, f.name))
-            if f.metadata.get("secret") and "@" in value:
-                scheme, rest = value.split("://", 1)
-                value = f"{scheme}://***@{rest.split('@', 1)[1]}"
+            if f.metadata.get("secret") and value:
+                value = _masked(value)
             rows.append((f"ENCORE_{f.name.upper()}", value, f.metadata["doc"]))
         return rows
+
+
+def _masked(value: str) -> str:
+    """A URL keeps all but its credentials; anything else secret shows only how many items."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}" if "@" in rest else value
+    return f"*** ({len([v for v in value.split(',') if v.strip()])} set)"
 
 
 def _parse(name: str, raw: str, f: Any) -> Any:

@@ -7,6 +7,7 @@ client's one timeout policy allows).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -17,15 +18,16 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
-from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
-from core.errors import NoModelError, UnknownTrackError
+from core.errors import NoModelError, UnknownTrackError, UnknownVersionError
 from services.infra.metrics import watch_gc
 from services.infra.settings import Settings
+from services.serving.auth import ApiAuth
 from services.serving.follower import UpdateFollower
-from services.serving.http_models import MAX_ID_LENGTH, AnonymousRequest, Recommendations, Similar
+from services.serving.http_models import MAX_ID_LENGTH, Activated, AnonymousRequest, Recommendations, Similar
 from services.serving.queries import QueryService
 
 RETRY_AFTER_S = 1
@@ -76,10 +78,15 @@ def create_app(
     follower: UpdateFollower,
     redis_factory: Callable[[], aioredis.Redis],
     follow: bool = True,
+    auth: ApiAuth | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
-    app's lifetime (tests drive it by hand)."""
+    app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
+    admin key, once any key is configured (`auth`, from the settings when not given); /health,
+    /ready and the OpenAPI pages stay open for probes and client generators."""
     max_n = settings.max_n
+    auth = auth or ApiAuth.from_settings(settings)
+    reader, admin = [Depends(auth.require_read)], [Depends(auth.require_admin)]
     watch_gc()
     queries = QueryService(follower, follower.models.keys)
     aio: dict[str, aioredis.Redis] = {}
@@ -131,7 +138,7 @@ def create_app(
         if n > max_n:
             raise HTTPException(422, detail=f"n must be <= {max_n}")
 
-    @app.get("/recommendations/{user_id}", response_model=Recommendations)
+    @app.get("/recommendations/{user_id}", response_model=Recommendations, dependencies=reader)
     async def recommend(
         user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
     ) -> Response:
@@ -141,7 +148,7 @@ def create_app(
         source, items = queries.recommend(snap, vec, n, played)
         return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items)
 
-    @app.post("/recommendations", response_model=Recommendations)
+    @app.post("/recommendations", response_model=Recommendations, dependencies=reader)
     async def recommend_anonymous(req: AnonymousRequest) -> Response:
         check_n(req.n)
         snap = await queries.snapshot(r)
@@ -151,7 +158,7 @@ def create_app(
         source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, plays)
         return answer({"user_id": None, "model_version": snap.version, "source": source}, items)
 
-    @app.get("/similar/{track_id}", response_model=Similar)
+    @app.get("/similar/{track_id}", response_model=Similar, dependencies=reader)
     async def similar(
         track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
     ) -> Response:
@@ -187,7 +194,19 @@ def create_app(
         }
         return JSONResponse(body)
 
-    @app.get("/metrics")
+    @app.post("/admin/models/{version}/activate", response_model=Activated, dependencies=admin)
+    async def activate(version: str = Path(min_length=1, max_length=MAX_ID_LENGTH)) -> Activated:
+        """Make a kept version current, as `encore model rollback VERSION` does; every replica
+        follows within its next refresh."""
+        models = follower.models
+        previous = await asyncio.to_thread(models.current_version)
+        try:
+            await asyncio.to_thread(models.flip, version)
+        except UnknownVersionError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return Activated(current=version, previous=previous)
+
+    @app.get("/metrics", dependencies=reader)
     def prom() -> Response:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum what all of them wrote
             registry = CollectorRegistry()

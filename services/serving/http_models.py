@@ -41,3 +41,8 @@ class AnonymousRequest(BaseModel):
 
 class Error(BaseModel):
     detail: str
+
+
+class Activated(BaseModel):
+    current: str
+    previous: str | None

@@ -59,3 +59,15 @@ def test_settings_from_env() -> None:
 def test_bad_settings_rejected(env: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         Settings.from_env(env)
+
+
+def test_api_keys_are_masked_and_a_missing_key_file_is_a_clear_error(tmp_path) -> None:
+    from services.serving.auth import KeyRing
+
+    s = Settings.from_env({"ENCORE_API_KEYS": "k-one,k-two", "ENCORE_ADMIN_API_KEYS": "adm-secret"})
+    shown = {name: value for name, value, _ in s.describe()}
+    assert shown["ENCORE_API_KEYS"] == "*** (2 set)" and "adm-secret" not in shown["ENCORE_ADMIN_API_KEYS"]
+    with pytest.raises(ConfigError, match="nope.keys"):
+        KeyRing("", str(tmp_path / "nope.keys"))
+    ring = KeyRing(" a , b ,", "")
+    assert ring.holds(b"a") and ring.holds(b"b") and not ring.holds(b"") and not ring.holds(b"ab")
