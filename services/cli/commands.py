@@ -158,7 +158,7 @@ def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:
     from services.serving.client import EncoreClient
 
     _require_servers(s)
-    c = EncoreClient(s.redis_url, s.key_prefix, s.redis_timeout_s)
+    c = EncoreClient(s.redis_url, s.key_prefix, s.redis_timeout_s, settings=s)
     try:
         version = c.current_version()
         if args.kind == "user":

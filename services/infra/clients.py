@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -28,7 +29,7 @@ from redis.retry import Retry
 from services.infra import kafka_admin, rdkafka
 from services.infra.cluster_io import fixed_bucket_count, is_cluster
 from services.infra.keys import Keys
-from services.infra.settings import Settings
+from services.infra.settings import ConfigError, Settings
 
 REDIS_RETRIES = 1
 
@@ -49,6 +50,38 @@ def cluster_options(timeout_s: float) -> dict[str, Any]:
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
 
 
+def redis_security(s: Settings) -> dict[str, Any]:
+    """Credentials and TLS options for every Redis client (one place, so no client is left in
+    plain text or without its password). The password file is read when a client is made."""
+    out: dict[str, Any] = {}
+    if s.redis_username:
+        out["username"] = s.redis_username
+    password = s.redis_password
+    if s.redis_password_file:
+        try:
+            password = Path(s.redis_password_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise ConfigError(
+                f"ENCORE_REDIS_PASSWORD_FILE={s.redis_password_file}: cannot read a password ({exc})"
+            ) from None
+    if password:
+        out["password"] = password
+    if s.redis_url.startswith("rediss://"):
+        out["ssl_cert_reqs"] = "required"
+        for name, path in (
+            ("ssl_ca_certs", s.redis_ca_file),
+            ("ssl_certfile", s.redis_cert_file),
+            ("ssl_keyfile", s.redis_key_file),
+        ):
+            if path:
+                if not Path(path).is_file():
+                    raise ConfigError(f"{name.replace('ssl_', 'Redis TLS ')} file {path} does not exist")
+                out[name] = path
+    elif s.redis_ca_file or s.redis_cert_file:
+        raise ConfigError("ENCORE_REDIS_CA_FILE / _CERT_FILE need a rediss:// URL (TLS); the URL is redis://")
+    return out
+
+
 @dataclass(frozen=True)
 class Clients:
     """Factory of every client, configured from one Settings."""
@@ -61,7 +94,9 @@ class Clients:
         """Whether Redis is a Redis Cluster (ENCORE_REDIS_CLUSTER, or asked of the server; a
         failure to ask is raised, not cached)."""
         s = self.settings
-        return bool(s.redis_url) and is_cluster(s.redis_url, s.redis_cluster, s.redis_timeout_s, self.patience_s)
+        return bool(s.redis_url) and is_cluster(
+            s.redis_url, s.redis_cluster, s.redis_timeout_s, self.patience_s, **redis_security(s)
+        )
 
     @functools.cached_property
     def keys(self) -> Keys:
@@ -80,9 +115,10 @@ class Clients:
         through cluster_io's per-node pipelines, the nodes at once, where it matters)."""
         s = self.settings
         if self.cluster:
-            return cast(redis.Redis, RedisCluster.from_url(s.redis_url, **cluster_options(s.redis_timeout_s)))
+            options = cluster_options(s.redis_timeout_s) | redis_security(s)
+            return cast(redis.Redis, RedisCluster.from_url(s.redis_url, **options))
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES)
-        return redis.Redis.from_url(s.redis_url, retry=retry, **redis_options(s.redis_timeout_s))
+        return redis.Redis.from_url(s.redis_url, retry=retry, **redis_options(s.redis_timeout_s), **redis_security(s))
 
     def aio_redis(self) -> aioredis.Redis:
         """An asyncio client; bound to the event loop it is first used on."""
@@ -90,9 +126,12 @@ class Clients:
 
         s = self.settings
         if self.cluster:
-            return cast(aioredis.Redis, AsyncRedisCluster.from_url(s.redis_url, **cluster_options(s.redis_timeout_s)))
+            options = cluster_options(s.redis_timeout_s) | redis_security(s)
+            return cast(aioredis.Redis, AsyncRedisCluster.from_url(s.redis_url, **options))
         retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES)
-        return aioredis.Redis.from_url(s.redis_url, retry=retry, **redis_options(s.redis_timeout_s))
+        return aioredis.Redis.from_url(
+            s.redis_url, retry=retry, **redis_options(s.redis_timeout_s), **redis_security(s)
+        )
 
     def ensure_topics(self) -> None:
         kafka_admin.ensure_topics(self.settings)

@@ -35,18 +35,24 @@ def script_call(script: Any, keys: list[str], args: list[object] | None = None) 
     return keys[0], lambda pipe: script(keys=keys, args=args or [], client=pipe)
 
 
-def is_cluster(url: str, mode: str, timeout_s: float, patience_s: float = 0.0) -> bool:
-    """`mode` true/false as configured; auto asks the server (INFO cluster), for up to
-    `patience_s` while it cannot be reached (a start-up race), then raises the connection error."""
+def is_cluster(url: str, mode: str, timeout_s: float, patience_s: float = 0.0, **options: Any) -> bool:
+    """`mode` true/false as configured; auto asks the server (CLUSTER INFO, which an ACL user
+    without @dangerous may run, where INFO is refused), for up to `patience_s` while it cannot be
+    reached (a start-up race), then raises the connection error. `options`: TLS and credentials."""
     if mode != "auto":
         return mode == "true"
     deadline = time.monotonic() + patience_s
     while True:
-        r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **options)
         try:
-            return bool(r.info("cluster").get("cluster_enabled"))
+            r.execute_command("CLUSTER", "INFO")
+            return True
+        except redis.ResponseError as exc:
+            if "cluster support disabled" in str(exc):
+                return False
+            raise
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() >= deadline:
+            if isinstance(exc, redis.AuthenticationError) or time.monotonic() >= deadline:
                 raise redis.ConnectionError(
                     f"cannot reach Redis to tell whether it is a Redis Cluster ({exc}); "
                     "set ENCORE_REDIS_CLUSTER=true or false to skip the question"

@@ -80,6 +80,12 @@ class Settings:
     redis_buckets: int = _s(
         64, "hash-tag buckets of per-user state on Redis Cluster (fixed once state is written)", min=1, max=16384
     )
+    redis_username: str = _s("", "Redis ACL user (empty: the URL's, else the default user)")
+    redis_password: str = _s("", "Redis password (empty: the URL's, if any)", secret=True)
+    redis_password_file: str = _s("", "file holding the Redis password (first line)")
+    redis_ca_file: str = _s("", "CA certificate(s) to verify Redis with (rediss:// URLs)")
+    redis_cert_file: str = _s("", "client certificate for Redis mutual TLS")
+    redis_key_file: str = _s("", "client private key for Redis mutual TLS")
     log_level: str = _s("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     @classmethod

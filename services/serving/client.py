@@ -24,8 +24,13 @@ from services.infra.settings import Settings
 class EncoreClient:
     """Reads the current model version, vectors and exact top-N without an HTTP hop."""
 
-    def __init__(self, redis_url: str, key_prefix: str = "encore:", timeout_s: float = 10.0) -> None:
-        clients = Clients(Settings(redis_url=redis_url, key_prefix=key_prefix, redis_timeout_s=timeout_s))
+    def __init__(
+        self, redis_url: str, key_prefix: str = "encore:", timeout_s: float = 10.0, settings: Settings | None = None
+    ) -> None:
+        """`settings` (e.g. `Settings.from_env()`) brings TLS files and credentials; the other
+        arguments then override its URL, prefix and timeout."""
+        base = settings or Settings()
+        clients = Clients(base.with_(redis_url=redis_url, key_prefix=key_prefix, redis_timeout_s=timeout_s))
         self.r = clients.redis()
         self.keys = clients.keys
         self.models = RedisModelStore(self.r, self.keys)
