@@ -67,6 +67,8 @@ class Settings:
         0.95, "recall@10 vs exact search the auto-chosen ef must reach (95 % lower bound)", min=0.5, max=1.0
     )
     max_n: int = _s(100, "largest n the API accepts", min=1)
+    api_tls_cert: str = _s("", "certificate (chain) file: `encore serve` speaks HTTPS")
+    api_tls_key: str = _s("", "private key file of ENCORE_API_TLS_CERT")
     api_keys: str = _s("", "read API keys, comma-separated (none set anywhere: the API is open)", secret=True)
     api_keys_file: str = _s("", "file with read API keys, one a line (re-read when it changes)")
     admin_api_keys: str = _s("", "admin API keys, comma-separated (admin endpoints; may also read)", secret=True)

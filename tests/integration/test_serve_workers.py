@@ -79,3 +79,51 @@ def test_two_workers_build_once_answer_alike_and_count_together(
         assert len(re.findall(rf"index \S+/{space}: loaded from snapshot", log)) == 1, log
     assert len(workers) >= 2
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=20)  # none left behind
+
+
+def test_serve_over_https_with_api_keys(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
+    """`encore serve` with ENCORE_API_TLS_CERT/KEY and a read key, as a real process: HTTPS with
+    a certificate that verifies against its CA, the key required, plain HTTP not answered."""
+    import ssl
+
+    from services.infra.throwaway_ca import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=2))
+    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    env.update(
+        ENCORE_API_WORKERS="1",
+        ENCORE_API_TLS_CERT=str(certs.cert("server")),
+        ENCORE_API_TLS_KEY=str(certs.key("server")),
+        ENCORE_API_KEYS="k-read-1",
+    )
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+
+    def get(path: str, key: str | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def ready() -> bool:
+        try:
+            return get("/ready")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_for(ready, timeout=120, every=0.5), log_path.read_text()
+        assert get("/similar/t1?n=3")[0] == 401
+        status, body = get("/similar/t1?n=3", key="k-read-1")
+        assert status == 200 and len(json.loads(body)["items"]) == 3
+        with pytest.raises((OSError, http.client.HTTPException)):
+            _get(port, "/health")  # plain HTTP on the TLS port gets no answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
