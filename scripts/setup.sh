@@ -2,12 +2,15 @@
 # Installs what a fresh machine needs: redis-server (Debian) and Encore with its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
-  fi
+# redis-server (and redis-cli); stunnel4 and openssl for the TLS tests (a TLS endpoint in front
+# of the broker, throw-away certificates).
+missing=""
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v stunnel4 >/dev/null 2>&1 || missing="$missing stunnel4"
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+if [ -n "$missing" ]; then
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq $missing >/dev/null
 fi
 if ! command -v java >/dev/null 2>&1; then
   echo "note: no java on PATH; the Spark engine and its test need Java 17 (apt-get install -y openjdk-17-jre-headless)" >&2

@@ -136,10 +136,12 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
     _require_servers(s)
     host, port = args.host or s.api_host, args.port or s.api_port
     warn_if_open(ApiAuth.from_settings(s), host)
-    tls = _api_tls(s)
+    cert, key = _api_tls(s)
     workers = s.api_workers or os.cpu_count() or 1
     if workers == 1:
-        uvicorn.run(serving_app_from_env(), host=host, port=port, log_level="warning", **tls)
+        uvicorn.run(
+            serving_app_from_env(), host=host, port=port, log_level="warning", ssl_certfile=cert, ssl_keyfile=key
+        )
         return 0
     # Several processes on one port: no GIL shared between them. Each builds (or, once another
     # worker has saved it, loads) the index snapshot and follows factor-updates on its own.
@@ -151,21 +153,22 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
             host=host,
             port=port,
             log_level="warning",
-            **tls,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
     return 0
 
 
-def _api_tls(s: Settings) -> dict[str, str]:
-    """uvicorn's TLS options from ENCORE_API_TLS_CERT/KEY (both or neither; files must exist)."""
+def _api_tls(s: Settings) -> tuple[str | None, str | None]:
+    """uvicorn's TLS files from ENCORE_API_TLS_CERT/KEY (both or neither; files must exist)."""
     if not s.api_tls_cert and not s.api_tls_key:
-        return {}
+        return None, None
     if not (s.api_tls_cert and s.api_tls_key):
         raise ConfigError("ENCORE_API_TLS_CERT and ENCORE_API_TLS_KEY go together: set both for HTTPS")
     for name, path in (("ENCORE_API_TLS_CERT", s.api_tls_cert), ("ENCORE_API_TLS_KEY", s.api_tls_key)):
         if not os.path.isfile(path):
             raise ConfigError(f"{name}={path}: no such file")
-    return {"ssl_certfile": s.api_tls_cert, "ssl_keyfile": s.api_tls_key}
+    return s.api_tls_cert, s.api_tls_key
 
 
 def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:

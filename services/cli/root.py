@@ -22,7 +22,6 @@ from services.batch.janitor import VersionJanitor
 from services.batch.retrain import Retrainer
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.batch.trainer import Trainer
-from services.infra import rdkafka
 from services.infra.checked_files import set_aside
 from services.infra.clients import Clients
 from services.infra.data_dir import DataDir
@@ -101,7 +100,7 @@ class Root:
             lambda: self.clients.topic_incarnation(s.plays_topic),
             self.board(),
             group,
-            lambda incarnation: rdkafka.produced_letters(s.kafka_bootstrap, s.dlq_topic, incarnation),
+            self.clients.dead_letters_produced,
         )
 
     def trainer(self, engine_name: str = "local", rebuild: bool = False) -> Trainer:

@@ -17,7 +17,6 @@ from kafka import TopicPartition
 
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.cli.root import Root
-from services.infra import kafka_admin
 from services.speed.worker import GROUP as FOLDIN_GROUP
 
 STALE_MODEL_INTERVALS = 3.0  # a model older than this many retrain intervals needs a look
@@ -25,8 +24,7 @@ STALE_MODEL_INTERVALS = 3.0  # a model older than this many retrain intervals ne
 
 def _kafka_offsets(root: Root, topic: str) -> tuple[dict[int, int], dict[int, int], dict[str, dict[int, int]]]:
     """(earliest, end) per partition, and each group's committed offsets."""
-    bootstrap = root.settings.kafka_bootstrap
-    c = kafka_admin.consumer(bootstrap, None)
+    c = root.clients.assigned_consumer(None)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or set())]
         low = {tp.partition: o for tp, o in c.beginning_offsets(tps).items()}
@@ -35,7 +33,7 @@ def _kafka_offsets(root: Root, topic: str) -> tuple[dict[int, int], dict[int, in
         c.close()
     committed: dict[str, dict[int, int]] = {}
     for group in (FOLDIN_GROUP, TRAINER_GROUP):
-        g = kafka_admin.consumer(bootstrap, group)  # not subscribed: reads the group's offsets, never joins
+        g = root.clients.assigned_consumer(group)  # not subscribed: reads the group's offsets, never joins
         try:
             committed[group] = {tp.partition: (g.committed(tp) or -1) for tp in tps}
         finally:
@@ -112,7 +110,7 @@ def gather(root: Root) -> dict[str, Any]:
 
 
 def _topic_size(root: Root, topic: str) -> int:
-    c = kafka_admin.consumer(root.settings.kafka_bootstrap, None)
+    c = root.clients.assigned_consumer(None)
     try:
         tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or set()]
         return sum(c.end_offsets(tps).values()) - sum(c.beginning_offsets(tps).values())

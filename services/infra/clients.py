@@ -28,6 +28,7 @@ from redis.retry import Retry
 
 from services.infra import kafka_admin, rdkafka
 from services.infra.cluster_io import fixed_bucket_count, is_cluster
+from services.infra.kafka_security import kafka_python_config, rdkafka_config
 from services.infra.keys import Keys
 from services.infra.settings import ConfigError, Settings
 
@@ -133,28 +134,42 @@ class Clients:
             s.redis_url, retry=retry, **redis_options(s.redis_timeout_s), **redis_security(s)
         )
 
+    @functools.cached_property
+    def rdkafka_security(self) -> dict[str, Any]:
+        """ENCORE_KAFKA_* security as librdkafka properties (checked once)."""
+        return rdkafka_config(self.settings)
+
+    @functools.cached_property
+    def kafka_python_security(self) -> dict[str, Any]:
+        """The same security as kafka-python arguments."""
+        return kafka_python_config(self.settings)
+
+    def dead_letters_produced(self, incarnation: str) -> dict[int, int]:
+        s = self.settings
+        return rdkafka.produced_letters(s.kafka_bootstrap, s.dlq_topic, incarnation, **self.rdkafka_security)
+
     def ensure_topics(self) -> None:
         kafka_admin.ensure_topics(self.settings)
 
     def topic_incarnation(self, topic: str) -> str:
-        return kafka_admin.topic_incarnation(self.settings.kafka_bootstrap, topic)
+        return kafka_admin.topic_incarnation(self.settings.kafka_bootstrap, topic, **self.kafka_python_security)
 
     def group_consumer(self, group: str) -> Consumer:
         """librdkafka group consumer (hot path), auto-commit off."""
-        return rdkafka.consumer(self.settings.kafka_bootstrap, group)
+        return rdkafka.consumer(self.settings.kafka_bootstrap, group, **self.rdkafka_security)
 
     def topic_reader(self, topic: str) -> Consumer:
         """librdkafka consumer of every partition of `topic`, from the beginning, no group."""
-        return rdkafka.reader(self.settings.kafka_bootstrap, topic)
+        return rdkafka.reader(self.settings.kafka_bootstrap, topic, **self.rdkafka_security)
 
     def update_publisher(self) -> rdkafka.UpdatePublisher:
         """librdkafka producer whose flush raises unless every record was acknowledged."""
-        return rdkafka.UpdatePublisher(self.settings.kafka_bootstrap)
+        return rdkafka.UpdatePublisher(self.settings.kafka_bootstrap, **self.rdkafka_security)
 
-    def assigned_consumer(self, group: str) -> KafkaConsumer:
+    def assigned_consumer(self, group: str | None) -> KafkaConsumer:
         """kafka-python consumer for manual assignment (the trainer seeks to its checkpoint)."""
-        return kafka_admin.consumer(self.settings.kafka_bootstrap, group)
+        return kafka_admin.consumer(self.settings.kafka_bootstrap, group, **self.kafka_python_security)
 
     def producer(self) -> KafkaProducer:
         """kafka-python producer for low-rate writers (plays from files and demos)."""
-        return kafka_admin.producer(self.settings.kafka_bootstrap)
+        return kafka_admin.producer(self.settings.kafka_bootstrap, **self.kafka_python_security)

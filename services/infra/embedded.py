@@ -149,7 +149,8 @@ class EmbeddedServers:
             raise
         return servers
 
-    def start_kafka(self, port: int | None = None) -> None:
+    def start_kafka(self, port: int | None = None, advertised_port: int | None = None) -> None:
+        """`advertised_port`: what clients are told to connect to (a TLS proxy in front)."""
         port = port or free_port()
         url = f"tcp://127.0.0.1:{port}"
         # A fresh cluster id per start: offsets restart from zero, and consumers can tell.
@@ -159,7 +160,7 @@ class EmbeddedServers:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://127.0.0.1:{advertised_port}" if advertised_port else url,
             "--storage-engine",
             "memory://tansu/",
             "--cluster-id",

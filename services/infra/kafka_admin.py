@@ -12,6 +12,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from core.errors import EncoreError
+from services.infra.kafka_security import kafka_python_config
 from services.infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,10 @@ GROUP_SETTINGS: dict[str, Any] = {
 }
 
 
-def admin(bootstrap: str) -> KafkaAdminClient:
-    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=15_000)
+def admin(bootstrap: str, **security: Any) -> KafkaAdminClient:
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="encore-admin", request_timeout_ms=15_000, **security
+    )
 
 
 def ensure_topics(settings: Settings, retries: int = 30) -> None:
@@ -38,13 +41,13 @@ def ensure_topics(settings: Settings, retries: int = 30) -> None:
         settings.dlq_topic: 1,
         settings.updates_topic: 1,
     }
-    ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries)
+    ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries, **kafka_python_config(settings))
 
 
-def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int = 30) -> None:
+def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int = 30, **security: Any) -> None:
     for attempt in range(retries):
         try:
-            client = admin(bootstrap)
+            client = admin(bootstrap, **security)
             try:
                 existing = set(client.list_topics())
                 new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
@@ -63,9 +66,9 @@ def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int
     raise EncoreError(f"could not create topics on {bootstrap}: is the broker reachable?")
 
 
-def topic_incarnation(bootstrap: str, topic: str) -> str:
+def topic_incarnation(bootstrap: str, topic: str, **security: Any) -> str:
     """`cluster_id/topic_id`: changes when the broker restarts empty or the topic is re-created."""
-    client = admin(bootstrap)
+    client = admin(bootstrap, **security)
     try:
         cluster = client.describe_cluster().get("cluster_id") or "unknown-cluster"
         desc = client.describe_topics([topic])[0]

@@ -8,6 +8,8 @@ from kafka import KafkaProducer
 
 from core.events import PlayEvent
 from services.infra import kafka_admin
+from services.infra.kafka_security import kafka_python_config
+from services.infra.settings import Settings
 
 
 class PlayPublisher:
@@ -17,8 +19,10 @@ class PlayPublisher:
         self.producer, self.topic = producer, topic
 
     @classmethod
-    def connect(cls, bootstrap: str, topic: str = "plays") -> PlayPublisher:
-        return cls(kafka_admin.producer(bootstrap), topic)
+    def connect(cls, bootstrap: str, topic: str = "plays", settings: Settings | None = None) -> PlayPublisher:
+        """`settings` (e.g. `Settings.from_env()`) brings ENCORE_KAFKA_* TLS and SASL."""
+        security = kafka_python_config(settings) if settings is not None else {}
+        return cls(kafka_admin.producer(bootstrap, **security), topic)
 
     def publish(
         self,

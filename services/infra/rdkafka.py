@@ -49,9 +49,9 @@ def consumer(bootstrap: str, group: str, **overrides: Any) -> Consumer:
     return Consumer(cfg)
 
 
-def reader(bootstrap: str, topic: str) -> Consumer:
+def reader(bootstrap: str, topic: str, **security: Any) -> Consumer:
     """A group-less consumer assigned every partition of `topic` from the beginning."""
-    c = consumer(bootstrap, f"encore-reader-{uuid.uuid4().hex[:12]}")
+    c = consumer(bootstrap, f"encore-reader-{uuid.uuid4().hex[:12]}", **security)
     parts = c.list_topics(topic, timeout=15).topics[topic].partitions or {0: None}
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     return c
@@ -153,7 +153,9 @@ def commit(c: Consumer, topic: str, last: dict[int, int]) -> None:
         c.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
 
 
-def produced_letters(bootstrap: str, dlq_topic: str, incarnation: str, tail: int = 100_000) -> dict[int, int]:
+def produced_letters(
+    bootstrap: str, dlq_topic: str, incarnation: str, tail: int = 100_000, **security: Any
+) -> dict[int, int]:
     """Per plays partition, the highest source offset among this incarnation's dead letters in
     the last `tail` records of the dead-letter topic: letters up to it are already produced.
 
@@ -161,7 +163,7 @@ def produced_letters(bootstrap: str, dlq_topic: str, incarnation: str, tail: int
     them, so this high-water mark tells a worker replaying lost Redis state which letters not to
     send again.
     """
-    c = consumer(bootstrap, f"encore-dlq-scan-{uuid.uuid4().hex[:12]}", **{"enable.partition.eof": True})
+    c = consumer(bootstrap, f"encore-dlq-scan-{uuid.uuid4().hex[:12]}", **{"enable.partition.eof": True}, **security)
     try:
         meta = c.list_topics(dlq_topic, timeout=15).topics.get(dlq_topic)
         start = []

@@ -30,6 +30,18 @@ class Settings:
 
     kafka_bootstrap: str = _s("", "Kafka bootstrap servers; empty = start an embedded broker")
     redis_url: str = _s("", "Redis URL; empty = start an embedded redis-server", secret=True)
+    kafka_security_protocol: str = _s(
+        "PLAINTEXT", "Kafka security protocol", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    kafka_ca_file: str = _s("", "CA to verify the brokers with (SSL, SASL_SSL); empty: the system's CAs")
+    kafka_cert_file: str = _s("", "client certificate for Kafka mutual TLS")
+    kafka_key_file: str = _s("", "client private key for Kafka mutual TLS")
+    kafka_sasl_mechanism: str = _s(
+        "PLAIN", "SASL mechanism (SASL_*)", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+    )
+    kafka_username: str = _s("", "SASL user name")
+    kafka_password: str = _s("", "SASL password", secret=True)
+    kafka_password_file: str = _s("", "file holding the SASL password (first line)")
     plays_topic: str = _s("plays", "topic of play events (key = user id)")
     dlq_topic: str = _s("plays.dlq", "dead-letter topic for invalid play events")
     updates_topic: str = _s("factor-updates", "topic of changed vectors for serving replicas")
