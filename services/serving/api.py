@@ -13,24 +13,34 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from pydantic import Field, create_model
 
-from core.errors import NoModelError, UnknownTrackError, UnknownVersionError
+from core.errors import UnknownVersionError
 from services.infra.metrics import watch_gc
 from services.infra.settings import Settings
+from services.serving import http_errors
 from services.serving.auth import ApiAuth
 from services.serving.follower import UpdateFollower
-from services.serving.http_models import MAX_ID_LENGTH, Activated, AnonymousRequest, Recommendations, Similar
+from services.serving.http_errors import ADMIN, BODY, READ, TRACK, UNAUTHORIZED, BodyLimit
+from services.serving.http_models import (
+    MAX_ID_LENGTH,
+    Activated,
+    AnonymousRequest,
+    NotReady,
+    Ready,
+    Recommendations,
+    Similar,
+)
 from services.serving.queries import QueryService
 
-RETRY_AFTER_S = 1
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
     "encore_http_seconds",
@@ -119,38 +129,25 @@ def create_app(
         lifespan=lifespan,
         description="Streaming music recommendations: implicit ALS + fold-in + HNSW.",
     )
+    app.add_middleware(BodyLimit)  # type: ignore[arg-type]
     app.add_middleware(Metrics)  # type: ignore[arg-type]
 
-    @app.exception_handler(NoModelError)
-    async def no_model(_req: Request, exc: NoModelError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    http_errors.install(app)
+    request_model = create_model(  # the schema states the configured limit of n
+        "AnonymousRequest", __base__=AnonymousRequest, n=(int, Field(default=10, ge=1, le=max_n))
+    )
 
-    @app.exception_handler(UnknownTrackError)
-    async def unknown_track(_req: Request, exc: UnknownTrackError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(_req: Request, exc: redis.RedisError) -> JSONResponse:
-        body = {"detail": f"state store unavailable ({type(exc).__name__}); retry shortly"}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    def check_n(n: int) -> None:
-        if n > max_n:
-            raise HTTPException(422, detail=f"n must be <= {max_n}")
-
-    @app.get("/recommendations/{user_id}", response_model=Recommendations, dependencies=reader)
+    @app.get("/recommendations/{user_id}", response_model=Recommendations, dependencies=reader, responses=READ)
     async def recommend(
-        user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
+        user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1, le=max_n)
     ) -> Response:
-        check_n(n)
         snap = await queries.snapshot(r)
         vec, played = await queries.user_context(r(), snap.version, user_id)
         source, items = queries.recommend(snap, vec, n, played)
         return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items)
 
-    @app.post("/recommendations", response_model=Recommendations, dependencies=reader)
-    async def recommend_anonymous(req: AnonymousRequest) -> Response:
-        check_n(req.n)
+    async def recommend_anonymous(body: Any) -> Response:
+        req = cast(AnonymousRequest, body)
         snap = await queries.snapshot(r)
         plays: dict[str, float] = {}
         for p in req.plays:
@@ -158,11 +155,15 @@ def create_app(
         source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, plays)
         return answer({"user_id": None, "model_version": snap.version, "source": source}, items)
 
-    @app.get("/similar/{track_id}", response_model=Similar, dependencies=reader)
+    recommend_anonymous.__annotations__["body"] = request_model  # a class made here: no string annotation
+    app.post("/recommendations", response_model=Recommendations, dependencies=reader, responses=BODY)(
+        recommend_anonymous
+    )
+
+    @app.get("/similar/{track_id}", response_model=Similar, dependencies=reader, responses=TRACK)
     async def similar(
-        track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1)
+        track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1, le=max_n)
     ) -> Response:
-        check_n(n)
         snap = await queries.snapshot(r)
         hits = queries.similar(snap, track_id, n)
         return answer({"track_id": track_id, "model_version": snap.version}, hits)
@@ -171,7 +172,7 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={200: {"model": Ready}, 503: {"model": NotReady, "headers": http_errors.RETRY_HEADER}})
     async def ready() -> JSONResponse:
         snap = follower.snapshot
         if follower.failure:
@@ -194,7 +195,7 @@ def create_app(
         }
         return JSONResponse(body)
 
-    @app.post("/admin/models/{version}/activate", response_model=Activated, dependencies=admin)
+    @app.post("/admin/models/{version}/activate", response_model=Activated, dependencies=admin, responses=ADMIN)
     async def activate(version: str = Path(min_length=1, max_length=MAX_ID_LENGTH)) -> Activated:
         """Make a kept version current, as `encore model rollback VERSION` does; every replica
         follows within its next refresh."""
@@ -206,7 +207,12 @@ def create_app(
             raise HTTPException(404, str(exc)) from None
         return Activated(current=version, previous=previous)
 
-    @app.get("/metrics", dependencies=reader)
+    @app.get(
+        "/metrics",
+        dependencies=reader,
+        response_class=PlainTextResponse,
+        responses={**UNAUTHORIZED, 200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    )
     def prom() -> Response:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # several workers: sum what all of them wrote
             registry = CollectorRegistry()

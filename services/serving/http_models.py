@@ -46,3 +46,21 @@ class Error(BaseModel):
 class Activated(BaseModel):
     current: str
     previous: str | None
+
+
+class IndexState(BaseModel):
+    ef: int
+    recall_at_10: float | None = Field(default=None, alias="recall@10")
+    recall_at_10_lower_95: float | None = Field(default=None, alias="recall@10_lower_95")
+
+
+class Ready(BaseModel):
+    ready: Literal[True]
+    model_version: str
+    tracks: int
+    index: dict[str, IndexState]
+
+
+class NotReady(BaseModel):
+    ready: Literal[False]
+    reason: str
