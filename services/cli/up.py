@@ -23,7 +23,7 @@ from pathlib import Path
 
 from services.infra.clients import Clients
 from services.infra.embedded import EmbeddedServers, free_port, spawn
-from services.infra.settings import Settings
+from services.infra.settings import Settings, masked_url
 
 DRAIN_S = 10.0  # at most this long for fold-in to apply what the broker holds at Ctrl-C
 
@@ -116,7 +116,7 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         print(
-            f"encore up: Kafka {s.kafka_bootstrap}, Redis {s.redis_url}"
+            f"encore up: Kafka {s.kafka_bootstrap}, Redis {masked_url(s.redis_url)}"
             f"{' (embedded)' if embedded else ''}; data in {data}; logs in {kids.log_dir}",
             flush=True,
         )

@@ -132,6 +132,11 @@ class Settings:
         return rows
 
 
+def masked_url(url: str) -> str:
+    """`url` without its password (for anything printed or logged)."""
+    return _masked(url) if url else url
+
+
 def _masked(value: str) -> str:
     """A URL keeps all but its credentials; anything else secret shows only how many items."""
     if "://" in value:
