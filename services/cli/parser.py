@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--users", type=int, default=3000)
     up.add_argument("--tracks", type=int, default=1500)
     up.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until Ctrl-C)")
+    up.add_argument(
+        "--secure", action="store_true", help="embedded servers with TLS, a Redis ACL user and API keys made at start"
+    )
     sub.add_parser("embedded", help="start only the embedded broker and Redis")
     pr = sub.add_parser("produce", help="publish plays from a file or the synthetic generator")
     pr.add_argument("--file", help="JSON lines or CSV user_id,track_id,ts[,ms_played,count]")

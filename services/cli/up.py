@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from core.errors import ConfigError
 from services.infra.clients import Clients
 from services.infra.embedded import EmbeddedServers, free_port, spawn
 from services.infra.settings import Settings, masked_url
@@ -28,9 +30,12 @@ from services.infra.settings import Settings, masked_url
 DRAIN_S = 10.0  # at most this long for fold-in to apply what the broker holds at Ctrl-C
 
 
-def _get(url: str) -> dict[str, object] | None:
+def _get(url: str, ca: Path | None = None, key: str = "") -> dict[str, object] | None:
+    """GET → JSON, or None; over HTTPS verified against `ca`, with an API key when given."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(request, timeout=2, context=context) as resp:
             return json.loads(resp.read())  # type: ignore[no-any-return]
     except (OSError, ValueError):
         return None
@@ -88,7 +93,19 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ)
     data = Path(s.data_dir).resolve()
     s = s.with_(data_dir=str(data))
-    if not s.kafka_bootstrap or not s.redis_url:
+    secure = None
+    if args.secure:
+        if s.kafka_bootstrap or s.redis_url:
+            raise ConfigError(
+                "encore up --secure starts its own servers: unset ENCORE_KAFKA_BOOTSTRAP and ENCORE_REDIS_URL"
+            )
+        from services.infra.embedded_secure import start_secure
+
+        secure = start_secure(data, s.key_prefix)
+        embedded = secure.servers
+        env.update(secure.env)
+        s = Settings.from_env(env).with_(data_dir=str(data))
+    elif not s.kafka_bootstrap or not s.redis_url:
         embedded = EmbeddedServers.start(
             kafka=not s.kafka_bootstrap, redis=not s.redis_url, workdir=str(data / "redis")
         )
@@ -130,9 +147,10 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
             kids.start("backlog", "produce", *demo, "--limit", str(backlog)).wait()
         kids.start("train", "train")
         kids.start("produce", "produce", *demo, "--seed", "1", "--live", "--rate", str(args.rate))
-        url = f"http://{s.api_host}:{port}"
+        url = f"{'https' if secure else 'http'}://{s.api_host}:{port}"
+        ca, key = (secure.ca, secure.read_key) if secure else (None, "")
         print(f"encore up: streaming demo plays at {args.rate:.0f}/s; waiting for the first model …", flush=True)
-        while not stop.is_set() and not (_get(f"{url}/ready") or {}).get("ready"):
+        while not stop.is_set() and not (_get(f"{url}/ready", ca) or {}).get("ready"):
             if any(p.poll() not in (None, 0) for p in kids.procs.values()):
                 print("encore up: a service exited; see the logs", file=sys.stderr)
                 return 1
@@ -140,9 +158,18 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
         if not stop.is_set():
             print(f"encore up: API ready at {url} (OpenAPI at {url}/docs)", flush=True)
             for user in ("u1", "u2", "u3"):
-                rec = _get(f"{url}/recommendations/{user}?n=5") or {}
+                rec = _get(f"{url}/recommendations/{user}?n=5", ca, key) or {}
                 items = [i["track_id"] for i in rec.get("items", [])]  # type: ignore[attr-defined]
                 print(f"  {user}: {rec.get('source')} {items}", flush=True)
+            if secure:
+                print(
+                    f"encore up: secure: TLS on every hop (throw-away CA {secure.ca}), Redis ACL user 'encore', "
+                    f"API keys in {data / 'secure'}\n"
+                    f"  curl --cacert {secure.ca} -H 'Authorization: Bearer {secure.read_key}' "
+                    f"{url}/recommendations/u1\n"
+                    f"  admin key (POST /admin/...): {secure.admin_key}",
+                    flush=True,
+                )
             print("encore up: running; Ctrl-C stops everything", flush=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
