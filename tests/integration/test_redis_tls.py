@@ -127,6 +127,13 @@ def test_foldin_serving_and_lookup_over_tls_as_a_limited_acl_user(secure: Settin
             body = http.get("/recommendations/brand-new?n=5").json()
             assert body["source"] == "personal" and len(body["items"]) == 5
             assert http.get("/ready").json()["ready"] is True
+        # No secret lands in Redis: not in model meta, status, or any other key Encore wrote.
+        leaks = []
+        for key in r.scan_iter(match=f"{s.key_prefix}*", count=1000):
+            kind = r.type(key)
+            values = r.hgetall(key).values() if kind == b"hash" else [r.get(key)] if kind == b"string" else []
+            leaks += [key for v in values if v and PASSWORD.encode() in v]
+        assert leaks == []
     finally:
         worker.stop()
         root.close()

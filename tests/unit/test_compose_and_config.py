@@ -64,8 +64,11 @@ def test_bad_settings_rejected(env: dict, msg: str) -> None:
 def test_api_keys_are_masked_and_a_missing_key_file_is_a_clear_error(tmp_path) -> None:
     from services.serving.auth import KeyRing
 
-    s = Settings.from_env({"ENCORE_API_KEYS": "k-one,k-two", "ENCORE_ADMIN_API_KEYS": "adm-secret"})
+    s = Settings.from_env(
+        {"ENCORE_API_KEYS": "k-one,k-two", "ENCORE_ADMIN_API_KEYS": "adm-secret", "ENCORE_REDIS_PASSWORD": "rpw"}
+    )
     shown = {name: value for name, value, _ in s.describe()}
+    assert "rpw" not in shown["ENCORE_REDIS_PASSWORD"]
     assert shown["ENCORE_API_KEYS"] == "*** (2 set)" and "adm-secret" not in shown["ENCORE_ADMIN_API_KEYS"]
     with pytest.raises(ConfigError, match="nope.keys"):
         KeyRing("", str(tmp_path / "nope.keys"))
