@@ -108,5 +108,12 @@ def similar_items(item_factors: np.ndarray, item: int, n: int) -> tuple[np.ndarr
 
 def popular_items(plays: sp.spmatrix, n: int) -> np.ndarray:
     """Indices of the n tracks with the most listeners."""
+    return popularity(plays, n)[0]
+
+
+def popularity(plays: sp.spmatrix, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, shares) of the n tracks with the most listeners, where a track's share is the
+    fraction of users who played it: the score the popular fallback answers with."""
     listeners = np.asarray((sp.csr_matrix(plays) > 0).sum(axis=0)).ravel()
-    return np.argsort(-listeners, kind="stable")[:n]
+    top = np.argsort(-listeners, kind="stable")[:n]
+    return top, listeners[top] / max(plays.shape[0], 1)

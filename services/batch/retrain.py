@@ -15,7 +15,7 @@ import numpy as np
 
 from core.errors import ModelRejectedError, NoPlaysError
 from core.evaluation import holdout_split, ranking_metrics
-from core.recommend import popular_items
+from core.recommend import popularity
 from services.batch.checkpoint import PlayMatrix
 from services.batch.engines import Engine
 from services.infra.checked_files import write_npz
@@ -82,6 +82,7 @@ class Retrainer:
             },
         )
         stage("artifact")
+        top, shares = popularity(plays, 1000)
         meta = {
             "engine": self.engine.name,
             "artifact": str(artifact.resolve()),
@@ -90,7 +91,8 @@ class Retrainer:
             "train_seconds": round(train_s, 3),
             "offsets": json.dumps(state.offsets),
             "metrics": json.dumps(metrics),
-            "popular": json.dumps([state.track_ids[i] for i in popular_items(plays, 1000)]),
+            "popular": json.dumps([state.track_ids[i] for i in top]),
+            "popular_scores": json.dumps([round(float(x), 6) for x in shares]),
             **{k: repr(v) for k, v in metrics.items()},
         }
         stage("meta")

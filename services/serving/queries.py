@@ -76,5 +76,4 @@ class QueryService:
 
     @staticmethod
     def popular(snap: Snapshot, n: int, exclude: Collection[Any]) -> list[tuple[str, float]]:
-        out = [t for t in snap.popular if t not in exclude][:n]
-        return [(t, float(len(snap.popular) - i)) for i, t in enumerate(out)]
+        return [(t, score) for t, score in snap.popular if t not in exclude][:n]

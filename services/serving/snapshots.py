@@ -34,7 +34,7 @@ class Snapshot:
     loaded: LoadedModel
     ip: HNSWIndex
     cosine: HNSWIndex
-    popular: list[str]
+    popular: list[tuple[str, float]]  # (track, share of users who played it), most listened first
     ef: dict[str, EfChoice] | None = None  # per space, when ef was chosen by measured recall
 
     @property
@@ -120,8 +120,7 @@ class SnapshotBuilder:
                     chosen[space].queries,
                 )
             indexes.append(idx)
-        popular = json.loads(loaded.meta.get("popular", "[]")) or ids[:1000]
-        snap = Snapshot(loaded, indexes[0], indexes[1], popular, chosen or None)
+        snap = Snapshot(loaded, indexes[0], indexes[1], popular_of(loaded.meta, ids), chosen or None)
         if ids:  # load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests
             snap.fold_in_plays({ids[0]: 1.0})
         return snap
@@ -135,6 +134,16 @@ class SnapshotBuilder:
                     path.unlink(missing_ok=True)
                 except OSError as exc:
                     log.warning("could not remove old index snapshot %s: %s", path, exc)
+
+
+def popular_of(meta: dict[str, str], ids: list[str]) -> list[tuple[str, float]]:
+    """The popular fallback of a version: its tracks with the share of users who played them.
+    A version published before shares were recorded gets rank scores in (0, 1] instead."""
+    tracks = json.loads(meta.get("popular", "[]")) or ids[:1000]
+    shares = json.loads(meta.get("popular_scores", "[]"))
+    if len(shares) != len(tracks):
+        shares = [(len(tracks) - i) / len(tracks) for i in range(len(tracks))]
+    return list(zip(tracks, map(float, shares), strict=True))
 
 
 def rebuilt(snap: Snapshot, ids: list[str], vecs: np.ndarray) -> Snapshot:

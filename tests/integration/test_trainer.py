@@ -45,6 +45,12 @@ def test_train_once_publishes_a_model_that_knows_tastes(settings: Settings, redi
     assert models.current_version() == version
     meta = {k.decode(): v for k, v in redis_client.hgetall(keys.meta(version)).items()}
     assert float(meta["precision@10"]) > 0.05 and int(meta["n_plays"]) == data.matrix().nnz
+    # The popular fallback's scores: the share of users who played each track, most first.
+    listeners = (data.matrix() > 0).sum(axis=0).A1 / data.matrix().shape[0]
+    top, shares = json.loads(meta["popular"]), json.loads(meta["popular_scores"])
+    assert len(top) == len(shares) > 0 and shares == sorted(shares, reverse=True)
+    assert shares[0] == pytest.approx(listeners.max(), abs=1e-6)
+    assert shares[5] == pytest.approx(listeners[int(top[5][1:])], abs=1e-6)
     stages = json.loads(meta["stage_seconds"])  # where a retrain's time goes, for operators and bench/retrain
     assert {"fit", "evaluate", "publish"} <= set(stages) and all(v >= 0 for v in stages.values())
     assert stages["fit"] == pytest.approx(float(meta["train_seconds"]), abs=1e-3)

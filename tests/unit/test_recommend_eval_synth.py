@@ -95,3 +95,22 @@ def test_synthetic_is_deterministic_and_shaped() -> None:
     assert late.any() and lg.ts[lg.user == np.flatnonzero(late)[-1]].min() > a.start_ts
     ev = next(a.events())
     assert set(ev) >= {"user_id", "track_id", "ts", "ms_played", "count"}
+
+
+def test_popular_fallback_scores_are_the_share_of_users_who_played_a_track() -> None:
+    import json
+
+    import scipy.sparse as sp
+
+    from core.recommend import popularity
+    from services.serving.snapshots import popular_of
+
+    plays = sp.csr_matrix(
+        [[3.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [2.0, 5.0, 1.0, 0.0], [0.0, 0.0, 7.0, 0.0]]
+    )  # track 0: 3 listeners, track 2: 3, track 1: 1 (however many plays), track 3: none
+    top, shares = popularity(plays, 3)
+    assert top.tolist() == [0, 2, 1] and shares.tolist() == [0.75, 0.75, 0.25]
+    meta = {"popular": json.dumps(["t0", "t2", "t1"]), "popular_scores": json.dumps(shares.tolist())}
+    assert popular_of(meta, []) == [("t0", 0.75), ("t2", 0.75), ("t1", 0.25)]
+    # A version published before shares were recorded: rank scores in (0, 1], still descending.
+    assert popular_of({"popular": json.dumps(["a", "b"])}, []) == [("a", 1.0), ("b", 0.5)]
