@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.errors import EncoreError
 from services.infra.embedded import EmbeddedServers, free_port, redis_command, spawn, wait_port
-from services.infra.throwaway_ca import make_certificates
+from services.infra.throwaway_ca import Certificates, make_certificates
 
 
 @dataclass
@@ -35,11 +35,37 @@ def _secret_file(path: Path, value: str) -> Path:
     return path
 
 
-def start_secure(folder: Path, key_prefix: str) -> SecureServers:
-    """Certificates, keys and both servers under `folder` (Redis keeps its AOF in folder/redis)."""
+def tls_redis_command(port: int, folder: Path, certs: Certificates, client_certs: bool, *extra: str) -> list[str]:
+    """redis-server listening only on TLS at `port` (no plain port); `client_certs` requires
+    clients to present a certificate from the CA (mutual TLS)."""
+    cmd = redis_command(0, str(folder))
+    cmd += ["--tls-port", str(port), "--tls-cert-file", str(certs.cert("server"))]
+    cmd += ["--tls-key-file", str(certs.key("server")), "--tls-ca-cert-file", str(certs.ca)]
+    return [*cmd, "--tls-auth-clients", "yes" if client_certs else "no", *extra]
+
+
+def start_kafka_tls(servers: EmbeddedServers, certs: Certificates, folder: Path, client_certs: bool) -> str:
+    """Start the embedded broker behind a stunnel TLS endpoint (the broker advertises stunnel's
+    address); returns the endpoint's bootstrap. stunnel is added to `servers`' processes."""
     stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
     if stunnel is None:
-        raise EncoreError("encore up --secure needs stunnel (Debian package stunnel4) for the broker's TLS endpoint")
+        raise EncoreError("a TLS endpoint for the broker needs stunnel (Debian package stunnel4)")
+    tls_port = free_port()
+    servers.start_kafka(advertised_port=tls_port)
+    conf = folder / "stunnel.conf"
+    conf.write_text(
+        f"foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = {servers.kafka_bootstrap}\n"
+        f"cert = {certs.cert('server')}\nkey = {certs.key('server')}\n"
+        + (f"CAfile = {certs.ca}\nverify = 2\n" if client_certs else "")
+    )
+    tunnel = spawn([stunnel, str(conf)], str(folder / "stunnel.log"))
+    servers.procs.append(tunnel)
+    wait_port(tls_port, tunnel, "stunnel (Kafka TLS)")
+    return f"127.0.0.1:{tls_port}"
+
+
+def start_secure(folder: Path, key_prefix: str) -> SecureServers:
+    """Certificates, keys and both servers under `folder` (Redis keeps its AOF in folder/redis)."""
     secrets_dir = folder / "secure"
     secrets_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
@@ -50,27 +76,13 @@ def start_secure(folder: Path, key_prefix: str) -> SecureServers:
     try:
         password = secrets.token_urlsafe(24)
         redis_port = free_port()
-        cmd = redis_command(0, str(redis_dir))
-        cmd += ["--tls-port", str(redis_port), "--tls-cert-file", str(certs.cert("server"))]
-        cmd += ["--tls-key-file", str(certs.key("server")), "--tls-ca-cert-file", str(certs.ca)]
-        cmd += ["--tls-auth-clients", "no", "--user", "default", "off"]
-        cmd += ["--user", "encore", "on", f">{password}", f"~{key_prefix}*", "+@all", "-@dangerous", "-@admin"]
-        proc = spawn(cmd, str(redis_dir / "redis.log"))
+        users = ["--user", "default", "off"]
+        users += ["--user", "encore", "on", f">{password}", f"~{key_prefix}*", "+@all", "-@dangerous", "-@admin"]
+        proc = spawn(tls_redis_command(redis_port, redis_dir, certs, False, *users), str(redis_dir / "redis.log"))
         servers.procs.append(proc)
         wait_port(redis_port, proc, "redis-server (TLS)")
         servers.redis_url = f"rediss://127.0.0.1:{redis_port}/0"
-
-        tls_port = free_port()
-        servers.start_kafka(advertised_port=tls_port)
-        conf = secrets_dir / "stunnel.conf"
-        conf.write_text(
-            f"foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = {servers.kafka_bootstrap}\n"
-            f"cert = {certs.cert('server')}\nkey = {certs.key('server')}\n"
-        )
-        tunnel = spawn([stunnel, str(conf)], str(secrets_dir / "stunnel.log"))
-        servers.procs.append(tunnel)
-        wait_port(tls_port, tunnel, "stunnel (Kafka TLS)")
-        servers.kafka_bootstrap = f"127.0.0.1:{tls_port}"
+        servers.kafka_bootstrap = start_kafka_tls(servers, certs, secrets_dir, client_certs=False)
     except BaseException:
         servers.stop()
         raise

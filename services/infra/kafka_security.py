@@ -46,6 +46,14 @@ def _checked(s: Settings) -> tuple[bool, bool]:
     return tls, sasl
 
 
+# (librdkafka property, kafka-python argument, Settings field) of each TLS file
+_TLS_FILES = (
+    ("ssl.ca.location", "ssl_cafile", "kafka_ca_file"),
+    ("ssl.certificate.location", "ssl_certfile", "kafka_cert_file"),
+    ("ssl.key.location", "ssl_keyfile", "kafka_key_file"),
+)
+
+
 def rdkafka_config(s: Settings) -> dict[str, Any]:
     """librdkafka properties (confluent-kafka)."""
     tls, sasl = _checked(s)
@@ -53,21 +61,10 @@ def rdkafka_config(s: Settings) -> dict[str, Any]:
     if tls:
         out["enable.ssl.certificate.verification"] = True
         out["ssl.endpoint.identification.algorithm"] = "https"
-        for prop, path in (
-            ("ssl.ca.location", s.kafka_ca_file),
-            ("ssl.certificate.location", s.kafka_cert_file),
-            ("ssl.key.location", s.kafka_key_file),
-        ):
-            if path:
-                out[prop] = path
+        out.update({prop: getattr(s, f) for prop, _, f in _TLS_FILES if getattr(s, f)})
     if sasl:
-        out.update(
-            {
-                "sasl.mechanisms": s.kafka_sasl_mechanism,
-                "sasl.username": s.kafka_username,
-                "sasl.password": _password(s),
-            }
-        )
+        out["sasl.mechanisms"] = s.kafka_sasl_mechanism
+        out["sasl.username"], out["sasl.password"] = s.kafka_username, _password(s)
     return out
 
 
@@ -77,19 +74,8 @@ def kafka_python_config(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"security_protocol": s.kafka_security_protocol}
     if tls:
         out["ssl_check_hostname"] = True
-        for arg, path in (
-            ("ssl_cafile", s.kafka_ca_file),
-            ("ssl_certfile", s.kafka_cert_file),
-            ("ssl_keyfile", s.kafka_key_file),
-        ):
-            if path:
-                out[arg] = path
+        out.update({arg: getattr(s, f) for _, arg, f in _TLS_FILES if getattr(s, f)})
     if sasl:
-        out.update(
-            {
-                "sasl_mechanism": s.kafka_sasl_mechanism,
-                "sasl_plain_username": s.kafka_username,
-                "sasl_plain_password": _password(s),
-            }
-        )
+        out["sasl_mechanism"] = s.kafka_sasl_mechanism
+        out["sasl_plain_username"], out["sasl_plain_password"] = s.kafka_username, _password(s)
     return out

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -59,6 +61,17 @@ class WorkerThread:
         self.thread.join(timeout=30)
         self.worker.close()
         self.root.close()
+
+
+def histories_match(store: Any, expected: Counter[str]) -> bool:
+    """Whether the stored histories of `expected`'s users hold exactly its counts
+    (keys "user|track" → plays)."""
+    users = sorted({k.split("|", 1)[0] for k in expected})
+    got: Counter[str] = Counter()
+    for u, flat in zip(users, store.raw_histories(users), strict=True):
+        for k in range(0, len(flat), 2):
+            got[f"{u}|{flat[k].decode()}"] = int(float(flat[k + 1]))
+    return got == expected
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, every: float = 0.1) -> bool:

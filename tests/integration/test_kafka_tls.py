@@ -16,11 +16,12 @@ from kafka.errors import KafkaTimeoutError
 
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
-from services.infra.embedded import EmbeddedServers, free_port, spawn, stop_processes, wait_port
+from services.infra.embedded import EmbeddedServers
+from services.infra.embedded_secure import start_kafka_tls
 from services.infra.settings import Settings
 from services.infra.throwaway_ca import make_certificates
 from services.produce import PlayPublisher
-from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
+from tests.integration.helpers import WorkerThread, histories_match, publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,27 +29,15 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tls_kafka() -> Iterator[tuple[str, Path]]:
     """(bootstrap of the TLS endpoint, certificate folder)."""
-    stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
-    if stunnel is None or shutil.which("openssl") is None:
+    if not (shutil.which("stunnel4") or shutil.which("stunnel")) or shutil.which("openssl") is None:
         pytest.skip("stunnel4 and openssl are needed (scripts/setup.sh installs them)")
     folder = Path(tempfile.mkdtemp(prefix="encore-kafka-tls-"))
     certs = make_certificates(folder / "certs")
-    tls_port = free_port()
-    servers = EmbeddedServers.start(kafka=False, redis=False, workdir=str(folder / "broker"))
-    servers.start_kafka(advertised_port=tls_port)
-    conf = folder / "stunnel.conf"
-    conf.write_text(
-        "foreground = yes\npid =\n[kafka]\n"
-        f"accept = 127.0.0.1:{tls_port}\nconnect = {servers.kafka_bootstrap}\n"
-        f"cert = {certs.cert('server')}\nkey = {certs.key('server')}\nCAfile = {certs.ca}\n"
-        "verify = 2\n"  # mutual TLS: a client without a certificate from the CA is refused
-    )
-    proc = spawn([stunnel, str(conf)], str(folder / "stunnel.log"))
+    servers = EmbeddedServers(workdir=str(folder))
     try:
-        wait_port(tls_port, proc, "stunnel")
-        yield f"127.0.0.1:{tls_port}", folder / "certs"
+        bootstrap = start_kafka_tls(servers, certs, folder, client_certs=True)  # mutual TLS
+        yield bootstrap, folder / "certs"
     finally:
-        stop_processes([proc])
         servers.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -76,15 +65,7 @@ def test_foldin_trainer_and_publisher_over_tls(settings: Settings, tls_kafka: tu
         pub.flush()
         store = root.history_store()
 
-        def exact() -> bool:
-            users = [f"u{u}" for u in range(15)]
-            got: Counter[str] = Counter()
-            for u, flat in zip(users, store.raw_histories(users), strict=True):
-                for k in range(0, len(flat), 2):
-                    got[f"{u}|{flat[k].decode()}"] = int(float(flat[k + 1]))
-            return got == expected
-
-        assert wait_for(exact, timeout=60)
+        assert wait_for(lambda: histories_match(store, expected), timeout=60)
         trainer = root.trainer()  # kafka-python reader of the plays over TLS
         version = trainer.run_once()
         trainer.close()

@@ -17,12 +17,13 @@ from fastapi.testclient import TestClient
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
 from services.infra.clients import Clients
-from services.infra.embedded import free_port, redis_command, spawn, stop_processes, wait_port
+from services.infra.embedded import free_port, spawn, stop_processes, wait_port
+from services.infra.embedded_secure import tls_redis_command
 from services.infra.settings import ConfigError, Settings
 from services.infra.throwaway_ca import Certificates, make_certificates
 from services.produce import PlayPublisher
 from services.serving.client import EncoreClient
-from tests.integration.helpers import WorkerThread, publish_synthetic_model, wait_for
+from tests.integration.helpers import WorkerThread, histories_match, publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-encore-pw"
@@ -40,16 +41,7 @@ def tls_redis() -> Iterator[tuple[int, Certificates]]:
     folder = Path(tempfile.mkdtemp(prefix="encore-tls-"))
     certs = make_certificates(folder / "certs")
     port = free_port()
-    cmd = redis_command(0, str(folder))
-    cmd += ["--tls-port", str(port), "--tls-cert-file", str(certs.cert("server"))]
-    cmd += [
-        "--tls-key-file",
-        str(certs.key("server")),
-        "--tls-ca-cert-file",
-        str(certs.ca),
-        "--tls-auth-clients",
-        "yes",
-    ]
+    cmd = tls_redis_command(port, folder, certs, client_certs=True)  # mutual TLS
     proc = spawn(cmd, str(folder / "redis.log"))
     try:
         wait_port(port, proc, "redis-server (TLS)")
@@ -109,15 +101,7 @@ def test_foldin_serving_and_lookup_over_tls_as_a_limited_acl_user(secure: Settin
         pub.flush()
         store = root.history_store()
 
-        def exact() -> bool:
-            users = [f"u{u}" for u in range(20)]
-            got: Counter[str] = Counter()
-            for u, flat in zip(users, store.raw_histories(users), strict=True):
-                for k in range(0, len(flat), 2):
-                    got[f"{u}|{flat[k].decode()}"] = int(float(flat[k + 1]))
-            return got == expected
-
-        assert wait_for(exact, timeout=60)
+        assert wait_for(lambda: histories_match(store, expected), timeout=60)
         client = EncoreClient(s.redis_url, s.key_prefix, settings=s)
         assert wait_for(lambda: client.user_vector("brand-new", version) is not None, timeout=30)
         client.close()
