@@ -8,7 +8,7 @@ fewer than n results while enough non-excluded tracks exist.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -22,6 +22,7 @@ class TrackIndex(Protocol):
     def upsert(self, ids: list[str], vectors: np.ndarray) -> None: ...
     def remove(self, ids: Iterable[str]) -> None: ...
     def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]: ...
+    def ranked(self, vector: np.ndarray, k: int) -> Iterator[tuple[str, float]]: ...
     def vector(self, track_id: str) -> np.ndarray | None: ...
     def __len__(self) -> int: ...
     def __contains__(self, track_id: object) -> bool: ...
@@ -98,6 +99,10 @@ class ExactIndex:
         top = np.argpartition(-scores, m - 1)[:m]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(str(self.slots.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
+
+    def ranked(self, vector: np.ndarray, k: int) -> Iterator[tuple[str, float]]:
+        """The k best live tracks, best first, produced as the caller reads them."""
+        return iter(self.query(vector, k))
 
     def vector(self, track_id: str) -> np.ndarray | None:
         lab = self.slots.label.get(track_id)
@@ -184,6 +189,27 @@ class HNSWIndex:
             if len(out) >= want or k >= live:
                 return out[:n]
             k = min(live, 2 * k)
+
+    def ranked(self, vector: np.ndarray, k: int) -> Iterator[tuple[str, float]]:
+        """The (about) k best live tracks, best first, each converted only when read: a filtered
+        query asks for hundreds and usually reads a few dozen. Where the graph cannot hand back
+        k (k near the whole index), an exact scan of every live vector answers instead."""
+        k = min(k, len(self.slots.label))
+        if k <= 0:
+            return iter(())
+        try:
+            labels, dist = self.index.knn_query(_prep(vector, self.space), k=k, num_threads=1)
+        except RuntimeError:
+            return self._scan(vector)
+        ids = self.slots.ids
+        return ((str(ids[lab]), 1.0 - float(d)) for lab, d in zip(labels[0].tolist(), dist[0], strict=True))
+
+    def _scan(self, vector: np.ndarray) -> Iterator[tuple[str, float]]:
+        labels = list(self.slots.label.values())
+        data = np.asarray(self.index.get_items(labels), dtype=np.float32)
+        scores = data @ _prep(vector, self.space)[0]
+        ids = self.slots.ids
+        return ((str(ids[labels[i]]), float(scores[i])) for i in np.argsort(-scores, kind="stable"))
 
     def vector(self, track_id: str) -> np.ndarray | None:
         lab = self.slots.label.get(track_id)

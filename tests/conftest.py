@@ -75,6 +75,8 @@ def settings(servers: dict[str, object], tmp_path: object, topology: str, reques
         plays_topic=f"plays-{tag}",
         dlq_topic=f"plays-{tag}.dlq",
         updates_topic=f"factor-updates-{tag}",
+        tracks_topic=f"tracks-{tag}",
+        tracks_dlq_topic=f"tracks-{tag}.dlq",
         key_prefix=f"test-{tag}:",
         data_dir=str(tmp_path),
         factors=16,

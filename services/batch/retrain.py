@@ -82,7 +82,10 @@ class Retrainer:
             },
         )
         stage("artifact")
-        top, shares = popularity(plays, 1000)
+        order, shares = popularity(plays, plays.shape[1])
+        by_row = np.zeros(plays.shape[1], dtype="<f4")  # every track's share, in factor-row order
+        by_row[order] = shares
+        top, shares = order[:1000], shares[:1000]
         meta = {
             "engine": self.engine.name,
             "artifact": str(artifact.resolve()),
@@ -93,6 +96,7 @@ class Retrainer:
             "metrics": json.dumps(metrics),
             "popular": json.dumps([state.track_ids[i] for i in top]),
             "popular_scores": json.dumps([round(float(x), 6) for x in shares]),
+            "popularity": by_row.tobytes(),
             **{k: repr(v) for k, v in metrics.items()},
         }
         stage("meta")

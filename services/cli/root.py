@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+from collections.abc import Callable
 from typing import cast
 
 import redis
 from fastapi import FastAPI
+from kafka import KafkaProducer
 from redis.cluster import RedisCluster
 
+from core.catalogue import Catalogue, TrackInfo
 from services.batch.engines import engine
 from services.batch.ingest import Ingest
 from services.batch.janitor import VersionJanitor
@@ -31,6 +34,7 @@ from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.settings import Settings, configure_logging
 from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
+from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import SnapshotBuilder
 from services.speed.cluster_history_store import ClusterHistoryStore
@@ -137,17 +141,40 @@ class Root:
             self.clients.ensure_topics()
             return self.clients.topic_reader(self.settings.updates_topic)
 
+        def open_catalogue():  # type: ignore[no-untyped-def]
+            self.clients.ensure_topics()
+            return self.clients.topic_reader(self.settings.tracks_topic)
+
         return UpdateFollower(
             SnapshotBuilder(self.settings, models),
             models,
             open_reader if follow_updates else None,
             self.board().replica_heartbeat,
+            CatalogueFeed(Catalogue(), open_catalogue) if follow_updates else None,
         )
 
     def serving_app(self, follow: bool = True) -> tuple[FastAPI, UpdateFollower]:
         """The HTTP app and the follower it reads; `follow=False` leaves the follower to the caller."""
         follower = self.follower()
-        return create_app(self.settings, follower, self.clients.aio_redis, follow=follow), follower
+        app = create_app(
+            self.settings, follower, self.clients.aio_redis, follow=follow, publish_track=self.track_publisher()
+        )
+        return app, follower
+
+    def track_publisher(self) -> Callable[[str, TrackInfo], None]:
+        """Writes one catalogue entry to the tracks topic and waits for the broker's acknowledgement
+        (the producer is made on first use)."""
+        made: list[KafkaProducer] = []
+        lock = threading.Lock()
+
+        def publish(track_id: str, info: TrackInfo) -> None:
+            with lock:
+                if not made:
+                    self.clients.ensure_topics()
+                    made.append(self.clients.producer())
+                made[0].send(self.settings.tracks_topic, key=track_id.encode(), value=info.encode()).get(timeout=15)
+
+        return publish
 
     def close(self) -> None:
         if self._redis is not None:

@@ -35,22 +35,32 @@ def admin(bootstrap: str, **security: Any) -> KafkaAdminClient:
 
 
 def ensure_topics(settings: Settings, retries: int = 30) -> None:
-    """Create plays (several partitions), its DLQ and factor-updates; existing topics are kept."""
+    """Create plays (several partitions), the DLQs, factor-updates and the compacted catalogue;
+    existing topics are kept."""
     wanted = {
         settings.plays_topic: settings.plays_partitions,
         settings.dlq_topic: 1,
         settings.updates_topic: 1,
+        settings.tracks_topic: 1,
+        settings.tracks_dlq_topic: 1,
     }
-    ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries, **kafka_python_config(settings))
+    compacted = {settings.tracks_topic}
+    ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries, compacted, **kafka_python_config(settings))
 
 
-def ensure_topic_partitions(bootstrap: str, wanted: dict[str, int], retries: int = 30, **security: Any) -> None:
+def ensure_topic_partitions(
+    bootstrap: str, wanted: dict[str, int], retries: int = 30, compacted: set[str] | None = None, **security: Any
+) -> None:
     for attempt in range(retries):
         try:
             client = admin(bootstrap, **security)
             try:
                 existing = set(client.list_topics())
-                new = [NewTopic(t, n, 1) for t, n in wanted.items() if t not in existing]
+                new = [
+                    NewTopic(t, n, 1, topic_configs={"cleanup.policy": "compact"} if t in (compacted or ()) else {})
+                    for t, n in wanted.items()
+                    if t not in existing
+                ]
                 if new:
                     try:
                         client.create_topics(new)

@@ -162,6 +162,10 @@ class Keys:
         yet produced; only the partition's owner drains it (no two workers send one letter)."""
         return f"{self.prefix}foldin:dlq:{partition}"
 
+    def catalogue(self, track_id: str) -> str:
+        """A track's catalogue entry: the `tracks` topic's JSON value, as last applied."""
+        return f"{self.prefix}catalogue:track:{track_id}"
+
     @property
     def status_gaps(self) -> str:
         """Hash `group|incarnation|partition` → JSON of a replay gap (offsets Kafka no longer holds)."""

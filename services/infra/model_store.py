@@ -45,6 +45,7 @@ class LoadedModel:
     track_index_b: dict[bytes, int] = field(default_factory=dict)  # same, keyed by Redis bytes
     item_gram: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # YᵀY, float64
     query_sample: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # user vectors
+    popularity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # share per factor row
 
     def __post_init__(self) -> None:
         if not self.track_index:
@@ -166,6 +167,7 @@ class RedisModelStore:
             raise UnknownVersionError(f"model version {version} has no meta in Redis")
         gram_bytes = meta_raw.pop(b"user_gram")
         sample_bytes = meta_raw.pop(b"query_sample", b"")
+        popularity = np.frombuffer(meta_raw.pop(b"popularity", b""), dtype="<f4").astype(np.float32)
         meta = {k.decode(): v.decode() for k, v in meta_raw.items()}
         model = ImplicitALS(**json.loads(meta["params"]))
         ids_raw = self.r.get(self.keys.track_ids(version)) or b""
@@ -185,7 +187,7 @@ class RedisModelStore:
         model.user_factors_ = np.zeros((0, model.factors), dtype=np.float32)
         gram = np.frombuffer(gram_bytes, dtype="<f8").reshape(model.factors, model.factors).copy()
         sample = np.frombuffer(sample_bytes, dtype="<f4").reshape(-1, model.factors).astype(np.float32)
-        return LoadedModel(version, model, track_ids, gram, meta, query_sample=sample)
+        return LoadedModel(version, model, track_ids, gram, meta, query_sample=sample, popularity=popularity)
 
     @staticmethod
     def _artifact_items(path: str) -> np.ndarray | None:

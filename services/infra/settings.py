@@ -45,6 +45,8 @@ class Settings:
     plays_topic: str = _s("plays", "topic of play events (key = user id)")
     dlq_topic: str = _s("plays.dlq", "dead-letter topic for invalid play events")
     updates_topic: str = _s("factor-updates", "topic of changed vectors for serving replicas")
+    tracks_topic: str = _s("tracks", "compacted topic of the track catalogue (key = track id)")
+    tracks_dlq_topic: str = _s("tracks.dlq", "dead-letter topic for invalid catalogue entries")
     key_prefix: str = _s("encore:", "prefix of every Redis key")
     plays_partitions: int = _s(4, "partitions of the plays topic when Encore creates it", min=1)
     factors: int = _s(64, "latent factors", min=1, max=1024)
@@ -79,6 +81,8 @@ class Settings:
         0.95, "recall@10 vs exact search the auto-chosen ef must reach (95 % lower bound)", min=0.5, max=1.0
     )
     max_n: int = _s(100, "largest n the API accepts", min=1)
+    radio_artist_window: int = _s(5, "radio: no artist twice within this many consecutive tracks", min=1, max=100)
+    radio_listener_weight: float = _s(0.5, "radio: pull of the listener's taste against the seed's", min=0.0)
     api_tls_cert: str = _s("", "certificate (chain) file: `encore serve` speaks HTTPS")
     api_tls_key: str = _s("", "private key file of ENCORE_API_TLS_CERT")
     api_keys: str = _s("", "read API keys, comma-separated (none set anywhere: the API is open)", secret=True)

@@ -24,10 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import Field, create_model
 
 from core.errors import UnknownVersionError
+from core.filters import TrackFilter
 from services.infra.metrics import watch_gc
 from services.infra.settings import Settings
-from services.serving import http_errors
+from services.serving import catalogue_routes, http_errors
 from services.serving.auth import ApiAuth
+from services.serving.catalogue_routes import TrackPublish
+from services.serving.filter_params import filter_params
 from services.serving.follower import UpdateFollower
 from services.serving.http_errors import ADMIN, BODY, READ, TRACK, UNAUTHORIZED, BodyLimit
 from services.serving.http_models import (
@@ -76,10 +79,15 @@ class Metrics:
             LATENCY.labels(route).observe(time.perf_counter() - t0)
 
 
-def answer(body: dict[str, Any], items: list[tuple[str, float]]) -> Response:
+def answer(
+    body: dict[str, Any], items: list[tuple[str, float]], reasons: list[list[tuple[str, float]]] | None = None
+) -> Response:
     """The response body built as plain data and serialised by orjson: the hot routes skip
     Pydantic's re-validation of their own output (their models still document /docs)."""
     body["items"] = [{"track_id": t, "score": s} for t, s in items]
+    if reasons is not None:
+        for item, why in zip(body["items"], reasons, strict=True):
+            item["because"] = [{"track_id": t, "weight": w} for t, w in why]
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -89,14 +97,18 @@ def create_app(
     redis_factory: Callable[[], aioredis.Redis],
     follow: bool = True,
     auth: ApiAuth | None = None,
+    publish_track: TrackPublish | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
     admin key, once any key is configured (`auth`, from the settings when not given); /health,
-    /ready and the OpenAPI pages stay open for probes and client generators."""
+    /ready and the OpenAPI pages stay open for probes and client generators. `publish_track`
+    writes a catalogue entry to the `tracks` topic (admin hide/show)."""
     max_n = settings.max_n
     auth = auth or ApiAuth.from_settings(settings)
     reader, admin = [Depends(auth.require_read)], [Depends(auth.require_admin)]
+    filters = Depends(filter_params(max_n))
+    explain_param = Query(False, description="add to each item the played tracks that contributed most")
     watch_gc()
     queries = QueryService(follower, follower.models.keys)
     aio: dict[str, aioredis.Redis] = {}
@@ -139,21 +151,30 @@ def create_app(
 
     @app.get("/recommendations/{user_id}", response_model=Recommendations, dependencies=reader, responses=READ)
     async def recommend(
-        user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1, le=max_n)
+        user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH),
+        n: int = Query(10, ge=1, le=max_n),
+        flt: TrackFilter = filters,
+        explain: bool = explain_param,
     ) -> Response:
         snap = await queries.snapshot(r)
-        vec, played = await queries.user_context(r(), snap.version, user_id)
-        source, items = queries.recommend(snap, vec, n, played)
-        return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items)
+        vec, played = await queries.user_context(r(), snap.version, user_id, weights=explain)
+        source, items = queries.recommend(snap, vec, n, flt.excluding(played))
+        reasons = _reasons(snap, source, played, items) if explain else None
+        return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items, reasons)
 
-    async def recommend_anonymous(body: Any) -> Response:
+    def _reasons(snap: Any, source: str, played: dict[str, float], items: Any) -> list[list[tuple[str, float]]]:
+        """Why each item: exact contributions of the played tracks (none for the popular fallback)."""
+        return queries.explain(snap, played, items) if source == "personal" else [[] for _ in items]
+
+    async def recommend_anonymous(body: Any, flt: TrackFilter = filters, explain: bool = explain_param) -> Response:
         req = cast(AnonymousRequest, body)
         snap = await queries.snapshot(r)
         plays: dict[str, float] = {}
         for p in req.plays:
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
-        source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, plays)
-        return answer({"user_id": None, "model_version": snap.version, "source": source}, items)
+        source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, flt.excluding(plays))
+        reasons = _reasons(snap, source, plays, items) if explain else None
+        return answer({"user_id": None, "model_version": snap.version, "source": source}, items, reasons)
 
     recommend_anonymous.__annotations__["body"] = request_model  # a class made here: no string annotation
     app.post("/recommendations", response_model=Recommendations, dependencies=reader, responses=BODY)(
@@ -162,11 +183,16 @@ def create_app(
 
     @app.get("/similar/{track_id}", response_model=Similar, dependencies=reader, responses=TRACK)
     async def similar(
-        track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH), n: int = Query(10, ge=1, le=max_n)
+        track_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH),
+        n: int = Query(10, ge=1, le=max_n),
+        flt: TrackFilter = filters,
     ) -> Response:
+        """Tracks nearest `track_id` by cosine; a track taken down (unavailable) is a 404 here."""
         snap = await queries.snapshot(r)
-        hits = queries.similar(snap, track_id, n)
+        hits = queries.similar(snap, track_id, n, flt)
         return answer({"track_id": track_id, "model_version": snap.version}, hits)
+
+    catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

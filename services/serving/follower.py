@@ -18,11 +18,13 @@ from collections.abc import Callable
 import numpy as np
 from confluent_kafka import Consumer
 
+from core.catalogue import Catalogue
 from core.errors import FatalError, UnknownVersionError
 from core.messages import FactorUpdate, MessageError
 from services.infra import rdkafka
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.model_store import RedisModelStore
+from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.rwlock import ReadWriteLock
 from services.serving.snapshots import Snapshot, SnapshotBuilder, rebuilt
 
@@ -41,8 +43,11 @@ class UpdateFollower:
         models: RedisModelStore,
         open_reader: Callable[[], Consumer] | None,
         heartbeat: Callable[[str | None], None] | None = None,
+        catalogue_feed: CatalogueFeed | None = None,
     ) -> None:
         self.builder, self.models, self.open_reader = builder, models, open_reader
+        self.catalogue = catalogue_feed.catalogue if catalogue_feed is not None else Catalogue()
+        self.catalogue_feed = catalogue_feed
         self.heartbeat, self._beat_at = heartbeat, 0.0  # tells `encore status` which version is loaded
         self.snapshot: Snapshot | None = None
         self.lock = ReadWriteLock()  # queries read; updates and swaps write
@@ -146,6 +151,8 @@ class UpdateFollower:
         if self.heartbeat is not None and time.monotonic() - self._beat_at >= HEARTBEAT_S:
             self._beat_at = time.monotonic()
             self.heartbeat(self.snapshot.version if self.snapshot is not None else None)
+        if self.catalogue_feed is not None:
+            self.catalogue_feed.poll()
         if self.open_reader is None:
             return
         if self._reader is None:
@@ -173,6 +180,8 @@ class UpdateFollower:
         self.stop_event.set()
 
     def close(self) -> None:
+        if self.catalogue_feed is not None:
+            self.catalogue_feed.close()
         if self._reader is not None:
             self._reader.close()
             self._reader = None

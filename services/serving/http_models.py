@@ -11,9 +11,15 @@ MAX_ID_LENGTH = 256
 MAX_ANONYMOUS_PLAYS = 10_000
 
 
+class Reason(BaseModel):
+    track_id: str = Field(description="a track the listener played")
+    weight: float = Field(description="its exact part of the item's score (see README: explanations)")
+
+
 class Item(BaseModel):
     track_id: str
     score: float
+    because: list[Reason] | None = Field(default=None, description="with explain=true: the largest contributions")
 
 
 class Recommendations(BaseModel):
@@ -37,6 +43,29 @@ class Play(BaseModel):
 class AnonymousRequest(BaseModel):
     plays: list[Play] = Field(max_length=MAX_ANONYMOUS_PLAYS)
     n: int = Field(default=10, ge=1)
+
+
+class Artist(BaseModel):
+    artist_id: str
+    score: float
+
+
+class SimilarArtists(BaseModel):
+    artist_id: str
+    model_version: str
+    items: list[Artist]
+
+
+class Radio(BaseModel):
+    seed: str = Field(description="track:ID or artist:ID")
+    user_id: str | None = None
+    model_version: str
+    items: list[Item]
+
+
+class TrackState(BaseModel):
+    track_id: str
+    available: bool
 
 
 class Error(BaseModel):

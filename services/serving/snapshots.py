@@ -120,7 +120,7 @@ class SnapshotBuilder:
                     chosen[space].queries,
                 )
             indexes.append(idx)
-        snap = Snapshot(loaded, indexes[0], indexes[1], popular_of(loaded.meta, ids), chosen or None)
+        snap = Snapshot(loaded, indexes[0], indexes[1], popular_of(loaded.meta, ids, loaded.popularity), chosen or None)
         if ids:  # load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests
             snap.fold_in_plays({ids[0]: 1.0})
         return snap
@@ -136,14 +136,18 @@ class SnapshotBuilder:
                     log.warning("could not remove old index snapshot %s: %s", path, exc)
 
 
-def popular_of(meta: dict[str, str], ids: list[str]) -> list[tuple[str, float]]:
-    """The popular fallback of a version: its tracks with the share of users who played them.
-    A version published before shares were recorded gets rank scores in (0, 1] instead."""
+def popular_of(meta: dict[str, str], ids: list[str], shares: np.ndarray | None = None) -> list[tuple[str, float]]:
+    """The popular fallback of a version: every track, most listened first, with the share of
+    the model's users who played it (so a filtered fallback still fills n). A version published
+    before every share was recorded gives its top list, with rank scores in (0, 1] if older still."""
+    if shares is not None and len(shares) == len(ids) and len(ids):
+        order = np.argsort(-shares, kind="stable")
+        return [(ids[i], float(shares[i])) for i in order.tolist()]
     tracks = json.loads(meta.get("popular", "[]")) or ids[:1000]
-    shares = json.loads(meta.get("popular_scores", "[]"))
-    if len(shares) != len(tracks):
-        shares = [(len(tracks) - i) / len(tracks) for i in range(len(tracks))]
-    return list(zip(tracks, map(float, shares), strict=True))
+    scores = json.loads(meta.get("popular_scores", "[]"))
+    if len(scores) != len(tracks):
+        scores = [(len(tracks) - i) / len(tracks) for i in range(len(tracks))]
+    return list(zip(tracks, map(float, scores), strict=True))
 
 
 def rebuilt(snap: Snapshot, ids: list[str], vecs: np.ndarray) -> Snapshot:

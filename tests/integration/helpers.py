@@ -11,9 +11,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 
 from core.als import ImplicitALS
+from core.recommend import popularity
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
 from services.infra.clients import Clients
@@ -39,11 +41,14 @@ def applied_count(settings: Settings, group: str = "encore-foldin") -> int:
 
 
 def publish_synthetic_model(settings: Settings, r: redis.Redis, data: SyntheticMusic) -> str:
-    model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(data.matrix())
+    plays = data.matrix()
+    model = ImplicitALS(factors=settings.factors, iterations=6, random_state=0).fit(plays)
     version = new_version()
-    RedisModelStore(r, keys_for(settings)).publish(
-        version, model, list(data.user_ids), list(data.track_ids), {"checkpoint_time": time.time()}
-    )
+    order, shares = popularity(plays, plays.shape[1])
+    by_row = np.zeros(plays.shape[1], dtype="<f4")
+    by_row[order] = shares
+    meta = {"checkpoint_time": time.time(), "popularity": by_row.tobytes()}
+    RedisModelStore(r, keys_for(settings)).publish(version, model, list(data.user_ids), list(data.track_ids), meta)
     return version
 
 

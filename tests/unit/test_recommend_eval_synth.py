@@ -114,3 +114,9 @@ def test_popular_fallback_scores_are_the_share_of_users_who_played_a_track() -> 
     assert popular_of(meta, []) == [("t0", 0.75), ("t2", 0.75), ("t1", 0.25)]
     # A version published before shares were recorded: rank scores in (0, 1], still descending.
     assert popular_of({"popular": json.dumps(["a", "b"])}, []) == [("a", 1.0), ("b", 0.5)]
+    # Since every track's share is recorded (factor-row order), the fallback holds every track,
+    # so a filtered fallback can still fill n.
+    by_row = np.zeros(4, dtype=np.float32)
+    by_row[top] = shares
+    full = popular_of(meta, ["t0", "t1", "t2", "t3"], by_row)
+    assert full == [("t0", 0.75), ("t2", 0.75), ("t1", 0.25), ("t3", 0.0)]
