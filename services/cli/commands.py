@@ -74,23 +74,33 @@ def cmd_embedded(s: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
-    from services.cli.produce import produce, read_plays_file, synthetic_stream
+    from services.cli.produce import produce, read_plays_file, read_tracks_file, synthetic_stream
     from services.infra.clients import Clients
     from services.infra.play_publisher import PlayPublisher
 
     _require_servers(s)
-    if bool(args.file) == bool(args.synthetic):
-        raise ConfigError("give exactly one of --file PATH or --synthetic")
+    tracks_file, n_tracks = (None, 1500) if args.synthetic else (args.tracks, 0)
+    if args.synthetic and args.tracks is not None:
+        try:
+            n_tracks = int(args.tracks)
+        except ValueError:
+            raise ConfigError(f"--tracks {args.tracks!r}: with --synthetic it is a track count") from None
+    if sum(map(bool, (args.file, args.synthetic, tracks_file))) != 1:
+        raise ConfigError("give exactly one of --file PATH, --synthetic or --tracks FILE")
+    for path in (args.file, tracks_file):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{path}: no such file")
     clients = Clients(s)
     clients.ensure_topics()
-    source = (
-        read_plays_file(args.file)
-        if args.file
-        else synthetic_stream(args.users, args.tracks, args.seed, args.limit, args.live)
-    )
+    if tracks_file:
+        source, topic = read_tracks_file(tracks_file), s.tracks_topic
+    elif args.file:
+        source, topic = read_plays_file(args.file), s.plays_topic
+    else:
+        source, topic = synthetic_stream(args.users, n_tracks, args.seed, args.limit, args.live), s.plays_topic
     stop = threading.Event()
     stop_on_signals(stop.set)
-    pub = PlayPublisher(clients.producer(), s.plays_topic)
+    pub = PlayPublisher(clients.producer(), topic)
     n = produce(pub, source, rate=args.rate, stop=stop)
     pub.close()
     print(json.dumps({"produced": n}))
@@ -105,7 +115,15 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     metrics.serve_metrics(s.metrics_port)
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
-    return _run_component(root, worker, worker.run)
+    sync = root.catalogue_sync()  # the catalogue in Redis, beside the plays
+    thread = threading.Thread(target=sync.run, daemon=True, name="catalogue-sync")
+    thread.start()
+    try:
+        return _run_component(root, worker, worker.run)
+    finally:
+        sync.stop()
+        thread.join(timeout=5)
+        sync.close()
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:

@@ -19,11 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--secure", action="store_true", help="embedded servers with TLS, a Redis ACL user and API keys made at start"
     )
     sub.add_parser("embedded", help="start only the embedded broker and Redis")
-    pr = sub.add_parser("produce", help="publish plays from a file or the synthetic generator")
-    pr.add_argument("--file", help="JSON lines or CSV user_id,track_id,ts[,ms_played,count]")
+    pr = sub.add_parser("produce", help="publish plays (a file or the synthetic generator) or a track catalogue")
+    pr.add_argument("--file", help="plays: JSON lines or CSV user_id,track_id,ts[,ms_played,count]")
+    pr.add_argument(
+        "--tracks",
+        metavar="FILE|N",
+        help="a catalogue file to the tracks topic (JSON lines, or CSV with a header track_id,artist_id,...); "
+        "with --synthetic: the generator's track count (default 1500)",
+    )
     pr.add_argument("--synthetic", action="store_true", help="use the synthetic generator")
     pr.add_argument("--users", type=int, default=3000)
-    pr.add_argument("--tracks", type=int, default=1500)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--limit", type=int, default=None)
     pr.add_argument("--live", action="store_true", help="stamp synthetic plays with the current time")

@@ -47,6 +47,44 @@ def read_plays_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
                 yield key, line
 
 
+TRACK_COLUMNS = ("track_id", "artist_id", "title", "tags", "explicit", "regions", "available")
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def read_tracks_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
+    """(key, value) catalogue records from JSON lines (the topic's schema, passed on as they are)
+    or a CSV with a header naming some of TRACK_COLUMNS (`tags` and `regions` separated by `|`,
+    an empty `regions` for everywhere). Invalid entries reach the catalogue's DLQ with a reason."""
+    p = Path(path)
+    with p.open("rb") as f:
+        if p.suffix.lower() == ".csv":
+            rows = csv.DictReader(line.decode("utf-8", "replace") for line in f)
+            for row in rows:
+                d: dict[str, object] = {"v": 1, **{k: v for k, v in row.items() if k in TRACK_COLUMNS}}
+                for name in ("tags", "regions"):
+                    if name in d:
+                        raw = str(d[name] or "")
+                        d[name] = [x.strip() for x in raw.split("|") if x.strip()] or (
+                            None if name == "regions" else []
+                        )
+                for name in ("explicit", "available"):
+                    if name in d:
+                        d[name] = _BOOLS.get(str(d[name]).strip().lower(), d[name])
+                if d.get("artist_id") == "":
+                    d["artist_id"] = None
+                yield str(d.get("track_id") or "").encode(), json.dumps(d).encode()
+        else:
+            for line in f:
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    continue
+                try:
+                    key = str(json.loads(line).get("track_id", "")).encode()
+                except (ValueError, AttributeError):
+                    key = b""  # a compacted topic takes no null key; the sync dead-letters it
+                yield key, line
+
+
 def synthetic_stream(
     n_users: int, n_tracks: int, seed: int, limit: int | None, live: bool
 ) -> Iterator[tuple[bytes | None, bytes]]:

@@ -37,6 +37,8 @@ from services.serving.api import create_app
 from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import SnapshotBuilder
+from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
+from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.history_store import RedisHistoryStore
 from services.speed.pipeline import SpeedLayer
@@ -105,6 +107,18 @@ class Root:
             self.board(),
             group,
             self.clients.dead_letters_produced,
+        )
+
+    def catalogue_sync(self) -> CatalogueSync:
+        s = self.settings
+        self.clients.ensure_topics()
+        return CatalogueSync(
+            self.redis,
+            self.keys,
+            self.clients.group_consumer(CATALOGUE_GROUP),
+            self.clients.update_publisher(),
+            s.tracks_topic,
+            s.tracks_dlq_topic,
         )
 
     def trainer(self, engine_name: str = "local", rebuild: bool = False) -> Trainer:

@@ -18,6 +18,7 @@ from core.als import ImplicitALS
 from core.recommend import popularity
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
+from services.infra import kafka_admin
 from services.infra.clients import Clients
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore, new_version
@@ -96,3 +97,23 @@ def encore(settings: Settings, *args: str, timeout: float = 300) -> tuple[int, s
         [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def consume_all(settings: Settings, topic: str, want: int, timeout: float = 30) -> list:
+    """Every record of `topic` from its beginning, once at least `want` arrived (or `timeout`)."""
+    from kafka import TopicPartition
+
+    c = kafka_admin.consumer(settings.kafka_bootstrap, None)
+    tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or []]
+    c.assign(tps)
+    c.seek_to_beginning(*tps)
+    out: list = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        for recs in c.poll(timeout_ms=200).values():
+            out.extend(recs)
+    time.sleep(0.5)
+    for recs in c.poll(timeout_ms=500).values():
+        out.extend(recs)
+    c.close()
+    return out

@@ -15,28 +15,9 @@ from core.synthetic import SyntheticMusic
 from services.infra import kafka_admin as kafka_io
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from tests.integration.helpers import WorkerThread, keys_for, publish_synthetic_model, wait_for
+from tests.integration.helpers import WorkerThread, consume_all, keys_for, publish_synthetic_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_topologies]
-
-
-def _consume_all(settings: Settings, topic: str, want: int, timeout: float = 30) -> list:
-    c = kafka_io.consumer(settings.kafka_bootstrap, None)
-    from kafka import TopicPartition
-
-    tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or []]
-    c.assign(tps)
-    c.seek_to_beginning(*tps)
-    out: list = []
-    deadline = time.monotonic() + timeout
-    while len(out) < want and time.monotonic() < deadline:
-        for recs in c.poll(timeout_ms=200).values():
-            out.extend(recs)
-    time.sleep(0.5)
-    for recs in c.poll(timeout_ms=500).values():
-        out.extend(recs)
-    c.close()
-    return out
 
 
 def test_play_to_vector_history_and_dlq(settings: Settings, redis_client: redis.Redis) -> None:
@@ -63,11 +44,11 @@ def test_play_to_vector_history_and_dlq(settings: Settings, redis_client: redis.
         assert hist == {"t1": 2.0, "t2": 1.0, "t3": 1.0}
         vec = decode_vector(redis_client.get(keys.user(version, new_user)))
         assert vec.shape == (settings.factors,) and np.linalg.norm(vec) > 0
-        dlq = _consume_all(settings, settings.dlq_topic, 2)
+        dlq = consume_all(settings, settings.dlq_topic, 2)
         assert sorted(r.value for r in dlq) == sorted(bad)
         reasons = [dict(r.headers)["error"].decode() for r in dlq]
         assert any("malformed JSON" in x for x in reasons) and any("count" in x for x in reasons)
-        updates = _consume_all(settings, settings.updates_topic, 1)
+        updates = consume_all(settings, settings.updates_topic, 1)
         assert any(r.key == f"user:{new_user}".encode() for r in updates)
     finally:
         worker.stop()
