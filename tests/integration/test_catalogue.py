@@ -147,9 +147,7 @@ def test_filters_hold_on_every_route_and_still_fill_n(served: tuple[Any, ...]) -
     assert client.get("/recommendations/u5?exclude=" + ",".join(f"x{i}" for i in range(1001))).status_code == 422
 
 
-def test_a_takedown_reaches_every_replica_and_similar_answers_404(
-    served: tuple[Any, ...], settings: Settings
-) -> None:
+def test_a_takedown_reaches_every_replica_and_similar_answers_404(served: tuple[Any, ...], settings: Settings) -> None:
     a, b, _, follower_b, _, _ = served
     seen = [t for t in _ids(a.get("/recommendations/nobody?n=20").json())]
     victim = seen[0]
