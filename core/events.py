@@ -47,6 +47,18 @@ class PlayEvent:
 
 
 @dataclass(frozen=True)
+class EraseEvent:
+    """A control record on `plays`: forget `user_id` (right to erasure). Keyed by the user id
+    like their plays, it sits after every play of theirs produced before it, so whoever reads
+    the topic in order drops those plays and keeps the ones after it."""
+
+    user_id: str
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": 1, "erase": True, "user_id": self.user_id}, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
 class InvalidEvent:
     """A dead letter: the original bytes and why they were rejected."""
 
@@ -81,7 +93,7 @@ def _int(d: dict[str, object], name: str) -> int | None:
     return v
 
 
-def parse_play(raw: bytes | None, limits: Limits) -> PlayEvent | InvalidEvent:
+def parse_play(raw: bytes | None, limits: Limits) -> PlayEvent | EraseEvent | InvalidEvent:
     """Parse one `plays` message value; anything invalid becomes an InvalidEvent."""
     if raw is None:
         return InvalidEvent(b"", "null message value")
@@ -91,6 +103,13 @@ def parse_play(raw: bytes | None, limits: Limits) -> PlayEvent | InvalidEvent:
         return InvalidEvent(raw, f"malformed JSON: {exc}"[:200])
     if not isinstance(d, dict):
         return InvalidEvent(raw, "event must be a JSON object")
+    if "erase" in d:
+        if d["erase"] is not True:
+            return InvalidEvent(raw, "erase must be true when present")
+        try:
+            return EraseEvent(_check_id(d, "user_id"))
+        except ValueError as exc:
+            return InvalidEvent(raw, str(exc))
     try:
         user_id = _check_id(d, "user_id")
         track_id = _check_id(d, "track_id")

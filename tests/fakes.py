@@ -33,6 +33,8 @@ class FakeHistoryStore:
         self._seq = itertools.count(1)
         self.clock = time.time
         self.applies = 0  # atomic steps that wrote something
+        self.forgotten: dict[str, tuple[str, int, int]] = {}  # user → erase record not yet passed
+        self.models: FakeModelStore | None = None  # whose vectors an erasure deletes
 
     def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         for _ in range(5):
@@ -59,11 +61,22 @@ class FakeHistoryStore:
             records = [r for r in records if r.offset > stale.get(r.partition, -1)]
         raise RuntimeError("offsets kept moving")
 
+    def _blocked(self, incarnation: str, records: list[Record]) -> set[str]:
+        reach = {p: max(r.offset for r in records if r.partition == p) for p in {r.partition for r in records}}
+        return {
+            u
+            for u, (inc, p, o) in self.forgotten.items()
+            if inc == incarnation and max(self.offsets.get((inc, p), -1), reach.get(p, -1)) < o
+        }
+
     def _write(self, incarnation: str, records: list[Record]) -> None:
         self.applies += 1
         seq, now = next(self._seq), self.clock()
+        blocked = self._blocked(incarnation, records)
         for r in records:
-            if isinstance(r, PlayRecord):
+            if isinstance(r, PlayRecord) and r.user in blocked:
+                pass
+            elif isinstance(r, PlayRecord):
                 h = self.histories.setdefault(r.user, {})
                 h[r.track] = h.get(r.track, 0.0) + r.weight
                 if r.new_track:
@@ -76,7 +89,7 @@ class FakeHistoryStore:
                 self.dlq.setdefault(r.partition, []).append(r.letter)
             key = (incarnation, r.partition)
             self.offsets[key] = max(self.offsets.get(key, -1), r.offset)
-        for user in {r.user for r in records if isinstance(r, PlayRecord)}:
+        for user in {r.user for r in records if isinstance(r, PlayRecord)} - blocked:
             h = self.histories[user]
             if len(h) > self.history_cap + self.history_cap // 10:
                 keep = sorted(h.items(), key=lambda kv: -kv[1])[: self.history_cap]
@@ -132,6 +145,26 @@ class FakeHistoryStore:
         users = sorted(self.listeners.get(track, {}), key=lambda u: self.listeners[track][u])
         return users, [self.histories.get(u, {}).get(track, 0.0) for u in users]
 
+    def erase(
+        self, incarnation: str, partition: int, offset: int, user: str, versions: Collection[str], hold: bool
+    ) -> bool:
+        if self.offsets.get((incarnation, partition), -1) >= offset:
+            self.forgotten.pop(user, None)
+            return False
+        self.histories.pop(user, None)
+        self.pending_users.pop(user, None)
+        self.dirty.pop(user, None)
+        for ls in self.listeners.values():
+            ls.pop(user, None)
+        if self.models is not None:
+            for v in versions:
+                self.models.users.pop((v, user), None)
+        if hold:
+            self.forgotten[user] = (incarnation, partition, offset)
+        else:
+            self.forgotten.pop(user, None)
+        return True
+
 
 class FakeModelStore:
     """ModelStore holding loaded versions and their vectors as bytes, like Redis does."""
@@ -153,6 +186,9 @@ class FakeModelStore:
 
     def load(self, version: str) -> LoadedModel:
         return self.loaded[version]
+
+    def kept_versions(self) -> list[str]:
+        return list(self.loaded)
 
     def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]:
         return [self.users.get((version, u)) for u in users]

@@ -73,6 +73,24 @@ class PlayMatrix:
         self._vals.append(weight)
         return True
 
+    def erase(self, incarnation: str, partition: int, offset: int, user: str) -> bool:
+        """Apply an erase record: the user's row leaves the matrix and the id maps, so neither
+        the checkpoint nor a model trained on it holds them. Returns whether it was new."""
+        key = f"{incarnation}|{partition}"
+        if offset <= self.offsets.get(key, -1):
+            return False
+        self.offsets[key] = offset
+        row = self._uidx.get(user)
+        if row is None:
+            return True
+        m = self.matrix()
+        keep = np.ones(m.shape[0], dtype=bool)
+        keep[row] = False
+        self._base = m[keep]
+        del self.user_ids[row]
+        self._uidx = {u: i for i, u in enumerate(self.user_ids)}
+        return True
+
     @property
     def pending(self) -> int:
         return len(self._vals)

@@ -16,7 +16,7 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from core.events import Limits, PlayEvent, parse_play
+from core.events import EraseEvent, Limits, PlayEvent, parse_play
 from services.batch.checkpoint import PlayMatrix
 from services.infra.settings import Settings
 
@@ -94,6 +94,10 @@ class Ingest:
             for recs in batch.values():
                 for m in recs:
                     ev = parse_play(m.value, limits)
+                    if isinstance(ev, EraseEvent):
+                        if self.state.erase(self.incarnation, m.partition, m.offset, ev.user_id):
+                            log.info("erased user %r from the play matrix", ev.user_id)
+                        continue
                     # Invalid events still advance the offset, with no weight (the fold-in worker
                     # dead-letters them).
                     user, track, w, ts = ("", "", 0.0, 0.0)

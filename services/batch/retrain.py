@@ -25,6 +25,7 @@ from services.infra.settings import Settings
 
 log = logging.getLogger(__name__)
 EVAL_USERS = 2000
+ERASURE_MARGIN_S = 60.0
 
 
 class StageClock:
@@ -69,6 +70,16 @@ class Retrainer:
         # a training iteration).
         model.user_factors_ = model.fold_in(plays, model.item_factors_, start=model.user_factors_)
         stage("fold_in_users")
+        # Users erased while this model was made: their erase record may not have reached the
+        # checkpoint; they get no row (the speed layer solves them afresh if they play again).
+        since = state.checkpoint_time - ERASURE_MARGIN_S
+        user_ids = state.user_ids
+        erased = self.models.erased_since(since)
+        if erased & set(user_ids):
+            keep = np.array([u not in erased for u in user_ids])
+            model.user_factors_ = model.user_factors_[keep]
+            user_ids = [u for u, k in zip(user_ids, keep, strict=True) if k]
+            log.info("left out %d users erased since the checkpoint", len(state.user_ids) - len(user_ids))
         version = new_version()
         artifact = self.data.artifact(version)
         write_npz(
@@ -77,7 +88,7 @@ class Retrainer:
                 "user_factors": model.user_factors_,
                 "item_factors": model.item_factors_,
                 "params": np.array(json.dumps(model.get_params())),
-                "user_ids": np.array(state.user_ids, dtype=str),
+                "user_ids": np.array(user_ids, dtype=str),
                 "track_ids": np.array(state.track_ids, dtype=str),
             },
         )
@@ -100,7 +111,9 @@ class Retrainer:
             **{k: repr(v) for k, v in metrics.items()},
         }
         stage("meta")
-        self.models.publish(version, model, state.user_ids, state.track_ids, meta)
+        self.models.publish(version, model, user_ids, state.track_ids, meta)
+        late = self.models.erased_since(since) & set(user_ids)
+        self.models.delete_user_vectors(version, late)  # erased while the vectors were written
         stage("publish")
         self.models.set_meta(version, "stage_seconds", json.dumps(stage.stages))
         log.info(

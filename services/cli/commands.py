@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from core.errors import ConfigError
+from services.cli.data_commands import cmd_export, cmd_forget, require_servers
 from services.infra.lifecycle import Component
 from services.infra.settings import Settings
 
@@ -46,14 +47,6 @@ def _run_component(root: Root, component: Component, run: Callable[[], None]) ->
     return 0
 
 
-def _require_servers(s: Settings) -> None:
-    if not s.kafka_bootstrap or not s.redis_url:
-        raise ConfigError(
-            "set ENCORE_KAFKA_BOOTSTRAP and ENCORE_REDIS_URL (or run `encore up`, "
-            "which starts embedded servers, or `encore embedded` to get addresses)"
-        )
-
-
 def cmd_config(s: Settings, args: argparse.Namespace) -> int:
     for name, value, doc in s.describe():
         print(f"{name}={value}    # {doc}")
@@ -78,7 +71,7 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
     from services.infra.clients import Clients
     from services.infra.play_publisher import PlayPublisher
 
-    _require_servers(s)
+    require_servers(s)
     tracks_file, n_tracks = (None, 1500) if args.synthetic else (args.tracks, 0)
     if args.synthetic and args.tracks is not None:
         try:
@@ -111,7 +104,7 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import STARTUP_PATIENCE_S, Root
     from services.infra import metrics
 
-    _require_servers(s)
+    require_servers(s)
     metrics.serve_metrics(s.metrics_port)
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
@@ -129,7 +122,7 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import STARTUP_PATIENCE_S, Root
 
-    _require_servers(s)
+    require_servers(s)
     root = Root(s, STARTUP_PATIENCE_S)
     trainer = root.trainer(args.engine, rebuild=args.rebuild)
 
@@ -151,7 +144,7 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
     from services.infra.metrics import multiprocess_dir
     from services.serving.auth import ApiAuth, warn_if_open
 
-    _require_servers(s)
+    require_servers(s)
     host, port = args.host or s.api_host, args.port or s.api_port
     warn_if_open(ApiAuth.from_settings(s), host)
     cert, key = _api_tls(s)
@@ -192,7 +185,7 @@ def _api_tls(s: Settings) -> tuple[str | None, str | None]:
 def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:
     from services.serving.client import EncoreClient
 
-    _require_servers(s)
+    require_servers(s)
     c = EncoreClient(s.redis_url, s.key_prefix, s.redis_timeout_s, settings=s)
     try:
         version = c.current_version()
@@ -212,7 +205,7 @@ def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:
 def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import Root
 
-    _require_servers(s)
+    require_servers(s)
     root = Root(s)
     try:
         models = root.models()
@@ -249,7 +242,7 @@ def cmd_status(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import Root
     from services.cli.status import gather, render
 
-    _require_servers(s)
+    require_servers(s)
     root = Root(s)
     try:
         report = gather(root)
@@ -274,4 +267,6 @@ HANDLERS: dict[str, Handler] = {
     "inspect": cmd_inspect,
     "model": cmd_model,
     "status": cmd_status,
+    "forget": cmd_forget,
+    "export": cmd_export,
 }

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-COMMANDS = ("up", "embedded", "produce", "foldin", "train", "serve", "config", "inspect", "model", "status")
+COMMANDS = (
+    "up",
+    "embedded",
+    "produce",
+    "foldin",
+    "train",
+    "serve",
+    "config",
+    "inspect",
+    "model",
+    "status",
+    "forget",
+    "export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="model, lag, stored vs Kafka offsets, retrains, replicas; exit 1 if a person is needed"
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    fg = sub.add_parser("forget", help="right to erasure: forget a user everywhere Encore keeps them")
+    fg.add_argument("kind", choices=("user",))
+    fg.add_argument("id")
     mo = sub.add_parser("model", help="list model versions or roll back")
     mo_sub = mo.add_subparsers(dest="action", required=True)
     mo_sub.add_parser("list")

@@ -40,6 +40,7 @@ from services.serving.snapshots import SnapshotBuilder
 from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
 from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
+from services.speed.erasure import Erased, Eraser
 from services.speed.history_store import RedisHistoryStore
 from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
@@ -171,9 +172,41 @@ class Root:
         """The HTTP app and the follower it reads; `follow=False` leaves the follower to the caller."""
         follower = self.follower()
         app = create_app(
-            self.settings, follower, self.clients.aio_redis, follow=follow, publish_track=self.track_publisher()
+            self.settings,
+            follower,
+            self.clients.aio_redis,
+            follow=follow,
+            publish_track=self.track_publisher(),
+            forget_user=self.forget_user(),
         )
         return app, follower
+
+    def eraser(self, group: str = FOLDIN_GROUP) -> Eraser:
+        """Erasures fenced by the offsets of fold-in group `group`."""
+        s = self.settings
+        self.clients.ensure_topics()
+        return Eraser(
+            self.clients.producer(),
+            s.plays_topic,
+            self.history_store(group),
+            self.models(),
+            self.keys,
+            lambda: self.clients.topic_incarnation(s.plays_topic),
+            self.server_time,
+        )
+
+    def forget_user(self) -> Callable[[str], Erased]:
+        """`Eraser.forget`, with the eraser made on first use (serving connects nothing early)."""
+        made: list[Eraser] = []
+        lock = threading.Lock()
+
+        def forget(user_id: str) -> Erased:
+            with lock:
+                if not made:
+                    made.append(self.eraser())
+                return made[0].forget(user_id)
+
+        return forget
 
     def track_publisher(self) -> Callable[[str, TrackInfo], None]:
         """Writes one catalogue entry to the tracks topic and waits for the broker's acknowledgement

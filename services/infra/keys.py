@@ -58,6 +58,10 @@ class BucketKeys:
     def pending_dlq(self, partition: int) -> str:
         return f"{self.prefix}foldin:{self.tag}:dlq:{partition}"
 
+    @property
+    def forgotten(self) -> str:
+        return f"{self.prefix}forgotten:{self.tag}"
+
     def history(self, user_id: str) -> str:
         return f"{self.prefix}plays:{self.tag}:user:{user_id}"
 
@@ -151,6 +155,20 @@ class Keys:
     def pending_users(self) -> str:
         """Sorted set user → sequence number: history changed, vector not yet re-solved."""
         return f"{self.prefix}foldin:pending"
+
+    @property
+    def forgotten(self) -> str:
+        """Hash user → `incarnation|partition|offset` of an erase record not yet reached by the
+        speed layer: until its fence passes that offset, the user's plays are not applied."""
+        if self.buckets:
+            raise ValueError("on Redis Cluster the forgotten hash is per bucket: bucket(b).forgotten")
+        return f"{self.prefix}forgotten"
+
+    @property
+    def erasures(self) -> str:
+        """Sorted set user → Redis server time of their last erasure (the trainer leaves them out
+        of a model trained on plays read before it)."""
+        return f"{self.prefix}erasures"
 
     @property
     def pending_seq(self) -> str:

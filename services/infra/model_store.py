@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +97,23 @@ class RedisModelStore:
     def versions(self) -> list[tuple[str, float]]:
         """(version, publish time) of every kept version, oldest first."""
         return [(v.decode(), float(t)) for v, t in self.r.zrange(self.keys.versions, 0, -1, withscores=True)]
+
+    def kept_versions(self) -> list[str]:
+        """Every version whose keys may still be read: those listed, and the current one."""
+        current = self.current_version()
+        listed = [v for v, _ in self.versions()]
+        return listed + ([current] if current is not None and current not in listed else [])
+
+    def erased_since(self, t: float) -> set[str]:
+        """Users erased at or after Redis server time `t`."""
+        return {u.decode() for u in self.r.zrangebyscore(self.keys.erasures, t, "+inf")}
+
+    def delete_user_vectors(self, version: str, users: Collection[str]) -> None:
+        if users:
+            pipe = self.r.pipeline(transaction=False)
+            for u in users:
+                pipe.delete(self.keys.user(version, u))
+            pipe.execute()
 
     def meta(self, version: str) -> dict[bytes, bytes]:
         return self.r.hgetall(self.keys.meta(version))  # type: ignore[no-any-return]

@@ -37,12 +37,14 @@ from services.serving.http_models import (
     MAX_ID_LENGTH,
     Activated,
     AnonymousRequest,
+    Forgotten,
     NotReady,
     Ready,
     Recommendations,
     Similar,
 )
 from services.serving.queries import QueryService
+from services.speed.erasure import Erased
 
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
@@ -98,6 +100,7 @@ def create_app(
     follow: bool = True,
     auth: ApiAuth | None = None,
     publish_track: TrackPublish | None = None,
+    forget_user: Callable[[str], Erased] | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
@@ -193,6 +196,16 @@ def create_app(
         return answer({"track_id": track_id, "model_version": snap.version}, hits)
 
     catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
+
+    @app.delete("/admin/users/{user_id}", response_model=Forgotten, dependencies=admin, responses=ADMIN)
+    async def forget(user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH)) -> Forgotten:
+        """Right to erasure: history, vectors in every kept version, listener entries and queued
+        work deleted at once; plays made before this request are never applied, later ones start
+        a new history (README: forgetting a user)."""
+        if forget_user is None:
+            raise HTTPException(503, "this replica cannot record erasures")
+        erased = await asyncio.to_thread(forget_user, user_id)
+        return Forgotten(**erased.to_dict())
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -68,6 +68,12 @@ class TrackState(BaseModel):
     available: bool
 
 
+class Forgotten(BaseModel):
+    user_id: str
+    erase_record: str = Field(description="topic/partition/offset of the erase record in plays")
+    erased_now: bool = Field(description="false when the speed layer had already applied the record")
+
+
 class Error(BaseModel):
     detail: str
 

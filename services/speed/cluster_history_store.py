@@ -54,6 +54,7 @@ class ClusterHistoryStore(TrackListeners):
         self._apply = r.register_script(source("apply_batch"))
         self._histories = r.register_script(source("histories"))
         self._queue = r.register_script(source("queue_users"))
+        self._erase = r.register_script(source("erase_user"))
         self.all = range(keys.buckets)
 
     # ---- the fenced step ------------------------------------------------------------

@@ -67,7 +67,7 @@ def apply_args(
         u = users.setdefault(user, len(users) + 1)
         lk = tracks.setdefault(track, len(tracks) + 1) if new else 0
         rows += [u, track, repr(w), repr(ts), lk]
-    keys = [k.offsets(group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks]
+    keys = [k.offsets(group), k.pending_seq, k.dirty_users, k.pending_users, k.new_tracks, k.forgotten]
     keys += [k.pending_dlq(p) for p in ranges]
     keys += [k.history(u) for u in users]
     keys += [k.listeners(t) for t in tracks]
@@ -95,10 +95,13 @@ class FencingError(RuntimeError):
 
 class TrackListeners:
     """New tracks and their recent listeners: untagged keys read the same way on one Redis and
-    on a cluster (single-key commands, a non-transactional pipeline)."""
+    on a cluster (single-key commands, a non-transactional pipeline); and the erasure of a user,
+    one script in the user's slot on either."""
 
     r: Any
     keys: Keys
+    group: str
+    _erase: Any
 
     def new_tracks(self) -> list[str]:
         return [t.decode() for t in self.r.smembers(self.keys.new_tracks)]
@@ -115,6 +118,34 @@ class TrackListeners:
         weights = [float(w) if w is not None else 0.0 for w in pipe.execute()] if listeners else []
         return listeners, weights
 
+    def drop_listener(self, user: str, tracks: list[str]) -> None:
+        """Remove `user` from the recent listeners of `tracks` and of every new track."""
+        pipe = self.r.pipeline(transaction=False)
+        for track in set(tracks) | set(self.new_tracks()):
+            pipe.zrem(self.keys.listeners(track), user)
+        pipe.execute()
+
+    def erase_keys(self, user: str, versions: Collection[str]) -> list[str]:
+        """KEYS of erase_user.lua for `user` (see its header)."""
+        k = self.keys.bucket(self.keys.bucket_of_user(user)) if self.keys.buckets else self.keys
+        fence = k.offsets(self.group)
+        return [fence, k.forgotten, k.history(user), k.pending_users, k.dirty_users] + [
+            self.keys.user(v, user) for v in versions
+        ]
+
+    def erase(
+        self, incarnation: str, partition: int, offset: int, user: str, versions: Collection[str], hold: bool
+    ) -> bool:
+        """Forget `user` unless the fence already passed their erase record at (partition, offset):
+        history, queued work, vectors in `versions`, listener entries. `hold` keeps their plays
+        out until the fence passes the record (the erasure was recorded ahead of the speed layer)."""
+        args = [incarnation, partition, offset, user, "hold" if hold else "reached"]
+        reply = self._erase(self.erase_keys(user, versions), args)
+        if int(reply[0]) == 0:
+            return False
+        self.drop_listener(user, [t.decode() for t in reply[1:]])
+        return True
+
 
 class RedisHistoryStore(TrackListeners):
     """The HistoryStore port on one Redis (see `ports.HistoryStore` for the contract)."""
@@ -124,6 +155,7 @@ class RedisHistoryStore(TrackListeners):
         self.history_cap, self.listeners_cap = history_cap, listeners_cap
         self._apply = r.register_script(source("apply_batch"))
         self._histories = r.register_script(source("histories"))
+        self._erase = r.register_script(source("erase_user"))
 
     def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         for _ in range(5):

@@ -19,7 +19,7 @@ from core.events import Limits
 from services.infra.model_store import LoadedModel
 from services.infra.settings import Settings
 from services.speed.ports import HistoryStore, ModelStore, UpdateSink
-from services.speed.records import Message, PlayRecord, to_records
+from services.speed.records import EraseRecord, Message, PlayRecord, Record, to_records, without_erased_plays
 from services.speed.resolve import resolve_new_tracks, resolve_users
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,19 @@ class SpeedLayer:
             )
         )
 
+    def _erase(self, incarnation: str, records: list[Record]) -> list[Record]:
+        """Erase records first, in order, then the batch without the erased users' earlier plays.
+        Each erasure is fenced by its own offset, so a replayed batch repeats only what its
+        fence has not passed, and plays after an erase record start a new history."""
+        erasures = [r for r in records if isinstance(r, EraseRecord)]
+        if not erasures:
+            return records
+        versions = self.models.kept_versions()
+        for e in erasures:
+            if self.histories.erase(incarnation, e.partition, e.offset, e.user, versions, hold=False):
+                log.info("erased user %r (erase record %d/%d)", e.user, e.partition, e.offset)
+        return without_erased_plays(records)
+
     def has_work(self) -> bool:
         """Pending re-solves, or no model loaded yet (checked on idle polls)."""
         return self.model is None or bool(self.histories.pending(1)[0])
@@ -102,6 +115,7 @@ class SpeedLayer:
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
         known = self.model.track_index if self.model is not None else {}
         records = to_records(messages, limits, s.min_ms_played, known)
+        records = self._erase(incarnation, records)
         applied = self.histories.apply(incarnation, records, expected)
         dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
         done = letters_done if letters_done is not None else {}

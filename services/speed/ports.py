@@ -63,6 +63,14 @@ class HistoryStore(Protocol):
         """Recent listeners of `track` and the weight each has on it."""
         ...
 
+    def erase(
+        self, incarnation: str, partition: int, offset: int, user: str, versions: Collection[str], hold: bool
+    ) -> bool:
+        """Forget `user` (history, queued work, vectors in `versions`, listener entries) unless the
+        fence passed their erase record at (partition, offset); `hold` blocks their plays until
+        it does. Returns whether anything was erased."""
+        ...
+
 
 class ModelStore(Protocol):
     """Model versions and their vectors."""
@@ -70,6 +78,10 @@ class ModelStore(Protocol):
     def current_version(self) -> str | None: ...
 
     def load(self, version: str) -> LoadedModel: ...
+
+    def kept_versions(self) -> list[str]:
+        """Every version still in the store (the current one and those in their grace period)."""
+        ...
 
     def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]: ...
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from core.events import InvalidEvent, Limits, parse_play
+from core.events import EraseEvent, InvalidEvent, Limits, parse_play
 from core.messages import DeadLetter
 
 
@@ -30,13 +30,21 @@ class SkipRecord(NamedTuple):
     offset: int
 
 
+class EraseRecord(NamedTuple):
+    """Forget `user` (an EraseEvent): their earlier plays are dropped, later ones start anew."""
+
+    partition: int
+    offset: int
+    user: str
+
+
 class DeadRecord(NamedTuple):
     partition: int
     offset: int
     letter: DeadLetter
 
 
-Record = PlayRecord | SkipRecord | DeadRecord
+Record = PlayRecord | SkipRecord | DeadRecord | EraseRecord
 
 
 class Message(Protocol):
@@ -57,12 +65,27 @@ def to_records(messages: list[Message], limits: Limits, min_ms_played: int, know
         if isinstance(ev, InvalidEvent):
             out.append(DeadRecord(part, off, DeadLetter(ev.raw, ev.reason, f"{m.topic()}/{part}/{off}")))
             continue
+        if isinstance(ev, EraseEvent):
+            out.append(EraseRecord(part, off, ev.user_id))
+            continue
         w = ev.weight(min_ms_played)
         if w <= 0:
             out.append(SkipRecord(part, off))
             continue
         out.append(PlayRecord(part, off, ev.user_id, ev.track_id, w, ev.ts, ev.track_id not in known))
     return out
+
+
+def without_erased_plays(records: list[Record]) -> list[Record]:
+    """The batch with every play of an erased user that precedes their erase record turned into
+    a skip (it still advances the offset): those plays were made before the erasure."""
+    last_erase = {r.user: i for i, r in enumerate(records) if isinstance(r, EraseRecord)}
+    if not last_erase:
+        return records
+    return [
+        SkipRecord(r.partition, r.offset) if isinstance(r, PlayRecord) and i < last_erase.get(r.user, -1) else r
+        for i, r in enumerate(records)
+    ]
 
 
 def last_offsets(messages: list[Message]) -> dict[int, int]:

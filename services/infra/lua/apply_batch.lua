@@ -2,7 +2,9 @@
 -- dead letters and the per-partition applied offsets change together or not at all.
 --
 -- KEYS: 1 offsets hash, 2 pending sequence counter, 3 dirty users zset, 4 pending users zset,
---       5 new tracks set, then one dead-letter list per partition range (in ARGV's range order),
+--       5 new tracks set, 6 forgotten users hash (user -> incarnation|partition|offset of an
+--       erase record the fence has not passed), then one dead-letter list per partition range
+--       (in ARGV's range order),
 --       then one history hash per user of the batch (n_users of them, in ARGV's user order),
 --       then one listeners zset per new track of the batch.
 -- ARGV: incarnation, history cap, listeners cap,
@@ -18,6 +20,8 @@
 -- was already applied (a replay), or {-2, partition, stored offset, ...} when the stored offset
 -- went backwards under the caller (Redis lost writes: restored, failed over, flushed), so the
 -- caller can rewind its consumer to the stored offset and replay the lost range from Kafka.
+-- A user in the forgotten hash whose erase record lies beyond this batch (and the fence) gets
+-- none of the batch's plays: they were made before the erasure and reached us after it.
 local offsets = KEYS[1]
 local inc, hcap, lcap = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local n_ranges = tonumber(ARGV[4])
@@ -48,31 +52,55 @@ local n_users = tonumber(ARGV[r_end + 1])
 local u0 = r_end + 1            -- ARGV[u0 + j] is user j
 local p0 = u0 + n_users + 1     -- ARGV[p0] is n_plays
 local n_plays = tonumber(ARGV[p0])
-local h0 = 5 + n_ranges         -- KEYS[h0 + j] is the history of user j
+local h0 = 6 + n_ranges         -- KEYS[h0 + j] is the history of user j
 local l0 = h0 + n_users         -- KEYS[l0 + j] is listeners key j
+local blocked = {}
+if redis.call('HLEN', KEYS[6]) > 0 then
+  for j = 1, n_users do
+    local t = redis.call('HGET', KEYS[6], ARGV[u0 + j])
+    if t then
+      local t_inc, t_part, t_off = string.match(t, '^(.*)|(%d+)|(%d+)$')
+      if t_inc == inc then
+        local reach = tonumber(redis.call('HGET', offsets, inc .. '|' .. t_part) or '-1')
+        for i = 5, r_end, 4 do
+          if ARGV[i] == t_part then reach = math.max(reach, tonumber(ARGV[i + 2])) end
+        end
+        if reach < tonumber(t_off) then
+          blocked[j] = true
+        else
+          redis.call('HDEL', KEYS[6], ARGV[u0 + j])  -- passed: the record is behind the fence
+        end
+      end
+    end
+  end
+end
 local new, seen = {}, {}
 for i = p0 + 1, p0 + 5 * n_plays, 5 do
   local u, track, lk = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 4])
-  redis.call('HINCRBYFLOAT', KEYS[h0 + u], track, ARGV[i + 2])
-  if lk > 0 then
-    redis.call('ZADD', KEYS[l0 + lk], ARGV[i + 3], ARGV[u0 + u])
-    if not seen[lk] then
-      seen[lk] = true
-      new[#new + 1] = track
+  if not blocked[u] then
+    redis.call('HINCRBYFLOAT', KEYS[h0 + u], track, ARGV[i + 2])
+    if lk > 0 then
+      redis.call('ZADD', KEYS[l0 + lk], ARGV[i + 3], ARGV[u0 + u])
+      if not seen[lk] then
+        seen[lk] = true
+        new[#new + 1] = track
+      end
     end
   end
 end
 local dirty, pending = {}, {}
 for j = 1, n_users do
   local user, hkey = ARGV[u0 + j], KEYS[h0 + j]
-  dirty[#dirty + 1] = now; dirty[#dirty + 1] = user
-  pending[#pending + 1] = seq; pending[#pending + 1] = user
-  if redis.call('HLEN', hkey) > hcap + math.floor(hcap / 10) then
-    local flat = redis.call('HGETALL', hkey)
-    local items = {}
-    for k = 1, #flat, 2 do items[#items + 1] = {flat[k], tonumber(flat[k + 1])} end
-    table.sort(items, function(a, b) return a[2] > b[2] end)
-    for k = hcap + 1, #items do redis.call('HDEL', hkey, items[k][1]) end
+  if not blocked[j] then
+    dirty[#dirty + 1] = now; dirty[#dirty + 1] = user
+    pending[#pending + 1] = seq; pending[#pending + 1] = user
+    if redis.call('HLEN', hkey) > hcap + math.floor(hcap / 10) then
+      local flat = redis.call('HGETALL', hkey)
+      local items = {}
+      for k = 1, #flat, 2 do items[#items + 1] = {flat[k], tonumber(flat[k + 1])} end
+      table.sort(items, function(a, b) return a[2] > b[2] end)
+      for k = hcap + 1, #items do redis.call('HDEL', hkey, items[k][1]) end
+    end
   end
 end
 for lk in pairs(seen) do
@@ -87,7 +115,7 @@ chunked('ZADD', KEYS[3], dirty)
 chunked('ZADD', KEYS[4], pending)
 chunked('SADD', KEYS[5], new)
 for i = p0 + 1 + 5 * n_plays, #ARGV, 2 do
-  redis.call('RPUSH', KEYS[5 + tonumber(ARGV[i])], ARGV[i + 1])
+  redis.call('RPUSH', KEYS[6 + tonumber(ARGV[i])], ARGV[i + 1])
 end
 for i = 5, r_end, 4 do
   redis.call('HSET', offsets, inc .. '|' .. ARGV[i], ARGV[i + 2])
