@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from core.errors import ConfigError
+from core.filters import TrackFilter
 from services.infra.settings import Settings
 
 
@@ -32,5 +35,63 @@ def cmd_forget(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def export_filter(args: argparse.Namespace) -> TrackFilter:
+    """The API's filter from `encore export`'s flags (same rules, same checks)."""
+    if args.region is not None and (len(args.region) != 2 or not args.region.isalpha()):
+        raise ConfigError(f"--region {args.region!r}: a two-letter region code")
+    if args.max_per_artist is not None and args.max_per_artist < 1:
+        raise ConfigError("--max-per-artist must be at least 1")
+    ids = [v.strip() for raw in args.exclude for v in raw.split(",") if v.strip()]
+    tags = [v.strip().lower() for raw in args.tags for v in raw.split(",") if v.strip()]
+    return TrackFilter(
+        frozenset(ids),
+        not args.no_explicit,
+        args.region.upper() if args.region else None,
+        frozenset(tags),
+        args.max_per_artist,
+    )
+
+
 def cmd_export(s: Settings, args: argparse.Namespace) -> int:
-    raise ConfigError("export: not built yet")
+    from tqdm import tqdm
+
+    from core.catalogue import Catalogue
+    from services.batch.export import Exporter
+    from services.cli.root import Root
+    from services.serving.catalogue_feed import CatalogueFeed
+    from services.serving.snapshots import SnapshotBuilder
+
+    require_servers(s)
+    if not 1 <= args.n <= 10_000:
+        raise ConfigError("--n must be between 1 and 10000")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".parquet"):
+        raise ConfigError(f"--out {out}: the file must end in .jsonl or .parquet")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: no folder {out.parent}")
+    if args.users and not Path(args.users).is_file():
+        raise ConfigError(f"--users {args.users}: no such file")
+    flt = export_filter(args)
+    root = Root(s)
+    try:
+        models = root.models()
+        version = models.current_version()
+        if version is None:
+            raise ConfigError("no model published yet: run `encore train --once` first")
+        snap = SnapshotBuilder(s, models).build(version)
+        feed = CatalogueFeed(Catalogue(), lambda: root.clients.topic_reader(s.tracks_topic))
+        root.clients.ensure_topics()
+        feed.catch_up()
+        feed.close()
+        exporter = Exporter(root.redis, root.keys, models, snap, feed.catalogue)
+        if args.users:
+            users = [u.strip() for u in Path(args.users).read_text().splitlines() if u.strip()]
+        else:
+            users = list(exporter.all_users())
+        with tqdm(total=len(users), unit="user", disable=args.no_progress, file=sys.stderr) as bar:
+            stats = exporter.run(users, args.n, flt, out, bar)
+    finally:
+        root.close()
+    rate = stats.users / max(stats.seconds, 1e-9)
+    print(json.dumps({"out": str(out), "model_version": version, **vars(stats), "users_per_s": round(rate, 1)}))
+    return 0

@@ -114,6 +114,15 @@ class Keys:
             return f"{self.prefix}model:{version}:user:{{{self.bucket_of_user(user_id)}}}:{user_id}"
         return f"{self.prefix}model:{version}:user:{user_id}"
 
+    def user_pattern(self, version: str) -> str:
+        """SCAN pattern of every user vector of `version`."""
+        return f"{self.prefix}model:{version}:user:*"
+
+    def user_of(self, version: str, key: bytes) -> str:
+        """The user id of a key matched by `user_pattern` (its bucket tag, on a cluster, removed)."""
+        rest = key.decode()[len(f"{self.prefix}model:{version}:user:") :]
+        return rest.split("}:", 1)[1] if self.buckets and rest.startswith("{") else rest
+
     def track(self, version: str, track_id: str) -> str:
         """A track's vector; on a cluster tagged with the track id's bucket (same CRC32 rule)."""
         if self.buckets:

@@ -9,6 +9,7 @@ the catalogue sync in `encore foldin` is the one component that dead-letters the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from confluent_kafka import Consumer
@@ -49,6 +50,24 @@ class CatalogueFeed:
                 break
             timeout = 0.0
         self.applied += applied
+        return applied
+
+    def catch_up(self, timeout: float = 30.0) -> int:
+        """Apply the whole topic as it stands now (a batch job's view of the catalogue)."""
+        if self._reader is None:
+            self._reader = self.open_reader()
+        ends = {}
+        for tp in self._reader.assignment():
+            low, high = self._reader.get_watermark_offsets(tp, timeout=10)
+            if high > low:  # an empty partition is read already
+                ends[tp.partition] = high
+        deadline = time.monotonic() + timeout
+        applied = 0
+        while time.monotonic() < deadline:
+            positions = {tp.partition: tp.offset for tp in self._reader.position(self._reader.assignment())}
+            if all(positions.get(p, 0) >= end for p, end in ends.items()):
+                break
+            applied += self.poll(timeout=0.5)
         return applied
 
     def close(self) -> None:
