@@ -1,12 +1,13 @@
 """Catalogue filters on recommendations, and the filtered top-n search over any track index.
 
 A filter is applied to a ranked candidate list, best first, so the artist cap keeps each
-artist's best tracks. The search over-fetches and widens: a graph search costs the same up to
-its breadth ef (hnswlib searches max(ef, k) wide whatever k is asked), so the first round asks
-for `breadth` candidates; if fewer than n pass, it asks again for more (at least twice as
+artist's best tracks. The graph search over-fetches and widens: a graph search costs the same
+up to its breadth ef (hnswlib searches max(ef, k) wide whatever k is asked), so the first round
+asks for `breadth` candidates; if fewer than n pass, it asks again for more (at least twice as
 many, more when few passed), until n pass or the whole index has been read. The answer
-therefore holds n items whenever n tracks pass, and its recall is that of the graph at the
-depth where the n-th passing track sits.
+therefore holds n items whenever n tracks pass. Its recall is that of the graph at the depth
+where the n-th passing track sits, good for broad filters only: narrow ones are answered by an
+exact scan of the tracks they pass (`core.filter_plans`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from core.catalogue import Catalogue, TrackInfo
 from core.index import TrackIndex
 
 Ranked = list[tuple[str, float]]
+Choose = Callable[[Iterable[tuple[str, float]], int], Ranked]  # makes n from passing candidates, best first
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def search(
     flt: TrackFilter,
     catalogue: Catalogue,
     breadth: int,
-    choose: Callable[[Iterable[tuple[str, float]], int], Ranked] | None = None,
+    choose: Choose | None = None,
 ) -> Ranked:
     """Top n of `index` for `vector` that pass `flt`, widening the candidate list as needed.
     `choose` (default: the first n) makes the n from the passing candidates, best first."""
@@ -106,7 +108,5 @@ def search(
         got = choose(ranked, n) if choose else list(islice(ranked, n))
         if len(got) >= n or k >= live:
             return got
-        growth = 2.0 if got else 8.0
-        if got:
-            growth = max(growth, 1.5 * n / len(got))
+        growth = 8.0 if not got else max(2.0, 1.5 * n / len(got))
         k = min(live, int(k * growth) + 1)

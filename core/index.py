@@ -144,10 +144,12 @@ class HNSWIndex:
         )
         self.index.set_ef(ef)
         self.deleted = 0
+        self.mutations = 0  # upserts and removals so far: tells caches built on the graph they are stale
 
     def upsert(self, ids: list[str], vectors: np.ndarray) -> None:
         if not ids:
             return
+        self.mutations += 1
         # A changed vector goes in under a fresh label and the old node is marked deleted:
         # hnswlib's in-place update re-links poorly under inner product (recall fell to 0.93).
         self.remove([t for t in ids if t in self.slots.label])
@@ -169,6 +171,7 @@ class HNSWIndex:
             if lab is not None:
                 self.index.mark_deleted(lab)
                 self.deleted += 1
+                self.mutations += 1
 
     def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         excl = {self.slots.label[t] for t in exclude if t in self.slots.label}
@@ -215,6 +218,13 @@ class HNSWIndex:
         lab = self.slots.label.get(track_id)
         return None if lab is None else np.asarray(self.index.get_items([lab])[0], dtype=np.float32)
 
+    def stored(self, track_ids: list[str]) -> np.ndarray:
+        """The vectors as searched (unit length in a cosine index), one row per live track id."""
+        if not track_ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        labels = [self.slots.label[t] for t in track_ids]
+        return np.ascontiguousarray(self.index.get_items(labels), dtype=np.float32)
+
     def __len__(self) -> int:
         return len(self.slots.label)
 
@@ -253,6 +263,7 @@ class HNSWIndex:
         obj.slots.ids = meta["ids"]
         obj.slots.label = {t: i for i, t in enumerate(meta["ids"]) if t is not None}
         obj.deleted = meta["deleted"]
+        obj.mutations = 0
         obj.index = hnswlib.Index(space="ip", dim=obj.dim)
         obj.index.load_index(str(path), max_elements=max(len(obj.slots.ids), 16))
         obj.index.set_ef(ef)

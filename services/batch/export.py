@@ -4,8 +4,9 @@ Users are the version's stored vectors (SCAN), or a given list. Each chunk of us
 MGET of vectors, one pipeline of histories, and one batched HNSW query on all cores (hnswlib
 `num_threads=-1`) deep enough for n plus the longest history of the chunk; the same catalogue
 filter as the API then picks each user's n (unavailable tracks never pass), and the rare user
-whose filter leaves too few gets the API's widening search. A user with no vector gets the
-popular fallback, filtered the same way.
+whose filter leaves too few gets the API's widening search. A narrow filter is answered as the
+API answers it, by an exact scan of the tracks it passes (`core.filter_plans`). A user with no
+vector gets the popular fallback, filtered the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import orjson
 import redis
 
 from core.catalogue import Catalogue
+from core.filter_plans import FilterPlans, planned_search
 from core.filters import Ranked, TrackFilter, pick, search
 from core.messages import decode_vector
 from services.infra.keys import Keys
@@ -100,6 +102,7 @@ class Exporter:
         self, r: redis.Redis, keys: Keys, models: RedisModelStore, snap: Snapshot, catalogue: Catalogue
     ) -> None:
         self.r, self.keys, self.models, self.snap, self.catalogue = r, keys, models, snap, catalogue
+        self.plans = FilterPlans()
 
     def all_users(self) -> Iterator[str]:
         version = self.snap.version
@@ -114,6 +117,7 @@ class Exporter:
             pipe.hkeys(self.keys.history(u))
         played = [{t.decode() for t in h} for h in pipe.execute()]
         index = self.snap.ip
+        narrow = self.plans.subset(index, flt, self.catalogue) is not None
         with_vec = [i for i, b in enumerate(raw) if b is not None and any(b)]
         has_vec = set(with_vec) if len(index) else set()
         out: list[tuple[str, str, Ranked]] = [
@@ -123,6 +127,11 @@ class Exporter:
         if not has_vec:
             return out
         vecs = np.stack([decode_vector(raw[i]) for i in with_vec])  # type: ignore[arg-type]
+        if narrow:  # an exact scan of the filter's tracks, as the API answers it
+            for row, i in enumerate(with_vec):
+                items = planned_search(index, vecs[row], n, flt.excluding(played[i]), self.catalogue, self.plans)
+                out[i] = (users[i], "personal", items)
+            return out
         depth = n + len(flt.exclude) + max(len(played[i]) for i in with_vec)
         k = min(len(index), max(depth, index.ef if flt.selective else depth))
         labels, dist = index.index.knn_query(vecs, k=k, num_threads=-1)

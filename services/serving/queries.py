@@ -21,7 +21,8 @@ from core.artists import ArtistSpace, blend, playlist
 from core.catalogue import Catalogue
 from core.errors import NoModelError, UnknownTrackError
 from core.explain import explain, top_reasons
-from core.filters import Ranked, TrackFilter, pick, search
+from core.filter_plans import FilterPlans, planned_search
+from core.filters import Choose, Ranked, TrackFilter, pick
 from core.messages import decode_vector
 from services.infra.keys import Keys
 from services.serving.follower import UpdateFollower
@@ -36,6 +37,7 @@ class QueryService:
     def __init__(self, follower: UpdateFollower, keys: Keys) -> None:
         self.follower, self.keys = follower, keys
         self._artists: tuple[tuple[int, int], float, ArtistSpace] | None = None
+        self.plans = FilterPlans()  # exact subsets of narrow filters (core.filter_plans)
 
     @property
     def catalogue(self) -> Catalogue:
@@ -73,10 +75,12 @@ class QueryService:
             return vec, {t.decode(): float(w) for t, w in played.items()}
         return vec, dict.fromkeys((t.decode() for t in played), 0.0)
 
-    def search(self, snap: Snapshot, space: str, vec: np.ndarray, n: int, flt: TrackFilter, **kw: object) -> Ranked:
+    def search(
+        self, snap: Snapshot, space: str, vec: np.ndarray, n: int, flt: TrackFilter, choose: Choose | None = None
+    ) -> Ranked:
         index = snap.ip if space == "ip" else snap.cosine
         with self.follower.lock.read():
-            return search(index, vec, n, flt, self.catalogue, index.ef, **kw)  # type: ignore[arg-type]
+            return planned_search(index, vec, n, flt, self.catalogue, self.plans, choose)
 
     def recommend(self, snap: Snapshot, vec: np.ndarray | None, n: int, flt: TrackFilter) -> tuple[str, Ranked]:
         """(source, items): personal by inner product when there is a non-zero vector, else the

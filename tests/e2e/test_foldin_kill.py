@@ -18,8 +18,7 @@ from services.cli.root import Root
 from services.infra import kafka_admin as kafka_io
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from tests.integration.helpers import applied_count, keys_for, publish_synthetic_model, wait_for
-from tests.integration.test_foldin import _consume_all
+from tests.integration.helpers import applied_count, consume_all, keys_for, publish_synthetic_model, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_topologies]
 
@@ -33,6 +32,8 @@ def _env(settings: Settings) -> dict[str, str]:
             "ENCORE_PLAYS_TOPIC": settings.plays_topic,
             "ENCORE_DLQ_TOPIC": settings.dlq_topic,
             "ENCORE_UPDATES_TOPIC": settings.updates_topic,
+            "ENCORE_TRACKS_TOPIC": settings.tracks_topic,
+            "ENCORE_TRACKS_DLQ_TOPIC": settings.tracks_dlq_topic,
             "ENCORE_KEY_PREFIX": settings.key_prefix,
             "ENCORE_FACTORS": str(settings.factors),
             "ENCORE_BATCH_MAX_EVENTS": "500",
@@ -55,6 +56,8 @@ def _start(env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
 
 
 def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
+    """Also with users forgotten mid-stream, before and after the kill: each keeps exactly the
+    plays made after their erasure."""
     data = SyntheticMusic(n_users=500, n_tracks=400, seed=21)
     publish_synthetic_model(settings, redis_client, data)
     kafka_io.ensure_topics(settings)
@@ -68,8 +71,16 @@ def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_
     expected: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     bad: list[bytes] = []
     pub = PlayPublisher.connect(settings.kafka_bootstrap, settings.plays_topic)
+    eraser = root.eraser(GROUP)
     events = list(data.events(20_000))
+    erased: list[str] = []
     for j, ev in enumerate(events):
+        if j in (4_000, 12_000):  # forget three users who have played, as a request would
+            pub.flush()
+            for user in [u for u in expected if u not in erased][:3]:
+                eraser.forget(user)
+                expected[user].clear()
+                erased.append(user)
         if j % 200 == 7:  # malformed ones mixed in
             raw = [
                 b"{broken",
@@ -94,7 +105,7 @@ def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_
     try:
 
         def caught_up() -> bool:
-            return applied_count(settings, GROUP) >= len(events) + len(bad)
+            return applied_count(settings, GROUP) >= len(events) + len(bad) + len(erased)
 
         assert wait_for(caught_up, timeout=120), open(log).read()[-3000:]
     finally:
@@ -102,8 +113,9 @@ def test_kill9_loses_nothing_and_counts_nothing_twice(settings: Settings, redis_
         worker.wait(timeout=30)
     for user, tracks in expected.items():
         stored = {k.decode(): float(v) for k, v in redis_client.hgetall(keys.history(user)).items()}
-        assert stored == dict(tracks), user
-    dlq = _consume_all(settings, settings.dlq_topic, len(bad), timeout=30)
+        assert stored == {t: w for t, w in tracks.items() if w}, user
+    assert len(erased) == 6
+    dlq = consume_all(settings, settings.dlq_topic, len(bad), timeout=30)
     assert sorted(r.value for r in dlq) == sorted(bad)
     assert state.backlog([])[0] == 0  # no user left awaiting a re-solve
     root.close()

@@ -164,3 +164,33 @@ def test_related_artists_sit_where_their_tracks_sit() -> None:
     assert "a0" not in {a for a, _ in space.similar("a0", 5)}
     q = blend(space.vector("a2"), centers[0], 0.0)  # no listener pull: the seed alone
     np.testing.assert_allclose(q, space.vector("a2"), rtol=1e-5)
+
+
+def test_a_narrow_filter_is_answered_exactly_and_a_stale_plan_never_returns_what_stopped_passing() -> None:
+    from core.filter_plans import FilterPlans, planned_search
+
+    rng = np.random.default_rng(4)
+    n_tracks, dim = 4000, 16
+    V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
+    ids = [f"t{i}" for i in range(n_tracks)]
+    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=50)
+    index.upsert(ids, V)
+    exact = ExactIndex(dim, "ip")
+    exact.upsert(ids, V)
+    cat = _catalogue(n_tracks, rng)
+    plans = FilterPlans(max_rows=1000, max_age_s=3600)
+    rock = TrackFilter(tags=frozenset({"rock"}), max_per_artist=2)  # ~400 pass: the exact plan
+    assert plans.subset(index, rock, cat) is not None
+    assert plans.subset(index, TrackFilter(explicit=False), cat) is None  # ~2,800 pass: the graph
+    for q in rng.standard_normal((20, dim)).astype(np.float32):
+        got = planned_search(index, q, 10, rock, cat, plans)
+        assert got == pick(exact.ranked(q, n_tracks), 10, rock, cat)  # exact: same tracks, same order
+    # Taken down after the plan was built (and within its age): never returned.
+    q = V[0]
+    first = planned_search(index, q, 10, rock, cat, plans)[0][0]
+    info = cat.get(first)
+    assert info is not None
+    cat.put(info.with_available(False))
+    assert first not in {t for t, _ in planned_search(index, q, 10, rock, cat, plans)}
+    # Still the exact answer over what passes now (rock tracks have 4 artists: the cap leaves 8).
+    assert planned_search(index, q, 10, rock, cat, plans) == pick(exact.ranked(q, n_tracks), 10, rock, cat)
