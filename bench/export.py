@@ -29,7 +29,7 @@ from core.als import ImplicitALS
 from core.catalogue import Catalogue
 from core.filters import NO_FILTER
 from core.recommend import top_n
-from services.batch.export import Exporter
+from services.batch.export import Exporter, Served
 from services.cli import process_defaults
 from services.cli.root import Root
 from services.infra.embedded import EmbeddedServers
@@ -71,7 +71,7 @@ def main() -> None:
         t0 = time.perf_counter()
         snap = SnapshotBuilder(s, models).build(version)
         index_s = time.perf_counter() - t0
-        exporter = Exporter(root.redis, root.keys, models, snap, Catalogue())
+        exporter = Exporter(root.redis, root.keys, models, Served(version, snap.ip, snap.popular), Catalogue())
         out = Path(tmp) / "recs.jsonl"
         t0 = time.perf_counter()
         everyone = list(exporter.all_users())

@@ -4,7 +4,7 @@
 
 For each size: ALS-like track vectors (`bench.serving.track_vectors`), an inner-product HNSW
 graph with ef chosen by measured recall (as `encore serve` does), and a catalogue in which a tag
-passes 10 % of tracks, 1 % of tracks, and "not explicit" passes 70 %. Per filter, top-10 latency
+passes 30 %, 10 % or 1 % of tracks, and "not explicit" passes 70 %. Per filter, top-10 latency
 p50/p99 and recall@10 against the exact filtered top 10 (numpy over every track) for:
 - `encore`: `core.filter_plans.planned_search`, the API's path: an exact scan of the passing
   tracks for a narrow filter, else the graph search below;
@@ -34,6 +34,7 @@ from services.cli import process_defaults
 from services.infra.model_store import QUERY_SAMPLE
 
 FILTERS = {
+    "tag_30pct": TrackFilter(tags=frozenset({"thirty"})),
     "tag_10pct": TrackFilter(tags=frozenset({"ten"})),
     "tag_1pct": TrackFilter(tags=frozenset({"one"})),
     "not_explicit_70pct": TrackFilter(explicit=False),
@@ -47,9 +48,15 @@ def catalogue(n: int, seed: int = 5) -> tuple[Catalogue, dict[str, np.ndarray]]:
     explicit = rng.random(n) < 0.3
     cat = Catalogue()
     for i in range(n):
-        tags = frozenset(t for t, share in (("ten", 0.10), ("one", 0.01)) if u[i] < share)
+        tags = frozenset(t for t, share in (("thirty", 0.3), ("ten", 0.10), ("one", 0.01)) if u[i] < share)
         cat.entries[f"t{i}"] = TrackInfo(f"t{i}", f"a{i % 5000}", tags=tags, explicit=bool(explicit[i]))
-    masks = {"tag_10pct": u < 0.10, "tag_1pct": u < 0.01, "not_explicit_70pct": ~explicit, "none": np.ones(n, bool)}
+    masks = {
+        "tag_30pct": u < 0.3,
+        "tag_10pct": u < 0.10,
+        "tag_1pct": u < 0.01,
+        "not_explicit_70pct": ~explicit,
+        "none": np.ones(n, bool),
+    }
     return cat, masks
 
 

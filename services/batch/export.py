@@ -25,13 +25,22 @@ import redis
 from core.catalogue import Catalogue
 from core.filter_plans import FilterPlans, planned_search
 from core.filters import Ranked, TrackFilter, pick, search
+from core.index import HNSWIndex
 from core.messages import decode_vector
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
-from services.serving.snapshots import Snapshot
 
 log = logging.getLogger(__name__)
 CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class Served:
+    """What export needs of a version: its id, its inner-product graph and popular fallback."""
+
+    version: str
+    ip: HNSWIndex
+    popular: list[tuple[str, float]]
 
 
 @dataclass
@@ -99,9 +108,14 @@ class Writer:
 
 class Exporter:
     def __init__(
-        self, r: redis.Redis, keys: Keys, models: RedisModelStore, snap: Snapshot, catalogue: Catalogue
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        models: RedisModelStore,
+        served: Served,
+        catalogue: Catalogue,
     ) -> None:
-        self.r, self.keys, self.models, self.snap, self.catalogue = r, keys, models, snap, catalogue
+        self.r, self.keys, self.models, self.snap, self.catalogue = r, keys, models, served, catalogue
         self.plans = FilterPlans()
 
     def all_users(self) -> Iterator[str]:

@@ -56,7 +56,7 @@ def cmd_export(s: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.catalogue import Catalogue
-    from services.batch.export import Exporter
+    from services.batch.export import Exporter, Served
     from services.cli.root import Root
     from services.serving.catalogue_feed import CatalogueFeed
     from services.serving.snapshots import SnapshotBuilder
@@ -67,6 +67,11 @@ def cmd_export(s: Settings, args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".jsonl", ".parquet"):
         raise ConfigError(f"--out {out}: the file must end in .jsonl or .parquet")
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("--out .parquet needs pyarrow: pip install pyarrow (or write .jsonl)") from None
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: no folder {out.parent}")
     if args.users and not Path(args.users).is_file():
@@ -83,7 +88,8 @@ def cmd_export(s: Settings, args: argparse.Namespace) -> int:
         root.clients.ensure_topics()
         feed.catch_up()
         feed.close()
-        exporter = Exporter(root.redis, root.keys, models, snap, feed.catalogue)
+        served = Served(snap.version, snap.ip, snap.popular)
+        exporter = Exporter(root.redis, root.keys, models, served, feed.catalogue)
         if args.users:
             users = [u.strip() for u in Path(args.users).read_text().splitlines() if u.strip()]
         else:

@@ -11,7 +11,7 @@ import functools
 import sys
 import threading
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import redis
 from fastapi import FastAPI
@@ -40,7 +40,7 @@ from services.serving.snapshots import SnapshotBuilder
 from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
 from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
-from services.speed.erasure import Erased, Eraser
+from services.speed.erasure import Eraser
 from services.speed.history_store import RedisHistoryStore
 from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
@@ -195,16 +195,16 @@ class Root:
             self.server_time,
         )
 
-    def forget_user(self) -> Callable[[str], Erased]:
+    def forget_user(self) -> Callable[[str], dict[str, Any]]:
         """`Eraser.forget`, with the eraser made on first use (serving connects nothing early)."""
         made: list[Eraser] = []
         lock = threading.Lock()
 
-        def forget(user_id: str) -> Erased:
+        def forget(user_id: str) -> dict[str, Any]:
             with lock:
                 if not made:
                     made.append(self.eraser())
-                return made[0].forget(user_id)
+                return made[0].forget(user_id).to_dict()
 
         return forget
 

@@ -44,7 +44,6 @@ from services.serving.http_models import (
     Similar,
 )
 from services.serving.queries import QueryService
-from services.speed.erasure import Erased
 
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram(
@@ -100,7 +99,7 @@ def create_app(
     follow: bool = True,
     auth: ApiAuth | None = None,
     publish_track: TrackPublish | None = None,
-    forget_user: Callable[[str], Erased] | None = None,
+    forget_user: Callable[[str], dict[str, Any]] | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
@@ -205,7 +204,7 @@ def create_app(
         if forget_user is None:
             raise HTTPException(503, "this replica cannot record erasures")
         erased = await asyncio.to_thread(forget_user, user_id)
-        return Forgotten(**erased.to_dict())
+        return Forgotten(**erased)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
