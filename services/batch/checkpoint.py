@@ -38,6 +38,7 @@ class PlayMatrix:
     _rows: list[int] = field(default_factory=list)
     _cols: list[int] = field(default_factory=list)
     _vals: list[float] = field(default_factory=list)
+    _to_erase: set[str] = field(default_factory=set)  # users whose row goes at the next compaction
 
     def __post_init__(self) -> None:
         self._uidx = {u: i for i, u in enumerate(self.user_ids)}
@@ -56,6 +57,8 @@ class PlayMatrix:
         self.offsets[key] = offset
         if weight <= 0:
             return True
+        if user in self._to_erase:  # a play after the erasure: the old row goes first
+            self.matrix()
         if self.half_life_s > 0:
             if math.isnan(self.anchor):
                 self.anchor = ts
@@ -74,22 +77,25 @@ class PlayMatrix:
         return True
 
     def erase(self, incarnation: str, partition: int, offset: int, user: str) -> bool:
-        """Apply an erase record: the user's row leaves the matrix and the id maps, so neither
-        the checkpoint nor a model trained on it holds them. Returns whether it was new."""
+        """Apply an erase record: the user's row leaves the matrix and the id maps (at the next
+        compaction, all erased users at once), so neither the checkpoint nor a model trained on
+        it holds them. Returns whether the record was new."""
         key = f"{incarnation}|{partition}"
         if offset <= self.offsets.get(key, -1):
             return False
         self.offsets[key] = offset
-        row = self._uidx.get(user)
-        if row is None:
-            return True
-        m = self.matrix()
-        keep = np.ones(m.shape[0], dtype=bool)
-        keep[row] = False
-        self._base = m[keep]
-        del self.user_ids[row]
-        self._uidx = {u: i for i, u in enumerate(self.user_ids)}
+        if user in self._uidx:
+            self._to_erase.add(user)
         return True
+
+    def _drop_erased(self, m: sp.csr_matrix) -> sp.csr_matrix:
+        if not self._to_erase:
+            return m
+        keep = np.array([u not in self._to_erase for u in self.user_ids], dtype=bool)
+        self.user_ids = [u for u, k in zip(self.user_ids, keep, strict=True) if k]
+        self._uidx = {u: i for i, u in enumerate(self.user_ids)}
+        self._to_erase = set()
+        return m[keep]
 
     @property
     def pending(self) -> int:
@@ -107,7 +113,7 @@ class PlayMatrix:
             self._rows, self._cols, self._vals = [], [], []
         base.sum_duplicates()
         base.sort_indices()
-        self._base = base.astype(np.float32, copy=False)
+        self._base = self._drop_erased(base.astype(np.float32, copy=False))
         return self._base
 
     def _reanchor(self, t: float) -> None:

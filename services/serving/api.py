@@ -217,6 +217,11 @@ def create_app(
             return JSONResponse({"ready": False, "reason": f"update follower stopped: {follower.failure}"}, 503)
         if snap is None:
             return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
+        feed = follower.catalogue_feed
+        if feed is not None and not feed.loaded:
+            return JSONResponse(
+                {"ready": False, "reason": "catalogue still loading"}, 503, headers={"Retry-After": "1"}
+            )
         try:
             await r().ping()  # bounded by ENCORE_REDIS_TIMEOUT_S like every Redis call
         except (redis.RedisError, OSError) as exc:

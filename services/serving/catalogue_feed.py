@@ -29,14 +29,33 @@ class CatalogueFeed:
         self.catalogue, self.open_reader = catalogue, open_reader
         self._reader: Consumer | None = None
         self.applied = self.skipped = 0
+        self._ends: dict[int, int] | None = None  # the topic's end offsets when this feed opened
+        self.loaded = False  # True once everything the topic held at start has been applied
+
+    def _open(self) -> Consumer:
+        if self._reader is None:
+            self._reader = self.open_reader()
+            self._ends = {}
+            for tp in self._reader.assignment():
+                low, high = self._reader.get_watermark_offsets(tp, timeout=10)
+                if high > low:  # an empty partition is read already
+                    self._ends[tp.partition] = high
+        return self._reader
+
+    def _check_loaded(self) -> bool:
+        """Whether the records the topic held at start are all applied (a replica must not serve
+        a track taken down before it started)."""
+        if not self.loaded and self._reader is not None and self._ends is not None:
+            at = {tp.partition: tp.offset for tp in self._reader.position(self._reader.assignment())}
+            self.loaded = all(at.get(p, -1) >= end for p, end in self._ends.items())
+        return self.loaded
 
     def poll(self, timeout: float = 0.0) -> int:
         """Apply what the topic holds now (waiting up to `timeout` for the first record)."""
-        if self._reader is None:
-            self._reader = self.open_reader()
+        reader = self._open()
         applied = 0
         while True:
-            batch = rdkafka.data_messages(self._reader.consume(num_messages=RECORDS_PER_POLL, timeout=timeout))
+            batch = rdkafka.data_messages(reader.consume(num_messages=RECORDS_PER_POLL, timeout=timeout))
             for m in batch:
                 try:
                     track, info = TrackInfo.decode(m.key(), m.value())
@@ -50,23 +69,13 @@ class CatalogueFeed:
                 break
             timeout = 0.0
         self.applied += applied
+        self._check_loaded()
         return applied
 
     def catch_up(self, timeout: float = 30.0) -> int:
-        """Apply the whole topic as it stands now (a batch job's view of the catalogue)."""
-        if self._reader is None:
-            self._reader = self.open_reader()
-        ends = {}
-        for tp in self._reader.assignment():
-            low, high = self._reader.get_watermark_offsets(tp, timeout=10)
-            if high > low:  # an empty partition is read already
-                ends[tp.partition] = high
-        deadline = time.monotonic() + timeout
-        applied = 0
-        while time.monotonic() < deadline:
-            positions = {tp.partition: tp.offset for tp in self._reader.position(self._reader.assignment())}
-            if all(positions.get(p, 0) >= end for p, end in ends.items()):
-                break
+        """Apply the whole topic as it stood when the feed opened (a batch job's catalogue)."""
+        deadline, applied = time.monotonic() + timeout, self.poll(0.5)
+        while not self.loaded and time.monotonic() < deadline:
             applied += self.poll(timeout=0.5)
         return applied
 

@@ -73,7 +73,10 @@ class UpdateFollower:
         gc.freeze()
 
     def refresh(self) -> bool:
-        """Swap in the current version once its graphs are built (the old one answers meanwhile)."""
+        """Swap in the current version once its graphs are built (the old one answers meanwhile);
+        until the catalogue is loaded, read it too (a replica must know what is taken down)."""
+        if self.catalogue_feed is not None and not self.catalogue_feed.loaded:
+            self.catalogue_feed.poll()
         version = self.models.current_version()
         if version is None or (self.snapshot is not None and self.snapshot.version == version):
             return False

@@ -131,11 +131,21 @@ class QueryService:
         loaded, catalogue = snap.loaded, self.catalogue
         shares = loaded.popularity
         rows = loaded.track_index
+        factors = loaded.model.item_factors_
 
         def vectors(tracks: list[str]) -> np.ndarray:
-            with self.follower.lock.read():
-                out = [snap.ip.vector(t) for t in tracks]
-            return np.stack([v if v is not None else np.zeros(snap.ip.dim, np.float32) for v in out])
+            """The model's factors where it has them, else the graph's (tracks folded in since)."""
+            out = np.zeros((len(tracks), snap.ip.dim), dtype=np.float32)
+            for j, t in enumerate(tracks):
+                i = rows.get(t)
+                if i is not None:
+                    out[j] = factors[i]
+                else:
+                    with self.follower.lock.read():
+                        v = snap.ip.vector(t)
+                    if v is not None:
+                        out[j] = v
+            return out
 
         def weight(track: str) -> float:
             i = rows.get(track)
@@ -159,9 +169,5 @@ class QueryService:
         """A playlist near the seed (and the listener): `core.artists.playlist` over the filtered
         cosine ranking, no artist twice within `window` tracks."""
         q = blend(seed, listener, listener_weight)
-        choose = functools.partial(_playlist, window=window, artist_of=self.catalogue.artist_of)
+        choose = functools.partial(playlist, window=window, artist_of=self.catalogue.artist_of)
         return self.search(snap, "cosine", q, n, flt, choose=choose)
-
-
-def _playlist(ranked: Ranked, n: int, window: int, artist_of: Callable[[str], str | None]) -> Ranked:
-    return playlist(ranked, n, window, artist_of)

@@ -100,3 +100,31 @@ def test_a_damaged_checkpoint_is_refused_with_the_remedy(tmp_path, damage: str) 
                 z.writestr(n, b)
     with pytest.raises(CorruptFileError, match="encore train --rebuild"):
         PlayMatrix.load(path)
+
+
+def test_an_erase_record_removes_the_users_row_and_later_plays_start_a_new_one(tmp_path) -> None:
+    pm = PlayMatrix()
+    pm.add("i", 0, 0, "a", "t1", 2.0)
+    pm.add("i", 0, 1, "b", "t1", 1.0)
+    pm.add("i", 0, 2, "a", "t2", 1.0)
+    pm.add("i", 1, 0, "c", "t3", 1.0)
+    assert pm.erase("i", 0, 3, "a") and not pm.erase("i", 0, 3, "a")  # replayed: a no-op
+    assert pm.erase("i", 1, 1, "c")
+    m = pm.matrix()
+    assert pm.user_ids == ["b"] and m.shape[0] == 1 and m[0, pm.track_ids.index("t1")] == 1.0
+    pm.add("i", 0, 4, "a", "t3", 5.0)  # after the erasure
+    pm.save(tmp_path / "c.npz", 1.0)
+    back = PlayMatrix.load(tmp_path / "c.npz")
+    m = back.matrix()
+    rows = {
+        u: {back.track_ids[j]: float(v) for j, v in zip(r.indices, r.data, strict=True)}
+        for u, r in zip(back.user_ids, m, strict=True)
+    }
+    assert rows == {"b": {"t1": 1.0}, "a": {"t3": 5.0}}
+    # A play of an erased user in the same stretch before compaction: the old row still goes.
+    pm.add("i", 0, 5, "b", "t2", 1.0)
+    pm.erase("i", 0, 6, "b")
+    pm.add("i", 0, 7, "b", "t9", 1.0)
+    m = pm.matrix()
+    rows = {u: {pm.track_ids[j] for j in r.indices} for u, r in zip(pm.user_ids, m, strict=True)}
+    assert rows["b"] == {"t9"}
