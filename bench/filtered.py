@@ -81,7 +81,9 @@ def run(n: int, queries: int) -> dict[str, Any]:
         res: dict[str, Any] = {"pass_share": float(mask.mean())}
         plans = FilterPlans()
         subset = plans.subset(index, flt, cat)  # built once per filter, as a serving process does
-        res["plan"] = "exact_subset" if subset is not None else "graph_overfetch"
+        res["plan"] = (
+            "graph_overfetch" if subset is None else "exact_subset" if subset.vectors is not None else "hnswlib_filter"
+        )
         for method in ("encore", "graph_overfetch", "hnswlib_filter"):
             lat, hits = [], 0
             for i in range(queries):

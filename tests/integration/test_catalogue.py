@@ -108,9 +108,16 @@ def served(settings: Settings, redis_client: redis.Redis) -> Iterator[tuple[Any,
         r = Root(settings)
         app, follower = r.serving_app(follow=False)  # the test steps each follower
         follower.refresh()
-        assert wait_for(lambda f=follower: (f.step() or True) and len(f.catalogue) == 300, timeout=30)
         replicas.append((r, app, follower))
     with TestClient(replicas[0][1]) as a, TestClient(replicas[1][1]) as b:
+        for client, (_, _, follower) in zip((a, b), replicas, strict=True):
+            # Not ready until the catalogue as it stood at start is applied.
+            feed = follower.catalogue_feed
+            assert feed is not None
+            ready = client.get("/ready")
+            assert ready.status_code == 200 if feed.loaded else "catalogue" in ready.json()["reason"]
+            assert wait_for(lambda f=follower: (f.step() or True) and len(f.catalogue) == 300, timeout=30)
+            assert feed.loaded and client.get("/ready").status_code == 200
         yield a, b, replicas[0][2], replicas[1][2], data, version
     for r, _, _ in replicas:
         r.close()

@@ -194,3 +194,28 @@ def test_a_narrow_filter_is_answered_exactly_and_a_stale_plan_never_returns_what
     assert first not in {t for t, _ in planned_search(index, q, 10, rock, cat, plans)}
     # Still the exact answer over what passes now (rock tracks have 4 artists: the cap leaves 8).
     assert planned_search(index, q, 10, rock, cat, plans) == pick(exact.ranked(q, n_tracks), 10, rock, cat)
+
+
+def test_a_middling_filter_too_large_to_scan_uses_the_graphs_filter_callback() -> None:
+    from core.filter_plans import FilterPlans, planned_search
+
+    rng = np.random.default_rng(6)
+    n_tracks, dim = 4000, 16
+    V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
+    ids = [f"t{i}" for i in range(n_tracks)]
+    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=100)
+    index.upsert(ids, V)
+    exact = ExactIndex(dim, "ip")
+    exact.upsert(ids, V)
+    cat = _catalogue(n_tracks, rng)
+    plans = FilterPlans(max_rows=100)  # rock passes ~400: more than max_rows, under max_share
+    rock = TrackFilter(tags=frozenset({"rock"}), exclude=frozenset({"t10", "t20"}))
+    subset = plans.subset(index, rock, cat)
+    assert subset is not None and subset.vectors is None and subset.mask is not None
+    hits = 0
+    for q in rng.standard_normal((20, dim)).astype(np.float32):
+        got = planned_search(index, q, 10, rock, cat, plans)
+        truth = pick(exact.ranked(q, n_tracks), 10, rock, cat)
+        assert len(got) == 10 and all(rock.admits(cat.get(t)) and t not in rock.exclude for t, _ in got)
+        hits += len({t for t, _ in got} & {t for t, _ in truth})
+    assert hits / 200 >= 0.9
