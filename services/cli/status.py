@@ -67,9 +67,7 @@ def gather(root: Root) -> dict[str, Any]:
         problems.append("no model is published yet (is `encore train` running?)")
     else:
         published = dict(models.versions()).get(version, 0.0)
-        meta = {
-            k.decode(): v.decode() for k, v in models.meta(version).items() if k not in (b"user_gram", b"query_sample")
-        }
+        meta = models.text_meta(version)
         age = now - published
         report["model"] = {
             "version": version,

@@ -29,6 +29,7 @@ from services.infra.keys import Keys
 
 log = logging.getLogger(__name__)
 CHUNK = 5000
+BINARY_META = (b"user_gram", b"query_sample", b"popularity")  # meta fields that are arrays, not text
 QUERY_SAMPLE = 1024  # user vectors shipped for ef tuning: more queries, a tighter recall bound, a narrower ef
 
 
@@ -117,6 +118,10 @@ class RedisModelStore:
 
     def meta(self, version: str) -> dict[bytes, bytes]:
         return self.r.hgetall(self.keys.meta(version))  # type: ignore[no-any-return]
+
+    def text_meta(self, version: str) -> dict[str, str]:
+        """The meta fields that are text (the arrays in BINARY_META left out), decoded."""
+        return {k.decode(): v.decode() for k, v in self.meta(version).items() if k not in BINARY_META}
 
     def set_meta(self, version: str, field_: str, value: str) -> None:
         self.r.hset(self.keys.meta(version), field_, value)
