@@ -21,7 +21,7 @@ from services.serving.queries import QueryService
 
 TrackPublish = Callable[[str, TrackInfo], None]
 ARTIST = {**READ, 404: {"model": Error, "description": "no artist with tracks in the current model"}}
-RADIO = {**READ, 404: {"model": Error, "description": "the seed track or artist is unknown or unavailable"}}
+RADIO = {**READ, 404: {"model": Error, "description": "a seed track or artist is unknown or unavailable"}}
 
 
 def install(
@@ -52,35 +52,42 @@ def install(
 
     @app.get("/radio", response_model=Radio, dependencies=reader, responses=RADIO)
     async def radio(
-        seed_track: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH),
-        seed_artist: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH),
-        user: str | None = Query(None, min_length=1, max_length=MAX_ID_LENGTH),
+        seed_track: str = Query("", max_length=MAX_ID_LENGTH, description="a track to start from"),
+        seed_artist: str = Query("", max_length=MAX_ID_LENGTH, description="an artist to start from"),
+        user: str = Query(
+            "", max_length=MAX_ID_LENGTH, description="the listener (their taste, their tracks left out)"
+        ),
         n: int = Query(50, ge=1, le=max_n),
         flt: TrackFilter = filters,
     ) -> Response:
-        """A playlist near the seed (and the listener, when `user` is given): no artist twice
-        within ENCORE_RADIO_ARTIST_WINDOW tracks, none of the listener's played tracks, the seed
-        track itself left out, the same filters as every route."""
-        if (seed_track is None) == (seed_artist is None):
-            raise HTTPException(422, "give exactly one of seed_track and seed_artist")
+        """A playlist near the seeds (the track's, the artist's, or both together) and the
+        listener, when `user` is given: no artist twice within ENCORE_RADIO_ARTIST_WINDOW tracks,
+        none of the listener's played tracks, the seed track itself left out, the same filters as
+        every route. With no seed, the listener's own taste seeds it; with neither, what is
+        popular (README: radio)."""
         snap = await queries.snapshot(r)
-        if seed_track is not None:
-            seed, label = queries.track_vector(snap, seed_track), f"track:{seed_track}"
+        seeds, label = [], []
+        if seed_track:
+            seeds.append(queries.track_vector(snap, seed_track))
+            label.append(f"track:{seed_track}")
             flt = flt.excluding([seed_track])
-        else:
+        if seed_artist:
             space = await asyncio.to_thread(queries.artists, snap)
-            vec = space.vector(seed_artist or "")
+            vec = space.vector(seed_artist)
             if vec is None:
                 raise UnknownTrackError(f"unknown artist {seed_artist!r} (no available track of it in the model)")
-            seed, label = vec, f"artist:{seed_artist}"
+            seeds.append(vec)
+            label.append(f"artist:{seed_artist}")
         listener = None
-        if user is not None:
+        if user:
             listener, played = await queries.user_context(r(), snap.version, user)
             flt = flt.excluding(played)
-        items = queries.radio(
-            snap, seed, listener, n, flt, settings.radio_artist_window, settings.radio_listener_weight
-        )
-        return answer({"seed": label, "user_id": user, "model_version": snap.version}, items)
+        if not seeds and listener is not None and listener.any():
+            seeds, label, listener = [listener], [f"user:{user}"], None
+        window, pull = settings.radio_artist_window, settings.radio_listener_weight
+        items = queries.radio(snap, seeds, listener, n, flt, window, pull)
+        body = {"seed": "+".join(label) or "popular", "user_id": user or None, "model_version": snap.version}
+        return answer(body, items)
 
     async def set_available(track_id: str, available: bool) -> TrackState:
         if publish_track is None:

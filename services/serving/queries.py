@@ -22,8 +22,9 @@ from core.catalogue import Catalogue
 from core.errors import NoModelError, UnknownTrackError
 from core.explain import explain, top_reasons
 from core.filter_plans import FilterPlans, planned_search
-from core.filters import Choose, Ranked, TrackFilter, pick
+from core.filters import Choose, Ranked, TrackFilter, passing, pick
 from core.messages import decode_vector
+from core.recommend import normalize_rows
 from services.infra.keys import Keys
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import Snapshot
@@ -159,15 +160,18 @@ class QueryService:
     def radio(
         self,
         snap: Snapshot,
-        seed: np.ndarray,
+        seeds: list[np.ndarray],
         listener: np.ndarray | None,
         n: int,
         flt: TrackFilter,
         window: int,
         listener_weight: float,
     ) -> Ranked:
-        """A playlist near the seed (and the listener): `core.artists.playlist` over the filtered
-        cosine ranking, no artist twice within `window` tracks."""
-        q = blend(seed, listener, listener_weight)
+        """A playlist near the seeds together (and the listener): `core.artists.playlist` over the
+        filtered cosine ranking, no artist twice within `window` tracks; with no seed, over the
+        popular fallback."""
         choose = functools.partial(playlist, window=window, artist_of=self.catalogue.artist_of)
+        if not seeds:
+            return choose(passing(snap.popular, flt, self.catalogue), n)
+        q = blend(sum(normalize_rows(np.atleast_2d(s))[0] for s in seeds), listener, listener_weight)
         return self.search(snap, "cosine", q, n, flt, choose=choose)

@@ -210,6 +210,18 @@ def test_related_artists_and_radio(served: tuple[Any, ...], settings: Settings) 
         artists = [int(t[1:]) % 30 for t in ids]
         assert all(artists[i] not in artists[max(0, i - window + 1) : i] for i in range(len(artists)))
         assert all(int(t[1:]) % 4 for t in ids)
-    assert client.get("/radio?n=5").status_code == 422
-    assert client.get("/radio?seed_track=t1&seed_artist=a1").status_code == 422
+    # Both seeds together; the listener alone; nothing at all (what is popular): same rules.
+    for query, seed in (
+        ("seed_track=t3&seed_artist=a7&user=u5", "track:t3+artist:a7"),
+        ("user=u5", "user:u5"),
+        ("", "popular"),
+    ):
+        body = client.get(f"/radio?{query}&n=30").json()
+        ids = _ids(body)
+        assert body["seed"] == seed and len(ids) == 30 and len(set(ids)) == 30, body
+        artists = [int(t[1:]) % 30 for t in ids]
+        assert all(artists[i] not in artists[max(0, i - window + 1) : i] for i in range(len(artists)))
+        if "u5" in query:
+            assert not {"t1", "t2", "t40"} & set(ids)
     assert client.get("/radio?seed_track=nope").status_code == 404
+    assert client.get("/radio?seed_artist=nobody").status_code == 404
