@@ -41,13 +41,13 @@ def export_filter(args: argparse.Namespace) -> TrackFilter:
         raise ConfigError(f"--region {args.region!r}: a two-letter region code")
     if args.max_per_artist is not None and args.max_per_artist < 1:
         raise ConfigError("--max-per-artist must be at least 1")
-    ids = [v.strip() for raw in args.exclude for v in raw.split(",") if v.strip()]
-    tags = [v.strip().lower() for raw in args.tags for v in raw.split(",") if v.strip()]
+    from services.serving.filter_params import split_ids
+
     return TrackFilter(
-        frozenset(ids),
+        frozenset(split_ids(args.exclude)),
         not args.no_explicit,
         args.region.upper() if args.region else None,
-        frozenset(tags),
+        frozenset(t.lower() for t in split_ids(args.tags)),
         args.max_per_artist,
     )
 

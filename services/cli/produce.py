@@ -14,6 +14,20 @@ from services.infra.play_publisher import PlayPublisher
 log = logging.getLogger(__name__)
 
 
+def _json_lines(f: Iterable[bytes], key_field: str) -> Iterator[tuple[bytes, bytes]]:
+    """(key, line) of each non-empty line, the key from `key_field` (b"" when the line has none
+    or is not JSON: the line is passed on as it is, and its consumer dead-letters it)."""
+    for line in f:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            continue
+        try:
+            key = str(json.loads(line).get(key_field, "")).encode()
+        except (ValueError, AttributeError):
+            key = b""
+        yield key, line
+
+
 def read_plays_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
     """(key, value) pairs from JSON lines or CSV `user_id,track_id,ts[,ms_played,count]`.
 
@@ -36,15 +50,8 @@ def read_plays_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
                             d[name] = row[i]
                 yield row[0].encode(), json.dumps(d).encode()
         else:
-            for line in f:
-                line = line.rstrip(b"\r\n")
-                if not line:
-                    continue
-                try:
-                    key = str(json.loads(line).get("user_id", "")).encode() or None
-                except (ValueError, AttributeError):
-                    key = None
-                yield key, line
+            for key, line in _json_lines(f, "user_id"):
+                yield key or None, line
 
 
 TRACK_COLUMNS = ("track_id", "artist_id", "title", "tags", "explicit", "regions", "available")
@@ -74,15 +81,7 @@ def read_tracks_file(path: str | Path) -> Iterator[tuple[bytes | None, bytes]]:
                     d["artist_id"] = None
                 yield str(d.get("track_id") or "").encode(), json.dumps(d).encode()
         else:
-            for line in f:
-                line = line.rstrip(b"\r\n")
-                if not line:
-                    continue
-                try:
-                    key = str(json.loads(line).get("track_id", "")).encode()
-                except (ValueError, AttributeError):
-                    key = b""  # a compacted topic takes no null key; the sync dead-letters it
-                yield key, line
+            yield from _json_lines(f, "track_id")  # b"" for no id: a compacted topic takes no null key
 
 
 def synthetic_stream(

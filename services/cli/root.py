@@ -11,7 +11,7 @@ import functools
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from fastapi import FastAPI
@@ -46,6 +46,7 @@ from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
 from services.speed.worker import FoldInWorker
 
+T = TypeVar("T")
 STARTUP_PATIENCE_S = 30.0  # a component started beside Redis waits this long for it to answer
 
 
@@ -190,36 +191,27 @@ class Root:
             s.plays_topic,
             self.history_store(group),
             self.models(),
-            self.keys,
             lambda: self.clients.topic_incarnation(s.plays_topic),
             self.server_time,
         )
 
     def forget_user(self) -> Callable[[str], dict[str, Any]]:
         """`Eraser.forget`, with the eraser made on first use (serving connects nothing early)."""
-        made: list[Eraser] = []
-        lock = threading.Lock()
-
-        def forget(user_id: str) -> dict[str, Any]:
-            with lock:
-                if not made:
-                    made.append(self.eraser())
-                return made[0].forget(user_id).to_dict()
-
-        return forget
+        eraser = _once(self.eraser)
+        return lambda user_id: eraser().forget(user_id).to_dict()
 
     def track_publisher(self) -> Callable[[str, TrackInfo], None]:
         """Writes one catalogue entry to the tracks topic and waits for the broker's acknowledgement
         (the producer is made on first use)."""
-        made: list[KafkaProducer] = []
-        lock = threading.Lock()
+
+        def make() -> KafkaProducer:
+            self.clients.ensure_topics()
+            return self.clients.producer()
+
+        producer = _once(make)
 
         def publish(track_id: str, info: TrackInfo) -> None:
-            with lock:
-                if not made:
-                    self.clients.ensure_topics()
-                    made.append(self.clients.producer())
-                made[0].send(self.settings.tracks_topic, key=track_id.encode(), value=info.encode()).get(timeout=15)
+            producer().send(self.settings.tracks_topic, key=track_id.encode(), value=info.encode()).get(timeout=15)
 
         return publish
 
@@ -227,6 +219,20 @@ class Root:
         if self._redis is not None:
             self._redis.close()
             self._redis = None
+
+
+def _once(make: Callable[[], T]) -> Callable[[], T]:
+    """`make()` on the first call (one caller at a time), the same object on every later one."""
+    made: list[T] = []
+    lock = threading.Lock()
+
+    def get() -> T:
+        with lock:
+            if not made:
+                made.append(make())
+            return made[0]
+
+    return get
 
 
 def serving_app_from_env() -> FastAPI:

@@ -105,6 +105,9 @@ class RedisModelStore:
         listed = [v for v, _ in self.versions()]
         return listed + ([current] if current is not None and current not in listed else [])
 
+    def record_erasure(self, user: str, at: float) -> None:
+        self.r.zadd(self.keys.erasures, {user: at})
+
     def erased_since(self, t: float) -> set[str]:
         """Users erased at or after Redis server time `t`."""
         return {u.decode() for u in self.r.zrangebyscore(self.keys.erasures, t, "+inf")}

@@ -20,7 +20,6 @@ from typing import Any
 from kafka import KafkaProducer
 
 from core.events import EraseEvent
-from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
 from services.speed.ports import HistoryStore
 
@@ -44,19 +43,18 @@ class Eraser:
         topic: str,
         histories: HistoryStore,
         models: RedisModelStore,
-        keys: Keys,
         incarnation: Callable[[], str],
         server_time: Callable[[], float],
     ) -> None:
         self.producer, self.topic, self.histories, self.models = producer, topic, histories, models
-        self.keys, self.incarnation, self.server_time = keys, incarnation, server_time
+        self.incarnation, self.server_time = incarnation, server_time
 
     def forget(self, user_id: str) -> Erased:
         sent = self.producer.send(self.topic, key=user_id.encode(), value=EraseEvent(user_id).to_json())
         meta = sent.get(timeout=15)  # durable before anything is deleted
         versions = self.models.kept_versions()
         now = self.histories.erase(self.incarnation(), meta.partition, meta.offset, user_id, versions, hold=True)
-        self.models.r.zadd(self.keys.erasures, {user_id: self.server_time()})
+        self.models.record_erasure(user_id, self.server_time())
         where = f"{self.topic}/{meta.partition}/{meta.offset}"
         log.info("user %r forgotten (erase record %s)", user_id, where)
         return Erased(user_id, where, now)

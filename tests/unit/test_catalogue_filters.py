@@ -60,6 +60,19 @@ def _catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     return cat
 
 
+def _graph_and_reference(
+    rng: np.random.Generator, n_tracks: int, dim: int, ef: int
+) -> tuple[np.ndarray, HNSWIndex, ExactIndex]:
+    """Random track vectors in an HNSW graph and in the exact index that is its reference."""
+    V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
+    ids = [f"t{i}" for i in range(n_tracks)]
+    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=ef)
+    index.upsert(ids, V)
+    exact = ExactIndex(dim, "ip")
+    exact.upsert(ids, V)
+    return V, index, exact
+
+
 def test_pick_applies_every_rule_in_rank_order() -> None:
     cat = _catalogue(200, np.random.default_rng(0))
     ranked = [(f"t{i}", 1.0 - i / 1000) for i in range(200)]
@@ -171,12 +184,7 @@ def test_a_narrow_filter_is_answered_exactly_and_a_stale_plan_never_returns_what
 
     rng = np.random.default_rng(4)
     n_tracks, dim = 4000, 16
-    V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
-    ids = [f"t{i}" for i in range(n_tracks)]
-    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=50)
-    index.upsert(ids, V)
-    exact = ExactIndex(dim, "ip")
-    exact.upsert(ids, V)
+    V, index, exact = _graph_and_reference(rng, n_tracks, dim, ef=50)
     cat = _catalogue(n_tracks, rng)
     plans = FilterPlans(max_rows=1000, max_age_s=3600)
     rock = TrackFilter(tags=frozenset({"rock"}), max_per_artist=2)  # ~400 pass: the exact plan
@@ -201,12 +209,7 @@ def test_a_middling_filter_too_large_to_scan_uses_the_graphs_filter_callback() -
 
     rng = np.random.default_rng(6)
     n_tracks, dim = 4000, 16
-    V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
-    ids = [f"t{i}" for i in range(n_tracks)]
-    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=100)
-    index.upsert(ids, V)
-    exact = ExactIndex(dim, "ip")
-    exact.upsert(ids, V)
+    V, index, exact = _graph_and_reference(rng, n_tracks, dim, ef=100)
     cat = _catalogue(n_tracks, rng)
     plans = FilterPlans(max_rows=100)  # rock passes ~400: more than max_rows, under max_share
     rock = TrackFilter(tags=frozenset({"rock"}), exclude=frozenset({"t10", "t20"}))
