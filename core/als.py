@@ -110,8 +110,12 @@ class ImplicitALS:
         self,
         plays: sp.spmatrix,
         callback: Callable[[int, float], None] | None = None,
+        init: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> ImplicitALS:
-        """Train on a users × tracks matrix of raw play counts; returns self."""
+        """Train on a users × tracks matrix of raw play counts; returns self.
+
+        `init` = (user, track) factors to continue from (a refit after evaluation on a holdout
+        needs a few iterations from there, not a fit from random)."""
         self._check_params()
         ui = check_plays(plays)
         if ui.nnz == 0:
@@ -120,10 +124,14 @@ class ImplicitALS:
         conf_ui = self._with_confidence(ui)
         conf_iu = conf_ui.T.tocsr()
         conf_iu.sort_indices()
-        rng = np.random.default_rng(self.random_state)
-        scale = 0.01
-        X = (rng.standard_normal((n_users, self.factors)) * scale).astype(np.float32)
-        Y = (rng.standard_normal((n_items, self.factors)) * scale).astype(np.float32)
+        if init is not None:
+            X, Y = (np.array(f, dtype=np.float32, order="C") for f in init)  # copies: `init` stays intact
+            if X.shape != (n_users, self.factors) or Y.shape != (n_items, self.factors):
+                raise ValueError(f"init shapes {X.shape}, {Y.shape} do not fit plays {ui.shape} × {self.factors}")
+        else:
+            rng = np.random.default_rng(self.random_state)
+            X = (rng.standard_normal((n_users, self.factors)) * 0.01).astype(np.float32)
+            Y = (rng.standard_normal((n_items, self.factors)) * 0.01).astype(np.float32)
         self.iteration_seconds_: list[float] = []
         for it in range(self.iterations):
             t0 = time.perf_counter()

@@ -81,6 +81,7 @@ def settings(servers: dict[str, object], tmp_path: object, topology: str, reques
         data_dir=str(tmp_path),
         factors=16,
         iterations=8,
+        tune=False,  # hyperparameters pinned: tests other than the tuning ones compare fixed models
     )
 
 

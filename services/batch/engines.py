@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,18 +20,38 @@ log = logging.getLogger(__name__)
 
 class Engine(Protocol):
     name: str
+    warm_starts: bool  # can continue from given factors (a refit after evaluation)
 
-    def fit(self, plays: sp.csr_matrix) -> ImplicitALS: ...
+    def fit(
+        self,
+        plays: sp.csr_matrix,
+        params: dict[str, Any] | None = None,
+        init: ImplicitALS | None = None,
+        iterations: int | None = None,
+    ) -> ImplicitALS: ...
 
 
-def model_for(settings: Settings) -> ImplicitALS:
+def default_params(settings: Settings) -> dict[str, Any]:
+    """The searched hyperparameters as the settings give them (the untuned model)."""
+    return {
+        "factors": settings.factors,
+        "regularization": settings.regularization,
+        "alpha": settings.alpha,
+        "confidence": settings.confidence,
+        "epsilon": settings.epsilon,
+    }
+
+
+def model_for(settings: Settings, params: dict[str, Any] | None = None) -> ImplicitALS:
+    """An unfitted model: the settings, with `params` (a tuning trial or winner) over them."""
+    chosen = {**default_params(settings), **(params or {})}
     return ImplicitALS(
-        factors=settings.factors,
-        regularization=settings.regularization,
-        alpha=settings.alpha,
+        factors=int(chosen["factors"]),
+        regularization=float(chosen["regularization"]),
+        alpha=float(chosen["alpha"]),
         iterations=settings.iterations,
-        confidence=settings.confidence,  # type: ignore[arg-type]
-        epsilon=settings.epsilon,
+        confidence=chosen["confidence"],
+        epsilon=float(chosen["epsilon"]),
         solver=settings.solver,  # type: ignore[arg-type]
         random_state=0,
     )
@@ -41,18 +61,28 @@ class LocalEngine:
     """Encore's own ImplicitALS on this machine's cores."""
 
     name = "local"
+    warm_starts = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def fit(self, plays: sp.csr_matrix) -> ImplicitALS:
-        model = model_for(self.settings)
+    def fit(
+        self,
+        plays: sp.csr_matrix,
+        params: dict[str, Any] | None = None,
+        init: ImplicitALS | None = None,
+        iterations: int | None = None,
+    ) -> ImplicitALS:
+        model = model_for(self.settings, params)
+        if iterations is not None:
+            model.iterations = iterations
         total = model.iterations
 
         def progress(it: int, seconds: float) -> None:
-            log.info("ALS iteration %d/%d: %.2fs", it + 1, total, seconds)
+            log.debug("ALS iteration %d/%d: %.2fs", it + 1, total, seconds)
 
-        return model.fit(plays, callback=progress)
+        start = None if init is None else (init.user_factors_, init.item_factors_)
+        return model.fit(plays, callback=progress, init=start)
 
 
 class SparkEngine:
@@ -63,37 +93,45 @@ class SparkEngine:
     """
 
     name = "spark"
+    warm_starts = False  # MLlib's ALS has no initial factors: a refit is a full fit
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def fit(self, plays: sp.csr_matrix) -> ImplicitALS:
+    def fit(
+        self,
+        plays: sp.csr_matrix,
+        params: dict[str, Any] | None = None,
+        init: ImplicitALS | None = None,
+        iterations: int | None = None,
+    ) -> ImplicitALS:
+        model = model_for(self.settings, params)
+        if iterations is not None:
+            model.iterations = iterations
         parent = DataDir.of(self.settings.data_dir).spark_tmp
         parent.mkdir(parents=True, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix="run-", dir=parent)
         try:
             path = f"{workdir}/plays.parquet"
-            self._write_parquet(plays, path)
-            X, Y = self._train(path, plays.shape)
+            self._write_parquet(plays, path, model)
+            X, Y = self._train(path, plays.shape, model)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)  # the hand-over is only needed during the run
-        model = model_for(self.settings)
         model.user_factors_, model.item_factors_ = X, Y
         return model
 
-    def _write_parquet(self, plays: sp.csr_matrix, path: str) -> None:
+    def _write_parquet(self, plays: sp.csr_matrix, path: str, model: ImplicitALS) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        s = self.settings
         coo = plays.tocoo()
-        rating = np.log1p(coo.data / s.epsilon) if s.confidence == "log" else coo.data
+        rating = np.log1p(coo.data / model.epsilon) if model.confidence == "log" else coo.data
         table = pa.table(
             {"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32), "rating": rating.astype(np.float32)}
         )
         pq.write_table(table, path)
 
-    def _train(self, path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _train(self, path: str, shape: tuple[int, int], model: ImplicitALS) -> tuple[np.ndarray, np.ndarray]:
         from pyspark.ml.recommendation import ALS
         from pyspark.sql import SparkSession
 
@@ -109,10 +147,10 @@ class SparkEngine:
         )
         try:
             als = ALS(
-                rank=s.factors,
-                maxIter=s.iterations,
-                regParam=s.regularization,
-                alpha=s.alpha,
+                rank=model.factors,
+                maxIter=model.iterations,
+                regParam=model.regularization,
+                alpha=model.alpha,
                 implicitPrefs=True,
                 userCol="user",
                 itemCol="item",
@@ -122,7 +160,8 @@ class SparkEngine:
                 coldStartStrategy="drop",
             )
             fitted = als.fit(spark.read.parquet(path))
-            return _collect(fitted.userFactors, shape[0], s.factors), _collect(fitted.itemFactors, shape[1], s.factors)
+            k = model.factors
+            return _collect(fitted.userFactors, shape[0], k), _collect(fitted.itemFactors, shape[1], k)
         finally:
             spark.stop()
 

@@ -14,17 +14,16 @@ import time
 import numpy as np
 
 from core.errors import ModelRejectedError, NoPlaysError
-from core.evaluation import holdout_split, ranking_metrics
 from core.recommend import popularity
 from services.batch.checkpoint import PlayMatrix
 from services.batch.engines import Engine
+from services.batch.model_search import ModelSearch
 from services.infra.checked_files import write_npz
 from services.infra.data_dir import DataDir
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
 
 log = logging.getLogger(__name__)
-EVAL_USERS = 2000
 ERASURE_MARGIN_S = 60.0
 
 
@@ -45,6 +44,13 @@ class Retrainer:
     def __init__(self, settings: Settings, engine: Engine, models: RedisModelStore) -> None:
         self.s, self.engine, self.models = settings, engine, models
         self.data = DataDir.of(settings.data_dir)
+        self.search = ModelSearch(settings, engine)
+
+    def last_winner(self) -> dict[str, object] | None:
+        """The current version's hyperparameters: where the next search starts."""
+        current = self.models.current_version()
+        raw = self.models.meta(current).get(b"hyperparameters") if current else None
+        return json.loads(raw) if raw else None
 
     def train_and_publish(self, state: PlayMatrix) -> str:
         """Train on the last checkpoint of `state`; returns the published version.
@@ -55,21 +61,18 @@ class Retrainer:
         plays = state.training_matrix(state.checkpoint_time)
         if plays.nnz == 0:
             raise NoPlaysError("no plays to train on yet")
-        train, test = holdout_split(plays, fraction=self.s.holdout_fraction, seed=0)
         stage("prepare")
-        model = self.engine.fit(train)
-        stage("fit")
-        train_s = stage.stages["fit"]
-        metrics = ranking_metrics(
-            model.user_factors_, model.item_factors_, train, test, k=10, max_users=EVAL_USERS
-        ).as_dict(10)
-        self._guard(metrics["precision@10"])
-        stage("evaluate")
-        # Published users reflect every play, held-out ones included: warm-started from the
-        # trained vectors, a few CG steps suffice (an exact solve of every user costs more than
-        # a training iteration).
-        model.user_factors_ = model.fold_in(plays, model.item_factors_, start=model.user_factors_)
-        stage("fold_in_users")
+        track_ids = state.track_ids
+
+        def artists(rows: list[int]) -> dict[int, str]:
+            found = self.models.track_artists([track_ids[r] for r in rows])
+            return {r: found[track_ids[r]] for r in rows if track_ids[r] in found}
+
+        chosen = self.search.run(plays, self.last_winner(), artists, stage)
+        model, metrics = chosen.model, chosen.metrics
+        train_s = sum(v for k, v in stage.stages.items() if k in ("tune", "fit", "refit"))
+        if "precision@10" in metrics:
+            self._guard(metrics["precision@10"])
         # Users erased while this model was made: their erase record may not have reached the
         # checkpoint; they get no row (the speed layer solves them afresh if they play again).
         since = state.checkpoint_time - ERASURE_MARGIN_S
@@ -105,6 +108,8 @@ class Retrainer:
             "train_seconds": round(train_s, 3),
             "offsets": json.dumps(state.offsets),
             "metrics": json.dumps(metrics),
+            "hyperparameters": json.dumps(chosen.params),
+            **({"tuning": json.dumps(chosen.tuning)} if chosen.tuning is not None else {}),
             "popular": json.dumps([state.track_ids[i] for i in top]),
             "popular_scores": json.dumps([round(float(x), 6) for x in shares]),
             "popularity": by_row.tobytes(),
@@ -117,10 +122,11 @@ class Retrainer:
         stage("publish")
         self.models.set_meta(version, "stage_seconds", json.dumps(stage.stages))
         log.info(
-            "published %s: precision@10 %.4f ndcg@10 %.4f; seconds per stage %s",
+            "published %s: precision@10 %.4f ndcg@10 %.4f; hyperparameters %s; seconds per stage %s",
             version,
-            metrics["precision@10"],
-            metrics["ndcg@10"],
+            metrics.get("precision@10", float("nan")),
+            metrics.get("ndcg@10", float("nan")),
+            chosen.params,
             stage.stages,
         )
         return version

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+import orjson
 import redis
 from redis.cluster import RedisCluster
 
@@ -118,6 +119,22 @@ class RedisModelStore:
             for u in users:
                 pipe.delete(self.keys.user(version, u))
             pipe.execute()
+
+    def track_artists(self, track_ids: list[str]) -> dict[str, str]:
+        """Artist of each listed track that the catalogue copy in Redis names (one MGET)."""
+        found: dict[str, str] = {}
+        if not track_ids:
+            return found
+        for track, raw in zip(track_ids, self._mget([self.keys.catalogue(t) for t in track_ids]), strict=True):
+            if raw is None:
+                continue
+            try:
+                artist = orjson.loads(raw).get("artist_id")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue  # written by the catalogue sync, which checks the schema; skip if not
+            if artist:
+                found[track] = str(artist)
+        return found
 
     def meta(self, version: str) -> dict[bytes, bytes]:
         return self.r.hgetall(self.keys.meta(version))  # type: ignore[no-any-return]

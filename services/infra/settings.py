@@ -67,7 +67,14 @@ class Settings:
     retrain_interval_s: float = _s(600.0, "seconds between scheduled retrains", min=1.0)
     retrain_min_new_plays: int = _s(0, "also retrain after this many new plays (0 = off)", min=0)
     decay_half_life_days: float = _s(0.0, "batch layer: a play's weight halves every this many days (0 = off)", min=0.0)
-    holdout_fraction: float = _s(0.1, "share of each user's tracks held out for evaluation")
+    holdout_fraction: float = _s(0.2, "share of an evaluation user's tracks held out", min=0.01, max=0.9)
+    eval_users: int = _s(2000, "users sampled for the holdout (the only users who lose plays to it)", min=1)
+    refit_iterations: int = _s(3, "warm ALS iterations on all plays after evaluation (local engine)", min=0)
+    tune: bool = _s(True, "search hyperparameters on the holdout at retrain (Optuna)")
+    tune_budget_s: float = _s(120.0, "seconds a search may take (the trial running at the limit finishes)", min=0.0)
+    tune_trials: int = _s(30, "most trials per search (the Spark engine: at most 3)", min=1)
+    tune_every: int = _s(1, "search at every Nth retrain; the others reuse the last winner", min=1)
+    tune_factors: str = _s("32,48,64,96,128", "factor counts the search may choose (comma-separated)")
     publish_guard: float = _s(0.5, "refuse a model whose precision@10 < guard × current's")
     version_grace_s: float = _s(300.0, "seconds an old model version is kept after a flip")
     data_dir: str = _s("./data", "trainer checkpoints, model artifacts and index snapshots")
@@ -151,6 +158,11 @@ def _masked(value: str) -> str:
 
 def _parse(name: str, raw: str, f: Any) -> Any:
     kind = type(f.default)
+    if kind is bool:
+        word = raw.strip().lower()
+        if word not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ConfigError(f"{name}={raw!r}: expected true or false")
+        return word in ("true", "1", "yes", "on")
     try:
         value: Any = kind(raw.strip()) if kind is not str else raw
     except ValueError:
@@ -164,4 +176,17 @@ def _parse(name: str, raw: str, f: Any) -> Any:
         raise ConfigError(f"{name}={raw!r}: must be <= {meta['max']}")
     if kind is str and name.endswith("_TOPIC") and not value:
         raise ConfigError(f"{name} must not be empty")
+    if name == "ENCORE_TUNE_FACTORS":
+        tune_factors(value, name)
     return value
+
+
+def tune_factors(raw: str, name: str = "ENCORE_TUNE_FACTORS") -> tuple[int, ...]:
+    """The factor counts a search may choose, parsed and checked."""
+    try:
+        values = tuple(sorted({int(v) for v in raw.split(",") if v.strip()}))
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected comma-separated integers such as 32,64,128") from None
+    if not values or values[0] < 1 or values[-1] > 1024:
+        raise ConfigError(f"{name}={raw!r}: expected one or more integers between 1 and 1024")
+    return values

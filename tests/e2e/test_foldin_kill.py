@@ -36,6 +36,7 @@ def _env(settings: Settings) -> dict[str, str]:
             "ENCORE_TRACKS_DLQ_TOPIC": settings.tracks_dlq_topic,
             "ENCORE_KEY_PREFIX": settings.key_prefix,
             "ENCORE_FACTORS": str(settings.factors),
+            "ENCORE_TUNE": str(settings.tune).lower(),
             "ENCORE_BATCH_MAX_EVENTS": "500",
             "ENCORE_DATA_DIR": settings.data_dir,
         }
