@@ -202,6 +202,31 @@ def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:
     return 0 if (vec is not None or out.get("history") or out.get("recent_listeners")) else 1
 
 
+LISTED_METRICS = (
+    "precision@10",
+    "ndcg@10",
+    "coverage@10",
+    "novelty@10",
+    "popularity_lift@10",
+    "diversity@10",
+    "artist_diversity@10",
+)
+
+
+def model_row(version: str, published_at: float, current: bool, meta: dict[str, str]) -> dict[str, object]:
+    """One line of `encore model list`: holdout accuracy, beyond-accuracy and how it was chosen."""
+    tuning = json.loads(meta["tuning"]) if "tuning" in meta else None
+    return {
+        "version": version,
+        "current": current,
+        "published_at": published_at,
+        **{m: float(meta[m]) for m in LISTED_METRICS if m in meta},
+        "hyperparameters": json.loads(meta["hyperparameters"]) if "hyperparameters" in meta else None,
+        "tuning_trials": len(tuning["trials"]) if tuning else 0,
+        "in_redis": bool(meta),
+    }
+
+
 def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import Root
 
@@ -212,15 +237,7 @@ def cmd_model(s: Settings, args: argparse.Namespace) -> int:
         current = models.current_version()
         if args.action == "list":
             for version, published_at in models.versions():
-                meta = models.meta(version)
-                row = {
-                    "version": version,
-                    "current": version == current,
-                    "published_at": published_at,
-                    "precision@10": float(meta.get(b"precision@10", b"nan")),
-                    "in_redis": bool(meta),
-                }
-                print(json.dumps(row))
+                print(json.dumps(model_row(version, published_at, version == current, models.text_meta(version))))
             return 0
         models.flip(args.version)
         print(json.dumps({"current": args.version, "previous": current}))

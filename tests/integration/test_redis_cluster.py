@@ -95,6 +95,7 @@ def test_train_serve_and_lookup_client_on_a_cluster(on_cluster: tuple[Settings, 
     code, out, err = encore(s, "model", "list")
     listed = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [v["current"] and v["in_redis"] for v in listed] == [True], err
+    assert listed[0]["hyperparameters"]["factors"] == s.factors and 0 < listed[0]["coverage@10"] <= 1
     root = Root(s)
     version = root.models().current_version()
     assert version == listed[0]["version"]

@@ -171,3 +171,33 @@ def test_corrupt_checkpoint_is_refused_and_rebuilt(settings: Settings, redis_cli
     again = root.models().load(rebuilt).model.item_factors_
     assert np.allclose(again, good, atol=1e-6)
     root.close()
+
+
+def test_retrain_searches_hyperparameters_from_the_last_winner(settings: Settings) -> None:
+    """ENCORE_TUNE: trials on the holdout, the winner published and recorded; a later search
+    (here after a restart) starts from it; between searches the winner is reused as it is."""
+    s = settings.with_(tune=True, tune_trials=5, tune_every=2, tune_factors="8,16,24", tune_budget_s=600.0)
+    root = Root(s)
+    root.clients.ensure_topics()
+    _feed(s)
+    models = root.models()
+    trainer = root.trainer()
+    first = trainer.run_once()
+    meta = models.text_meta(first)
+    tuning = json.loads(meta["tuning"])
+    assert len(tuning["trials"]) == 5 and tuning["winner"] == max(tuning["trials"], key=lambda t: t["score"])["params"]
+    # The published holdout precision is the winner's trial score: the same model, the same holdout.
+    assert float(meta["precision@10"]) == pytest.approx(tuning["score"])
+    winner = json.loads(meta["hyperparameters"])
+    assert {k: winner[k] for k in tuning["winner"]} == tuning["winner"]
+    assert models.load(first).model.factors == winner["factors"] in (8, 16, 24)
+    second = trainer.run_once()  # the 2nd retrain of this process: no search
+    assert "tuning" not in models.text_meta(second)
+    assert json.loads(models.text_meta(second)["hyperparameters"]) == winner
+    trainer.close()
+    restarted = root.trainer()  # a new trainer process would start here: it searches at once
+    third = restarted.run_once()
+    trials = json.loads(models.text_meta(third)["tuning"])["trials"]
+    assert trials[0]["params"] == {k: winner[k] for k in trials[0]["params"]}  # searched from the winner first
+    restarted.close()
+    root.close()
