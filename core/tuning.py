@@ -101,6 +101,7 @@ def tune(
     space = space or Space()
     result = TuneResult()
     began = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trials are logged here, once each
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max_trials))
     study = optuna.create_study(direction="maximize", sampler=sampler)
     seen: list[dict[str, Any]] = []
@@ -130,7 +131,6 @@ def tune(
         if time.perf_counter() - began >= budget_s or len(study_.trials) >= max_trials:
             study_.stop()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=max(1, max_trials), callbacks=[enough])
     result.seconds = time.perf_counter() - began
     return result

@@ -77,6 +77,7 @@ def settings(servers: dict[str, object], tmp_path: object, topology: str, reques
         updates_topic=f"factor-updates-{tag}",
         tracks_topic=f"tracks-{tag}",
         tracks_dlq_topic=f"tracks-{tag}.dlq",
+        impressions_topic=f"impressions-{tag}",
         key_prefix=f"test-{tag}:",
         data_dir=str(tmp_path),
         factors=16,

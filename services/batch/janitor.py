@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 
 from services.infra.data_dir import DataDir
 from services.infra.model_store import RedisModelStore
@@ -18,18 +19,20 @@ log = logging.getLogger(__name__)
 
 
 class VersionJanitor:
-    def __init__(self, models: RedisModelStore, data: DataDir, grace_s: float) -> None:
-        self.models, self.data, self.grace_s = models, data, grace_s
+    def __init__(self, models: RedisModelStore, data: DataDir, grace_s: float, pinned: Collection[str] = ()) -> None:
+        """`pinned`: versions an experiment names; kept like the current one and the candidate."""
+        self.models, self.data, self.grace_s, self.pinned = models, data, grace_s, set(pinned)
 
     def expired(self, now: float | None = None) -> list[str]:
-        """Versions superseded more than `grace_s` ago; never the current one."""
+        """Versions superseded more than `grace_s` ago; never the current one, the candidate or
+        a version an experiment names."""
         now = time.time() if now is None else now
         rows = self.models.versions()
-        current = self.models.current_version()
+        keep = {self.models.current_version(), self.models.candidate_version(), *self.pinned}
         return [
             v
             for (v, _), (_, superseded_at) in zip(rows, rows[1:], strict=False)
-            if v != current and now - superseded_at > self.grace_s
+            if v not in keep and now - superseded_at > self.grace_s
         ]
 
     def sweep(self, now: float | None = None) -> list[str]:

@@ -52,8 +52,9 @@ class Retrainer:
         raw = self.models.meta(current).get(b"hyperparameters") if current else None
         return json.loads(raw) if raw else None
 
-    def train_and_publish(self, state: PlayMatrix) -> str:
-        """Train on the last checkpoint of `state`; returns the published version.
+    def train_and_publish(self, state: PlayMatrix, candidate: bool = False) -> str:
+        """Train on the last checkpoint of `state`; returns the published version (made current,
+        or the candidate with `candidate`).
 
         Raises NoPlaysError with nothing to train on and ModelRejectedError when the guard
         refuses the model (the current version stays)."""
@@ -116,7 +117,7 @@ class Retrainer:
             **{k: repr(v) for k, v in metrics.items()},
         }
         stage("meta")
-        self.models.publish(version, model, user_ids, state.track_ids, meta)
+        self.models.publish(version, model, user_ids, state.track_ids, meta, candidate=candidate)
         late = self.models.erased_since(since) & set(user_ids)
         self.models.delete_user_vectors(version, late)  # erased while the vectors were written
         stage("publish")

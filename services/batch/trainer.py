@@ -42,7 +42,10 @@ class Trainer:
         consumer: KafkaConsumer,
         stop: threading.Event,
         board: StatusBoard | None = None,
+        candidate: bool = False,
     ) -> None:
+        """`candidate`: publish each new version as the candidate rather than current."""
+        self.candidate = candidate
         self.s, self.ingest, self.retrainer, self.janitor = settings, ingest, retrainer, janitor
         self.models, self.consumer, self.stop_event, self.board = models, consumer, stop, board
 
@@ -64,7 +67,7 @@ class Trainer:
         started = time.time()
         self._report(retrain_started_at=started)
         try:
-            version = self.retrainer.train_and_publish(self.ingest.state)
+            version = self.retrainer.train_and_publish(self.ingest.state, self.candidate)
         except ModelRejectedError as exc:
             self._report(last_retrain_at=started, last_retrain_outcome="rejected", last_retrain_error=str(exc))
             raise

@@ -109,14 +109,22 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
     sync = root.catalogue_sync()  # the catalogue in Redis, beside the plays
-    thread = threading.Thread(target=sync.run, daemon=True, name="catalogue-sync")
-    thread.start()
+    join = root.experiment_join()  # online metrics per experiment arm
+    threads = [
+        threading.Thread(target=sync.run, daemon=True, name="catalogue-sync"),
+        threading.Thread(target=join.run, daemon=True, name="experiment-join"),
+    ]
+    for t in threads:
+        t.start()
     try:
         return _run_component(root, worker, worker.run)
     finally:
-        sync.stop()
-        thread.join(timeout=5)
+        for side in (sync, join):
+            side.stop()
+        for t in threads:
+            t.join(timeout=5)
         sync.close()
+        join.close()
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:
@@ -124,7 +132,7 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
 
     require_servers(s)
     root = Root(s, STARTUP_PATIENCE_S)
-    trainer = root.trainer(args.engine, rebuild=args.rebuild)
+    trainer = root.trainer(args.engine, rebuild=args.rebuild, candidate=args.candidate)
 
     def once() -> None:
         print(json.dumps({"published": trainer.run_once()}))
@@ -213,12 +221,15 @@ LISTED_METRICS = (
 )
 
 
-def model_row(version: str, published_at: float, current: bool, meta: dict[str, str]) -> dict[str, object]:
+def model_row(
+    version: str, published_at: float, current: bool, candidate: bool, meta: dict[str, str]
+) -> dict[str, object]:
     """One line of `encore model list`: holdout accuracy, beyond-accuracy and how it was chosen."""
     tuning = json.loads(meta["tuning"]) if "tuning" in meta else None
     return {
         "version": version,
         "current": current,
+        "candidate": candidate,
         "published_at": published_at,
         **{m: float(meta[m]) for m in LISTED_METRICS if m in meta},
         "hyperparameters": json.loads(meta["hyperparameters"]) if "hyperparameters" in meta else None,
@@ -234,12 +245,16 @@ def cmd_model(s: Settings, args: argparse.Namespace) -> int:
     root = Root(s)
     try:
         models = root.models()
-        current = models.current_version()
+        current, candidate = models.current_version(), models.candidate_version()
         if args.action == "list":
             for version, published_at in models.versions():
-                print(json.dumps(model_row(version, published_at, version == current, models.text_meta(version))))
+                meta = models.text_meta(version)
+                print(json.dumps(model_row(version, published_at, version == current, version == candidate, meta)))
             return 0
-        models.flip(args.version)
+        if args.action == "promote":
+            models.promote(args.version)
+        else:
+            models.flip(args.version)
         print(json.dumps({"current": args.version, "previous": current}))
         return 0
     finally:

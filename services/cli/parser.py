@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--once", action="store_true", help="read plays to their end, train, publish, exit")
     tr.add_argument("--engine", choices=("local", "spark"), default="local")
     tr.add_argument(
+        "--candidate", action="store_true", help="publish as the candidate (for experiments), not as current"
+    )
+    tr.add_argument(
         "--rebuild", action="store_true", help="set the checkpoint aside and rebuild it from what the plays topic holds"
     )
     se = sub.add_parser("serve", help="the HTTP API")
@@ -78,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tags", action="append", default=[], help="keep tracks with any of these tags")
     ex.add_argument("--max-per-artist", type=int, help="at most this many tracks per artist")
     ex.add_argument("--no-progress", action="store_true", help="no progress bar")
-    mo = sub.add_parser("model", help="list model versions or roll back")
+    mo = sub.add_parser("model", help="list model versions, roll back, or promote a candidate")
     mo_sub = mo.add_subparsers(dest="action", required=True)
     mo_sub.add_parser("list")
     rb = mo_sub.add_parser("rollback")
     rb.add_argument("version")
+    pr = mo_sub.add_parser("promote", help="make a version (the candidate, usually) current")
+    pr.add_argument("version")
     return p

@@ -19,6 +19,7 @@ from kafka import KafkaProducer
 from redis.cluster import RedisCluster
 
 from core.catalogue import Catalogue, TrackInfo
+from core.experiments import Experiment
 from services.batch.engines import engine
 from services.batch.ingest import Ingest
 from services.batch.janitor import VersionJanitor
@@ -30,17 +31,20 @@ from services.infra.clients import Clients
 from services.infra.data_dir import DataDir
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
-from services.infra.rdkafka import KafkaUpdateSink
+from services.infra.rdkafka import KafkaUpdateSink, UpdatePublisher
 from services.infra.settings import Settings, configure_logging
 from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
 from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.follower import UpdateFollower
+from services.serving.impressions import ImpressionLog
 from services.serving.snapshots import SnapshotBuilder
 from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
 from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.erasure import Eraser
+from services.speed.experiment_join import GROUP as EXPERIMENT_GROUP
+from services.speed.experiment_join import ExperimentJoin
 from services.speed.history_store import RedisHistoryStore
 from services.speed.pipeline import SpeedLayer
 from services.speed.worker import GROUP as FOLDIN_GROUP
@@ -123,7 +127,21 @@ class Root:
             s.tracks_dlq_topic,
         )
 
-    def trainer(self, engine_name: str = "local", rebuild: bool = False) -> Trainer:
+    def experiment_join(self) -> ExperimentJoin:
+        s = self.settings
+        self.clients.ensure_topics()
+        topics = (s.impressions_topic, s.plays_topic)
+        return ExperimentJoin(
+            self.redis,
+            self.keys,
+            self.clients.group_consumer(EXPERIMENT_GROUP),
+            *topics,
+            {t: self.clients.topic_incarnation(t) for t in topics},
+            s.join_window_s,
+            s.min_ms_played,
+        )
+
+    def trainer(self, engine_name: str = "local", rebuild: bool = False, candidate: bool = False) -> Trainer:
         """The trainer; `rebuild` first sets the checkpoint aside so the play matrix is rebuilt
         from what the plays topic still holds (a corrupt or lost checkpoint)."""
         s = self.settings
@@ -147,8 +165,10 @@ class Root:
         )
         models = self.models()
         retrainer = Retrainer(s, engine(engine_name, s), models)
-        janitor = VersionJanitor(models, self.data, s.version_grace_s)
-        return Trainer(s, ingest, retrainer, janitor, models, consumer, stop, board)
+        experiment = Experiment.parse(s.experiment)
+        pinned = [a for a in experiment.arm_names if a not in ("current", "candidate")] if experiment else []
+        janitor = VersionJanitor(models, self.data, s.version_grace_s, pinned)
+        return Trainer(s, ingest, retrainer, janitor, models, consumer, stop, board, candidate)
 
     def follower(self, follow_updates: bool = True) -> UpdateFollower:
         models = self.models()
@@ -167,6 +187,7 @@ class Root:
             open_reader if follow_updates else None,
             self.board().replica_heartbeat,
             CatalogueFeed(Catalogue(), open_catalogue) if follow_updates else None,
+            Experiment.parse(self.settings.experiment),
         )
 
     def serving_app(self, follow: bool = True) -> tuple[FastAPI, UpdateFollower]:
@@ -179,8 +200,22 @@ class Root:
             follow=follow,
             publish_track=self.track_publisher(),
             forget_user=self.forget_user(),
+            impressions=self.impression_log(),
         )
         return app, follower
+
+    def impression_log(self) -> ImpressionLog | None:
+        """Where personal answers are logged (None with ENCORE_LOG_IMPRESSIONS off)."""
+        s = self.settings
+        if not s.log_impressions:
+            return None
+        experiment = Experiment.parse(s.experiment)
+
+        def make() -> UpdatePublisher:
+            self.clients.ensure_topics()
+            return self.clients.update_publisher()
+
+        return ImpressionLog(s.impressions_topic, experiment.name if experiment else None, make)
 
     def eraser(self, group: str = FOLDIN_GROUP) -> Eraser:
         """Erasures fenced by the offsets of fold-in group `group`."""

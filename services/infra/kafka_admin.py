@@ -43,6 +43,7 @@ def ensure_topics(settings: Settings, retries: int = 30) -> None:
         settings.updates_topic: 1,
         settings.tracks_topic: 1,
         settings.tracks_dlq_topic: 1,
+        settings.impressions_topic: settings.plays_partitions,
     }
     compacted = {settings.tracks_topic}
     ensure_topic_partitions(settings.kafka_bootstrap, wanted, retries, compacted, **kafka_python_config(settings))

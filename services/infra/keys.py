@@ -100,6 +100,11 @@ class Keys:
         return f"{self.prefix}model:current"
 
     @property
+    def candidate(self) -> str:
+        """The version published as a candidate (served to experiment arms, not current)."""
+        return f"{self.prefix}model:candidate"
+
+    @property
     def versions(self) -> str:
         """Sorted set of published versions, scored by publish time."""
         return f"{self.prefix}model:versions"
@@ -192,6 +197,23 @@ class Keys:
     def catalogue(self, track_id: str) -> str:
         """A track's catalogue entry: the `tracks` topic's JSON value, as last applied."""
         return f"{self.prefix}catalogue:track:{track_id}"
+
+    # ---- experiments: every key carries the tag {exp}, so one script applies a batch ----
+    @property
+    def experiment_fence(self) -> str:
+        """Hash `topic|incarnation|partition` → last impression or play offset applied to the
+        experiment metrics (the join resumes there: exactly once)."""
+        return f"{self.prefix}{{exp}}:fence"
+
+    @property
+    def experiment_metrics(self) -> str:
+        """Hash `experiment|arm|impressions|converted|plays` → count (online metrics per arm)."""
+        return f"{self.prefix}{{exp}}:metrics"
+
+    def impressions_of(self, user_id: str) -> str:
+        """Hash of a user's recent impressions: `t:{track}` → `request|experiment|arm|ts`, and
+        `r:{request}` once a play followed that impression; expires after twice the window."""
+        return f"{self.prefix}{{exp}}:imp:{user_id}"
 
     @property
     def status_gaps(self) -> str:

@@ -153,9 +153,11 @@ class RedisModelStore:
         user_ids: list[str],
         track_ids: list[str],
         meta: dict[str, object],
+        candidate: bool = False,
     ) -> None:
         """Write every vector of `version` in chunks (one MSET each, the next chunk built while one is
-        written), then flip model:current in one step."""
+        written), then flip model:current in one step; a `candidate` is listed and named in
+        model:candidate instead (experiments serve it; `encore model promote` makes it current)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encore-publish") as writer:
             sent: Future[None] | None = None  # one chunk in flight while the next is built
             for ids, F, key in (
@@ -189,7 +191,30 @@ class RedisModelStore:
         pipe.hset(self.keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]
         pipe.set(self.keys.track_ids(version), "\n".join(track_ids))
         pipe.execute()
+        if candidate:
+            self.r.zadd(self.keys.versions, {version: time.time()})
+            self.r.set(self.keys.candidate, version)
+            log.info("model version %s is the candidate", version)
+        else:
+            self.flip(version)
+
+    def candidate_version(self) -> str | None:
+        v = self.r.get(self.keys.candidate)
+        return v.decode() if v else None
+
+    def promote(self, version: str) -> None:
+        """Make `version` current; it stops being the candidate."""
         self.flip(version)
+        if self.candidate_version() == version:
+            self.r.delete(self.keys.candidate)
+
+    def resolve(self, arm: str) -> str | None:
+        """The version an experiment arm names now: `current`, `candidate` or a version."""
+        if arm == "current":
+            return self.current_version()
+        if arm == "candidate":
+            return self.candidate_version()
+        return arm if self.r.exists(self.keys.meta(arm)) else None
 
     def flip(self, version: str) -> None:
         """Make `version` current. The flip is the one write of `model:current`: a reader

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from core.errors import ConfigError
+from core.experiments import Experiment
 
 __all__ = ["ConfigError", "Settings", "configure_logging"]
 
@@ -47,6 +48,9 @@ class Settings:
     updates_topic: str = _s("factor-updates", "topic of changed vectors for serving replicas")
     tracks_topic: str = _s("tracks", "compacted topic of the track catalogue (key = track id)")
     tracks_dlq_topic: str = _s("tracks.dlq", "dead-letter topic for invalid catalogue entries")
+    impressions_topic: str = _s("impressions", "topic of what personal answers showed (key = user id)")
+    log_impressions: bool = _s(True, "serving writes an impression per personal answer (online metrics)")
+    join_window_s: float = _s(1800.0, "a play counts for an impression this many seconds after it", min=1.0)
     key_prefix: str = _s("encore:", "prefix of every Redis key")
     plays_partitions: int = _s(4, "partitions of the plays topic when Encore creates it", min=1)
     factors: int = _s(64, "latent factors", min=1, max=1024)
@@ -74,6 +78,7 @@ class Settings:
     tune_budget_s: float = _s(120.0, "seconds a search may take (the trial running at the limit finishes)", min=0.0)
     tune_trials: int = _s(30, "most trials per search (the Spark engine: at most 3)", min=1)
     tune_every: int = _s(1, "search at every Nth retrain; the others reuse the last winner", min=1)
+    experiment: str = _s("", "A/B experiment NAME:ARM=SHARE,... (arms: current, candidate or a version)")
     tune_factors: str = _s("32,48,64,96,128", "factor counts the search may choose (comma-separated)")
     publish_guard: float = _s(0.5, "refuse a model whose precision@10 < guard × current's")
     version_grace_s: float = _s(300.0, "seconds an old model version is kept after a flip")
@@ -178,6 +183,8 @@ def _parse(name: str, raw: str, f: Any) -> Any:
         raise ConfigError(f"{name} must not be empty")
     if name == "ENCORE_TUNE_FACTORS":
         tune_factors(value, name)
+    if name == "ENCORE_EXPERIMENT":
+        Experiment.parse(value)
     return value
 
 

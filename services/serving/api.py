@@ -11,6 +11,7 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -43,6 +44,7 @@ from services.serving.http_models import (
     Recommendations,
     Similar,
 )
+from services.serving.impressions import ImpressionLog
 from services.serving.queries import QueryService
 
 REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
@@ -100,6 +102,7 @@ def create_app(
     auth: ApiAuth | None = None,
     publish_track: TrackPublish | None = None,
     forget_user: Callable[[str], dict[str, Any]] | None = None,
+    impressions: ImpressionLog | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
@@ -158,11 +161,20 @@ def create_app(
         flt: TrackFilter = filters,
         explain: bool = explain_param,
     ) -> Response:
-        snap = await queries.snapshot(r)
-        vec, played = await queries.user_context(r(), snap.version, user_id, weights=explain)
+        current = await queries.snapshot(r)
+        arm, snap = follower.arms.assign(user_id, current)
+        if snap is current:
+            vec, played = await queries.user_context(r(), snap.version, user_id, weights=explain)
+        else:  # another arm's version: the user folded in from the live history, per request
+            _, played = await queries.user_context(r(), current.version, user_id, weights=True)
+            vec = snap.fold_in_plays(played)
         source, items = queries.recommend(snap, vec, n, flt.excluding(played))
         reasons = _reasons(snap, source, played, items) if explain else None
-        return answer({"user_id": user_id, "model_version": snap.version, "source": source}, items, reasons)
+        request_id = uuid.uuid4().hex
+        if impressions is not None and items:
+            impressions.record(request_id, user_id, arm, snap.version, [t for t, _ in items])
+        head = {"user_id": user_id, "model_version": snap.version, "source": source, "request_id": request_id}
+        return answer({**head, "arm": arm}, items, reasons)
 
     def _reasons(snap: Any, source: str, played: dict[str, float], items: Any) -> list[list[tuple[str, float]]]:
         """Why each item: exact contributions of the played tracks (none for the popular fallback)."""
@@ -176,7 +188,8 @@ def create_app(
             plays[p.track_id] = plays.get(p.track_id, 0.0) + p.count
         source, items = queries.recommend(snap, snap.fold_in_plays(plays), req.n, flt.excluding(plays))
         reasons = _reasons(snap, source, plays, items) if explain else None
-        return answer({"user_id": None, "model_version": snap.version, "source": source}, items, reasons)
+        head = {"user_id": None, "model_version": snap.version, "source": source, "request_id": uuid.uuid4().hex}
+        return answer({**head, "arm": "current"}, items, reasons)
 
     recommend_anonymous.__annotations__["body"] = request_model  # a class made here: no string annotation
     app.post("/recommendations", response_model=Recommendations, dependencies=reader, responses=BODY)(
@@ -192,7 +205,8 @@ def create_app(
         """Tracks nearest `track_id` by cosine; a track taken down (unavailable) is a 404 here."""
         snap = await queries.snapshot(r)
         hits = queries.similar(snap, track_id, n, flt)
-        return answer({"track_id": track_id, "model_version": snap.version}, hits)
+        head = {"track_id": track_id, "model_version": snap.version, "request_id": uuid.uuid4().hex}
+        return answer({**head, "arm": "current"}, hits)
 
     catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
 

@@ -20,10 +20,12 @@ from confluent_kafka import Consumer
 
 from core.catalogue import Catalogue
 from core.errors import FatalError, UnknownVersionError
+from core.experiments import Experiment
 from core.messages import FactorUpdate, MessageError
 from services.infra import rdkafka
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.model_store import RedisModelStore
+from services.serving.arms import ArmSnapshots
 from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.rwlock import ReadWriteLock
 from services.serving.snapshots import Snapshot, SnapshotBuilder, rebuilt
@@ -44,8 +46,10 @@ class UpdateFollower:
         open_reader: Callable[[], Consumer] | None,
         heartbeat: Callable[[str | None], None] | None = None,
         catalogue_feed: CatalogueFeed | None = None,
+        experiment: Experiment | None = None,
     ) -> None:
         self.builder, self.models, self.open_reader = builder, models, open_reader
+        self.arms = ArmSnapshots(experiment, builder, models)  # versions other arms are served
         self.catalogue = catalogue_feed.catalogue if catalogue_feed is not None else Catalogue()
         self.catalogue_feed = catalogue_feed
         self.heartbeat, self._beat_at = heartbeat, 0.0  # tells `encore status` which version is loaded
@@ -88,7 +92,7 @@ class UpdateFollower:
             return False
         self._swap(snap)
         self._rebuilding, self._replay = None, []
-        self.builder.prune({v for v, _ in self.models.versions()} | {version})
+        self.builder.prune({v for v, _ in self.models.versions()} | {version} | self.arms.versions())
         log.info("serving model %s (%d tracks, ready in %.1fs)", version, len(snap.ip), time.perf_counter() - t0)
         return True
 
@@ -150,6 +154,7 @@ class UpdateFollower:
     # ---- loop ----------------------------------------------------------------------
     def step(self) -> None:
         self.refresh()
+        self.arms.refresh(self.snapshot)
         self.finish_rebuild()
         if self.heartbeat is not None and time.monotonic() - self._beat_at >= HEARTBEAT_S:
             self._beat_at = time.monotonic()

@@ -22,16 +22,23 @@ class Item(BaseModel):
     because: list[Reason] | None = Field(default=None, description="with explain=true: the largest contributions")
 
 
+ARM = "the experiment arm that answered (`current` outside an experiment, and for routes without a user)"
+
+
 class Recommendations(BaseModel):
     user_id: str | None = None
     model_version: str
     source: Literal["personal", "popular"]
+    request_id: str = Field(description="names this answer in the `impressions` topic")
+    arm: str = Field(description=ARM)
     items: list[Item]
 
 
 class Similar(BaseModel):
     track_id: str
     model_version: str
+    request_id: str
+    arm: str = Field(description=ARM)
     items: list[Item]
 
 

@@ -34,6 +34,7 @@ def _env(settings: Settings) -> dict[str, str]:
             "ENCORE_UPDATES_TOPIC": settings.updates_topic,
             "ENCORE_TRACKS_TOPIC": settings.tracks_topic,
             "ENCORE_TRACKS_DLQ_TOPIC": settings.tracks_dlq_topic,
+            "ENCORE_IMPRESSIONS_TOPIC": settings.impressions_topic,
             "ENCORE_KEY_PREFIX": settings.key_prefix,
             "ENCORE_FACTORS": str(settings.factors),
             "ENCORE_TUNE": str(settings.tune).lower(),

@@ -1,0 +1,216 @@
+"""Online metrics per experiment arm: impressions joined with the plays that follow them.
+
+Runs beside the fold-in worker (`encore foldin`) in its own group (`encore-experiments`),
+reading `impressions` and `plays` together. A play of a track that a personal answer showed
+the same user, within `ENCORE_JOIN_WINDOW_S` after it, counts for that answer's arm; per arm
+Redis keeps impressions, *converted* impressions (followed by at least one such play) and such
+plays (`experiment_apply.lua`).
+
+Order: an impression must be applied before the plays that follow it, though the two topics are
+read independently. Plays wait in a buffer until every assigned impressions partition has been
+read past their record time (or is read to its end), then go in record-time order.
+
+Exactly once: one script call applies a poll's records together with, per partition, the last
+offset applied (the fence); a record at or below its fence is skipped. On assignment the
+consumer seeks to the fence, so a crash at any point replays only what the fence does not
+cover, and a Redis that lost this state (no fence) replays both topics from their start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis
+from confluent_kafka import OFFSET_INVALID, Consumer, Message, TopicPartition
+
+from core.events import Limits, PlayEvent, parse_play
+from services.infra import rdkafka
+from services.infra.keys import Keys
+from services.infra.lifecycle import Backoff, retry_step
+from services.infra.lua import source
+
+log = logging.getLogger(__name__)
+GROUP = "encore-experiments"
+RECORDS_PER_POLL = 5000
+
+
+@dataclass
+class Held:
+    """A plays record read but not yet applied (waiting for the impressions before it); `play`
+    is None for what is not a joinable play (a skip, an erasure, a dead letter): it only moves
+    the fence, in its turn."""
+
+    message: Message
+    play: PlayEvent | None
+
+    @property
+    def at(self) -> float:
+        return float(self.message.timestamp()[1]) / 1000.0
+
+
+class ExperimentJoin:
+    """Component: `run` until `stop`; `step` applies one poll (tests drive it by hand)."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        consumer: Consumer,
+        impressions_topic: str,
+        plays_topic: str,
+        incarnations: dict[str, str],
+        window_s: float,
+        min_ms_played: int,
+    ) -> None:
+        self.r, self.keys, self.consumer = r, keys, consumer
+        self.impressions_topic, self.plays_topic, self.incarnations = impressions_topic, plays_topic, incarnations
+        self.window_s, self.min_ms_played = window_s, min_ms_played
+        self.script = r.register_script(source("experiment_apply"))
+        self.stop_event = threading.Event()
+        self.held: list[Held] = []
+        self._pending: list[Message] | None = None  # read, not yet applied
+        self.seen_ts: dict[int, float] = {}  # impressions partition → record time of the last one read
+        self.counts = {"impressions": 0, "plays": 0, "joined": 0, "replayed": 0}
+        consumer.subscribe([impressions_topic, plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def fence_field(self, topic: str, partition: int) -> str:
+        return f"{topic}|{self.incarnations.get(topic, '')}|{partition}"
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Start each partition just past its fence (where the metrics stand), if it has one."""
+        fields = [self.fence_field(p.topic, p.partition) for p in partitions]
+        fences = self.r.hmget(self.keys.experiment_fence, fields)
+        for p, fence in zip(partitions, fences, strict=True):
+            if fence is not None:
+                p.offset = int(fence) + 1
+        self.held, self._pending, self.seen_ts = [], None, {}
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.held, self._pending = [], None  # not applied: the next owner reads them again from the fence
+
+    def _watermark(self) -> float:
+        """Record time up to which every assigned impressions partition has been read."""
+        mark = float("inf")
+        for tp in self.consumer.assignment():
+            if tp.topic != self.impressions_topic:
+                continue
+            position = self.consumer.position([tp])[0].offset
+            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0 or position == OFFSET_INVALID or position < high:
+                mark = min(mark, self.seen_ts.get(tp.partition, float("-inf")))
+        return mark
+
+    def _release(self, held: list[Held]) -> tuple[list[Held], list[Held]]:
+        """(ready, still held): per plays partition, the longest prefix of held records that every
+        impression before them has been read for."""
+        mark = self._watermark()
+        ready: list[Held] = []
+        keep: list[Held] = []
+        blocked: set[int] = set()
+        for h in held:  # held in read order: per partition, offset order
+            p = h.message.partition()
+            if p not in blocked and h.at <= mark:
+                ready.append(h)
+            else:
+                blocked.add(p)
+                keep.append(h)
+        return ready, keep
+
+    def step(self, timeout: float = 0.5) -> int:
+        """Read one poll, apply what may be applied; returns the records applied."""
+        ops: list[dict[str, object]] = []
+        users: dict[str, int] = {}
+
+        def user_key(user_id: str) -> int:
+            if user_id not in users:
+                users[user_id] = len(users) + 3  # KEYS index (1-based; 1 and 2 are fence and metrics)
+            return users[user_id]
+
+        limits = Limits(now=time.time() + 86_400 * 365)
+        if self._pending is None:  # after a fault the same records are built into the same ops
+            self._pending = rdkafka.data_messages(self.consumer.consume(num_messages=RECORDS_PER_POLL, timeout=timeout))
+        held = list(self.held)
+        for m in self._pending:
+            field = self.fence_field(m.topic(), m.partition())
+            if m.topic() == self.impressions_topic:
+                self.seen_ts[m.partition()] = m.timestamp()[1] / 1000.0
+                try:
+                    imp = orjson.loads(m.value() or b"")
+                    op = {"i": 1, "rid": str(imp["request_id"]), "arm": str(imp["arm"]), "ts": float(imp["ts"])}
+                    op.update({"exp": imp.get("experiment") or "", "items": [str(t) for t in imp["items"]]})
+                    op.update({"f": field, "o": m.offset(), "k": user_key(str(imp["user_id"]))})
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("experiments: skipped a malformed impression at %s: %s", field, exc)
+                    op = {"f": field, "o": m.offset(), "k": user_key(""), "track": "", "ts": 0.0}  # moves the fence
+                ops.append(op)
+            else:
+                ev = parse_play(m.value(), limits)
+                joinable = isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0
+                held.append(Held(m, ev if joinable else None))  # type: ignore[arg-type]
+        ready, keep = self._release(held)
+        for h in ready:  # after every impression of this poll; per partition in offset order
+            f = self.fence_field(h.message.topic(), h.message.partition())
+            op = {"f": f, "o": h.message.offset(), "k": user_key(h.play.user_id if h.play else "")}
+            op.update({"track": h.play.track_id, "ts": h.play.ts} if h.play else {"track": "", "ts": 0.0})
+            ops.append(op)
+        if not ops:
+            self.held, self._pending = keep, None
+            return 0
+        keys = [self.keys.experiment_fence, self.keys.experiment_metrics, *(self.keys.impressions_of(u) for u in users)]
+        n_imp, n_play, joined, skipped = self.script(keys=keys, args=[orjson.dumps(ops), self.window_s])
+        self.held, self._pending = keep, None
+        self.counts["impressions"] += n_imp
+        self.counts["plays"] += n_play
+        self.counts["joined"] += joined
+        self.counts["replayed"] += skipped
+        self._commit(ops)
+        return len(ops)
+
+    def _commit(self, ops: list[dict[str, object]]) -> None:
+        """Commit for lag reporting only (the fence is what resumes): up to the first held play."""
+        lowest_held: dict[tuple[str, int], int] = {}
+        for h in self.held:
+            k = (h.message.topic(), h.message.partition())
+            lowest_held[k] = min(lowest_held.get(k, h.message.offset()), h.message.offset())
+        done: dict[tuple[str, int], int] = {}
+        for op in ops:
+            topic, _inc, part = str(op["f"]).split("|")
+            k = (topic, int(part))
+            done[k] = max(done.get(k, -1), int(str(op["o"])))
+        offsets = [TopicPartition(t, p, min(o + 1, lowest_held.get((t, p), o + 1))) for (t, p), o in done.items()]
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def run(self) -> None:
+        backoff = Backoff(first=1.0)
+        while not self.stop_event.is_set():
+            retry_step(self._poll, self.stop_event, "experiment join", backoff)
+
+    def _poll(self) -> None:
+        self.step()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def arm_metrics(r: redis.Redis, keys: Keys) -> dict[str, dict[str, dict[str, float]]]:
+    """experiment → arm → impressions, converted, plays, conversion (share of impressions
+    followed by a play of a recommended track) and plays_per_impression."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for field, value in r.hgetall(keys.experiment_metrics).items():
+        exp, arm, what = field.decode().rsplit("|", 2)
+        out.setdefault(exp or "-", {}).setdefault(arm, {})[what] = float(value)
+    for arms in out.values():
+        for m in arms.values():
+            shown = m.get("impressions", 0.0)
+            m["conversion"] = m.get("converted", 0.0) / shown if shown else 0.0
+            m["plays_per_impression"] = m.get("plays", 0.0) / shown if shown else 0.0
+    return out
