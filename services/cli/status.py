@@ -15,8 +15,10 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from core.experiments import Experiment
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.cli.root import Root
+from services.speed.experiment_join import arm_metrics
 from services.speed.worker import GROUP as FOLDIN_GROUP
 
 STALE_MODEL_INTERVALS = 3.0  # a model older than this many retrain intervals needs a look
@@ -101,6 +103,16 @@ def gather(root: Root) -> dict[str, Any]:
     stale = [rid for rid, rep in report["replicas"].items() if version and rep.get("version") != version]
     if stale and report["model"] and report["model"]["age_s"] > s.version_grace_s:
         problems.append(f"replicas {stale} still serve an older version than {version}")
+    experiment = Experiment.parse(s.experiment)
+    report["experiment"] = {
+        "running": experiment.name if experiment else None,
+        "arms": {a: {"share": w, "version": models.resolve(a)} for a, w in experiment.arms} if experiment else {},
+        "candidate": models.candidate_version(),
+        "online": arm_metrics(root.redis, root.keys),
+    }
+    for arm, info in report["experiment"]["arms"].items():
+        if info["version"] is None:
+            problems.append(f"experiment arm {arm!r} names no model version (serving gives its users `current`)")
     report["gaps"] = board.gaps()
     for where, gap in report["gaps"].items():
         problems.append(f"replay gap {where}: {gap['lost']} messages no longer in Kafka (see README: recovery)")
@@ -140,5 +152,14 @@ def render(report: dict[str, Any]) -> str:
         )
     for rid, rep in report["replicas"].items():
         lines.append(f"replica    {rid}: {rep.get('version')}")
+    e = report["experiment"]
+    if e["running"] or e["candidate"]:
+        lines.append(f"experiment {e['running'] or 'none'}; candidate {e['candidate'] or 'none'}")
+    for name, arms in e["online"].items():
+        for arm, m in arms.items():
+            lines.append(
+                f"arm        {name}/{arm}: {m.get('impressions', 0):.0f} impressions, "
+                f"conversion {m['conversion']:.4f}, plays/impression {m['plays_per_impression']:.4f}"
+            )
     lines += [f"PROBLEM    {p}" for p in report["problems"]] or ["ok         nothing needs a person"]
     return "\n".join(lines)

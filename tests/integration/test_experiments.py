@@ -167,6 +167,11 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
     assert arm_metrics(redis_client, keys)["ab"] == got
     rebuilt.close()
 
+    code, out, err = encore(s, "status", "--json")
+    status = json.loads(out)["experiment"]
+    assert status["running"] == "ab" and status["candidate"] == candidate, err
+    assert status["arms"]["candidate"] == {"share": 0.5, "version": candidate}
+    assert status["online"]["ab"] == got
     code, out, err = encore(s, "model", "list")
     listed = {row["version"]: row for row in map(json.loads, out.splitlines())}
     assert code == 0 and listed[candidate]["candidate"] and not listed[candidate]["current"], err
