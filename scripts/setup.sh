@@ -3,11 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # redis-server (and redis-cli); stunnel4 and openssl for the TLS tests (a TLS endpoint in front
-# of the broker, throw-away certificates).
+# of the broker, throw-away certificates); chromium for the dashboard test.
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v stunnel4 >/dev/null 2>&1 || missing="$missing stunnel4"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+# Debian's chromium: the dashboard's test loads the page in it headless (no browser download).
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -n "$missing" ]; then
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
   $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq $missing >/dev/null

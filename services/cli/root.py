@@ -32,6 +32,7 @@ from services.infra.data_dir import DataDir
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
 from services.infra.rdkafka import KafkaUpdateSink, UpdatePublisher
+from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings, configure_logging
 from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
@@ -113,6 +114,7 @@ class Root:
             self.board(),
             group,
             self.clients.dead_letters_produced,
+            SeriesRecorder(self.redis, self.keys),
         )
 
     def catalogue_sync(self) -> CatalogueSync:

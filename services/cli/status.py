@@ -18,7 +18,7 @@ from kafka import TopicPartition
 from core.experiments import Experiment
 from services.batch.trainer import GROUP as TRAINER_GROUP
 from services.cli.root import Root
-from services.speed.experiment_join import arm_metrics
+from services.infra.experiment_metrics import arm_metrics
 from services.speed.worker import GROUP as FOLDIN_GROUP
 
 STALE_MODEL_INTERVALS = 3.0  # a model older than this many retrain intervals needs a look

@@ -215,6 +215,11 @@ class Keys:
         `r:{request}` once a play followed that impression; expires after twice the window."""
         return f"{self.prefix}{{exp}}:imp:{user_id}"
 
+    def series(self, minute: int) -> str:
+        """Hash of one minute's speed-layer figures (plays, dead letters, lag, freshness
+        histogram) for the dashboard; expires after two hours."""
+        return f"{self.prefix}status:series:{minute}"
+
     @property
     def status_gaps(self) -> str:
         """Hash `group|incarnation|partition` → JSON of a replay gap (offsets Kafka no longer holds)."""

@@ -28,7 +28,7 @@ from core.errors import UnknownVersionError
 from core.filters import TrackFilter
 from services.infra.metrics import watch_gc
 from services.infra.settings import Settings
-from services.serving import catalogue_routes, http_errors
+from services.serving import catalogue_routes, dashboard, http_errors
 from services.serving.auth import ApiAuth
 from services.serving.catalogue_routes import TrackPublish
 from services.serving.filter_params import filter_params
@@ -209,6 +209,7 @@ def create_app(
         return answer({**head, "arm": "current"}, hits)
 
     catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
+    dashboard.install(app, settings, follower, auth)
 
     @app.delete("/admin/users/{user_id}", response_model=Forgotten, dependencies=admin, responses=ADMIN)
     async def forget(user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH)) -> Forgotten:
@@ -242,14 +243,7 @@ def create_app(
             reason = f"Redis unreachable: {type(exc).__name__}: {exc}"
             return JSONResponse({"ready": False, "reason": reason}, 503, headers={"Retry-After": "1"})
         body: dict[str, Any] = {"ready": True, "model_version": snap.version, "tracks": len(snap.ip)}
-        body["index"] = {  # search breadth per index and, when it was chosen by measurement, the recall seen
-            space: {
-                "ef": idx.ef,
-                "recall@10": snap.ef[space].recall if snap.ef else None,
-                "recall@10_lower_95": snap.ef[space].lower if snap.ef else None,
-            }
-            for space, idx in (("ip", snap.ip), ("cosine", snap.cosine))
-        }
+        body["index"] = dashboard.index_info(snap)
         return JSONResponse(body)
 
     @app.post("/admin/models/{version}/activate", response_model=Activated, dependencies=admin, responses=ADMIN)

@@ -26,6 +26,7 @@ from core.errors import StateRewoundError
 from services.infra import metrics, rdkafka
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
+from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings
 from services.infra.status_board import StatusBoard
 from services.speed.continuity import OffsetContinuity
@@ -49,7 +50,9 @@ class FoldInWorker:
         board: StatusBoard,
         group: str = GROUP,
         produced_letters: Callable[[str], dict[int, int]] = lambda _incarnation: {},
+        series: SeriesRecorder | None = None,
     ) -> None:
+        self.series = series  # per-minute figures for the dashboard
         self.s, self.layer, self.consumer, self.sink = settings, layer, consumer, sink
         self.board, self.group = board, group
         self._incarnation_of_topic = incarnation
@@ -193,6 +196,10 @@ class FoldInWorker:
             self.positions[part] = max(self.positions.get(part, -1), off)
         self.continuity.advance(messages)
         rdkafka.commit(self.consumer, self.s.plays_topic, last)
+        if self.series is not None and messages:
+            now = time.time()
+            stamps = (m.timestamp() for m in messages)
+            self.series.observe(now, (now - ms / 1000.0 for kind, ms in stamps if kind), out.dead_letters)
 
     def verify_positions(self) -> None:
         """On idle polls: stored offsets below what this worker applied mean Redis lost writes
@@ -214,6 +221,9 @@ class FoldInWorker:
             _low, high = self.consumer.get_watermark_offsets(tp, cached=True)  # updated by every fetch
             lag += max(0, high - tp.offset) if tp.offset >= 0 else high
         metrics.LAG.set(lag)
+        if self.series is not None:
+            self.series.lag(time.time(), lag)
+            self.series.maybe_flush()
 
     def _one(self) -> None:
         if self._batch or self.layer.has_work():
@@ -251,3 +261,5 @@ class FoldInWorker:
         """Leave the group and flush the producer (after `run` has returned)."""
         self.consumer.close()
         self.sink.close()
+        if self.series is not None:
+            self.series.maybe_flush(force=True)

@@ -16,10 +16,11 @@ from core.als import ImplicitALS
 from core.experiments import Experiment
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
+from services.infra.experiment_metrics import arm_metrics
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from services.speed.experiment_join import ExperimentJoin, arm_metrics
+from services.speed.experiment_join import ExperimentJoin
 from tests.integration.helpers import consume_all, encore, keys_for, publish_synthetic_model, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.both_topologies]
