@@ -35,6 +35,13 @@ REPLAY_GAPS = Counter(
 OFFSET_GAPS = Counter(
     "encore_offset_gaps_total", "consumed batches that skipped offsets of a partition (cut there and fetched again)"
 )
+ARM_IMPRESSIONS = Gauge("encore_arm_impressions", "impressions joined so far, per arm", ["experiment", "arm"])
+ARM_CONVERSION = Gauge(
+    "encore_arm_conversion", "share of impressions followed by a play of a recommended track", ["experiment", "arm"]
+)
+ARM_PLAYS_PER_IMPRESSION = Gauge(
+    "encore_arm_plays_per_impression", "plays of recommended tracks per impression", ["experiment", "arm"]
+)
 REDIS_OOM = Counter("encore_redis_oom_total", "Redis commands refused at maxmemory (retried, nothing written)")
 
 

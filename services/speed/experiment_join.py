@@ -28,7 +28,8 @@ import redis
 from confluent_kafka import OFFSET_INVALID, Consumer, Message, TopicPartition
 
 from core.events import Limits, PlayEvent, parse_play
-from services.infra import rdkafka
+from services.infra import metrics, rdkafka
+from services.infra.experiment_metrics import arm_metrics
 from services.infra.keys import Keys
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.lua import source
@@ -36,6 +37,7 @@ from services.infra.lua import source
 log = logging.getLogger(__name__)
 GROUP = "encore-experiments"
 RECORDS_PER_POLL = 5000
+EXPORT_EVERY_S = 5.0
 
 
 @dataclass
@@ -73,6 +75,7 @@ class ExperimentJoin:
         self.stop_event = threading.Event()
         self.held: list[Held] = []
         self._pending: list[Message] | None = None  # read, not yet applied
+        self._exported_at = 0.0
         self.seen_ts: dict[int, float] = {}  # impressions partition → record time of the last one read
         self.counts = {"impressions": 0, "plays": 0, "joined": 0, "replayed": 0}
         consumer.subscribe([impressions_topic, plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -169,7 +172,19 @@ class ExperimentJoin:
         self.counts["joined"] += joined
         self.counts["replayed"] += skipped
         self._commit(ops)
+        self._export()
         return len(ops)
+
+    def _export(self) -> None:
+        """Per-arm gauges for Prometheus, from the counts in Redis (every few seconds)."""
+        if time.monotonic() - self._exported_at < EXPORT_EVERY_S:
+            return
+        self._exported_at = time.monotonic()
+        for exp, arms in arm_metrics(self.r, self.keys).items():
+            for arm, m in arms.items():
+                metrics.ARM_IMPRESSIONS.labels(exp, arm).set(m.get("impressions", 0.0))
+                metrics.ARM_CONVERSION.labels(exp, arm).set(m["conversion"])
+                metrics.ARM_PLAYS_PER_IMPRESSION.labels(exp, arm).set(m["plays_per_impression"])
 
     def _commit(self, ops: list[dict[str, object]]) -> None:
         """Commit for lag reporting only (the fence is what resumes): up to the first held play."""

@@ -16,6 +16,7 @@ from core.als import ImplicitALS
 from core.experiments import Experiment
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
+from services.infra import metrics
 from services.infra.experiment_metrics import arm_metrics
 from services.infra.model_store import RedisModelStore, new_version
 from services.infra.settings import Settings
@@ -130,6 +131,11 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
     for arm in expected:
         assert {k: int(got[arm][k]) for k in expected[arm]} == expected[arm], (arm, got)
         assert got[arm]["conversion"] == pytest.approx(expected[arm]["converted"] / expected[arm]["impressions"])
+    join._exported_at = 0.0
+    join._export()  # the same figures for Prometheus
+    assert metrics.ARM_CONVERSION.labels("ab", "candidate")._value.get() == pytest.approx(
+        got["candidate"]["conversion"]
+    )
     join.close()
 
     # A reader that ignores the fences when it seeks (as after a crash between the script and
