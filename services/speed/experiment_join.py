@@ -76,6 +76,7 @@ class ExperimentJoin:
         self.held: list[Held] = []
         self._pending: list[Message] | None = None  # read, not yet applied
         self._exported_at = 0.0
+        self.started_at: dict[int, int | None] = {}  # impressions partition → offset read from
         self.seen_ts: dict[int, float] = {}  # impressions partition → record time of the last one read
         self.counts = {"impressions": 0, "plays": 0, "joined": 0, "replayed": 0}
         consumer.subscribe([impressions_topic, plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -87,31 +88,48 @@ class ExperimentJoin:
         """Start each partition just past its fence (where the metrics stand), if it has one."""
         fields = [self.fence_field(p.topic, p.partition) for p in partitions]
         fences = self.r.hmget(self.keys.experiment_fence, fields)
+        committed = {(c.topic, c.partition): c.offset for c in consumer.committed(partitions, timeout=10.0)}
+        self.started_at = {}
         for p, fence in zip(partitions, fences, strict=True):
             if fence is not None:
                 p.offset = int(fence) + 1
+            if p.topic == self.impressions_topic:  # None: from the partition's start (no fence, no commit)
+                start = p.offset if fence is not None else committed.get((p.topic, p.partition), OFFSET_INVALID)
+                self.started_at[p.partition] = start if start >= 0 else None  # type: ignore[assignment]
         self.held, self._pending, self.seen_ts = [], None, {}
         consumer.assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.held, self._pending = [], None  # not applied: the next owner reads them again from the fence
 
-    def _watermark(self) -> float:
-        """Record time up to which every assigned impressions partition has been read."""
+    def _watermark(self, latest: float) -> float:
+        """Record time up to which every assigned impressions partition has been read, as far as
+        it matters for plays up to record time `latest`. A partition read past `latest` is fine
+        as it is; otherwise the broker is asked for its end (not the fetch-cached one, which lags
+        behind a plays fetch that already returned): a partition read to that end holds no unread
+        impression older than the plays already read."""
         mark = float("inf")
         for tp in self.consumer.assignment():
             if tp.topic != self.impressions_topic:
                 continue
+            seen = self.seen_ts.get(tp.partition, float("-inf"))
+            if seen >= latest:
+                continue
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=10.0, cached=False)
             position = self.consumer.position([tp])[0].offset
-            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0 or position == OFFSET_INVALID or position < high:
-                mark = min(mark, self.seen_ts.get(tp.partition, float("-inf")))
+            if position == OFFSET_INVALID:  # nothing consumed since the assignment: where it started
+                start = self.started_at.get(tp.partition, OFFSET_INVALID)
+                position = low if start is None else start
+            if position == OFFSET_INVALID or position < high:
+                mark = min(mark, seen)
         return mark
 
     def _release(self, held: list[Held]) -> tuple[list[Held], list[Held]]:
         """(ready, still held): per plays partition, the longest prefix of held records that every
         impression before them has been read for."""
-        mark = self._watermark()
+        if not held:
+            return [], []
+        mark = self._watermark(max(h.at for h in held))
         ready: list[Held] = []
         keep: list[Held] = []
         blocked: set[int] = set()
