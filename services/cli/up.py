@@ -124,6 +124,7 @@ def run_up(s: Settings, args: argparse.Namespace) -> int:
         }
     )
     env.setdefault("ENCORE_RETRAIN_INTERVAL_S", "120")
+    env.setdefault("ENCORE_TUNE_BUDGET_S", "20")  # the demo retrains every 2 minutes: a short search
     Clients(s).ensure_topics()
     kids = Children(env, data / "logs")
     resumed = _current_model(s)

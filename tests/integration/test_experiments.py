@@ -40,6 +40,15 @@ def _join_until(join: ExperimentJoin, r: redis.Redis, settings: Settings, impres
     assert wait_for(covered, timeout=60), (join.counts, arm_metrics(r, keys))
 
 
+def _reader(root: Root, s: Settings, cls: type[ExperimentJoin] = ExperimentJoin) -> ExperimentJoin:
+    """A join in a group of its own (no committed offsets: it starts at its fences, or at the
+    topics' start)."""
+    topics = (s.impressions_topic, s.plays_topic)
+    consumer = root.clients.group_consumer(f"join-{uuid.uuid4().hex[:6]}")
+    incarnations = {t: root.clients.topic_incarnation(t) for t in topics}
+    return cls(root.redis, root.keys, consumer, *topics, incarnations, s.join_window_s, s.min_ms_played)
+
+
 def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_client: redis.Redis) -> None:
     s = settings.with_(experiment=SPEC, join_window_s=600.0)
     data = SyntheticMusic(n_users=400, n_tracks=300, seed=6)
@@ -144,32 +153,14 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
         def _on_assign(self, consumer, partitions):  # type: ignore[no-untyped-def]
             consumer.assign(partitions)
 
-    again = FromStart(
-        root.redis,
-        keys,
-        root.clients.group_consumer(f"replay-{uuid.uuid4().hex[:6]}"),
-        s.impressions_topic,
-        s.plays_topic,
-        {t: root.clients.topic_incarnation(t) for t in (s.impressions_topic, s.plays_topic)},
-        s.join_window_s,
-        s.min_ms_played,
-    )
+    again = _reader(root, s, FromStart)
     assert wait_for(lambda: again.step(timeout=0.2) >= 0 and again.counts["replayed"] >= len(users) + produced, 60)
     assert arm_metrics(redis_client, keys)["ab"] == got and again.counts["joined"] == 0
     again.close()
 
     # Lost state replays: with the experiment keys gone, a new reader rebuilds the same counts.
     redis_client.delete(keys.experiment_fence, keys.experiment_metrics, *(keys.impressions_of(u) for u in users))
-    rebuilt = ExperimentJoin(
-        root.redis,
-        keys,
-        root.clients.group_consumer(f"rebuild-{uuid.uuid4().hex[:6]}"),
-        s.impressions_topic,
-        s.plays_topic,
-        {t: root.clients.topic_incarnation(t) for t in (s.impressions_topic, s.plays_topic)},
-        s.join_window_s,
-        s.min_ms_played,
-    )
+    rebuilt = _reader(root, s)
     _join_until(rebuilt, redis_client, s, len(users), produced)
     assert arm_metrics(redis_client, keys)["ab"] == got
     rebuilt.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -31,14 +32,21 @@ def test_spark_quality_matches_local(tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17 on PATH")
 def test_spark_trainer_publishes_on_a_redis_cluster(settings: Settings, redis_cluster_url: str) -> None:
     """`encore train --engine spark` on a Redis Cluster: plays from Kafka, fitted by Spark, every
-    vector written to its slot and the version flipped; the lookup client reads them back."""
+    vector written to its slot and the version flipped; the lookup client reads them back. The
+    search takes part with at most 3 Spark trials."""
     pytest.importorskip("pyspark")
     from services.cli.produce import produce, synthetic_stream
     from services.cli.root import Root
     from services.client import EncoreClient
     from services.produce import PlayPublisher
 
-    s = settings.with_(redis_url=redis_cluster_url, spark_master="local[2]")
+    s = settings.with_(
+        redis_url=redis_cluster_url,
+        spark_master="local[2]",
+        tune=True,
+        tune_budget_s=600.0,
+        tune_factors=str(settings.factors),
+    )
     pub = PlayPublisher.connect(s.kafka_bootstrap, s.plays_topic)
     produce(pub, synthetic_stream(300, 150, 5, None, live=False))
     pub.close()
@@ -52,6 +60,12 @@ def test_spark_trainer_publishes_on_a_redis_cluster(settings: Settings, redis_cl
         assert models.current_version() == version
         meta = {k.decode(): v.decode(errors="replace") for k, v in models.meta(version).items()}
         assert meta["engine"] == "spark" and int(meta["n_users"]) == 300
+        trials = json.loads(meta["tuning"])["trials"]
+        assert len(trials) == 3 and all(t["score"] is not None for t in trials)
+        assert json.loads(meta["hyperparameters"]) == {
+            **json.loads(meta["hyperparameters"]),
+            **json.loads(meta["tuning"])["winner"],
+        }
         loaded = models.load(version)
         client = EncoreClient(s.redis_url, s.key_prefix)
         assert client.current_version() == version
