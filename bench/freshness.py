@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services.cli import process_defaults
 from services.cli.root import Root
-from services.infra.embedded import EmbeddedServers, spawn
+from services.infra.embedded import EmbeddedServers, free_port, spawn
 from services.infra.embedded_cluster import EmbeddedRedisCluster
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore, new_version
@@ -40,9 +42,10 @@ from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.history_store import RedisHistoryStore
 
 
-def _worker(servers: EmbeddedServers, settings: Settings) -> subprocess.Popen[bytes]:
+def _worker(servers: EmbeddedServers, settings: Settings, metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        "ENCORE_METRICS_PORT": str(metrics_port),
         "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
         "ENCORE_REDIS_URL": settings.redis_url,
         "ENCORE_PLAYS_TOPIC": settings.plays_topic,
@@ -60,6 +63,8 @@ def main() -> None:
     ap.add_argument("--backlog", type=int, default=200_000)
     ap.add_argument("--topologies", default="redis,cluster", help="comma-separated: redis, cluster")
     ap.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master of the embedded cluster")
+    ap.add_argument("--phases", default="latency,throughput", help="comma-separated: latency, throughput")
+    ap.add_argument("--out", default="", help="results name (default: freshness[_cluster_no_replicas])")
     args = ap.parse_args()
     data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
     model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
@@ -80,7 +85,8 @@ def main() -> None:
             "p99_ms": c["latency"]["p99_ms"] / one["latency"]["p99_ms"],
         }
         print(f"  cluster vs single: {out['cluster_vs_single']}")
-    write("freshness" if args.cluster_replicas == 1 else "freshness_cluster_no_replicas", out)
+    default = "freshness" if args.cluster_replicas == 1 else "freshness_cluster_no_replicas"
+    write(args.out or default, out)
 
 
 def run(
@@ -88,7 +94,7 @@ def run(
 ) -> dict[str, Any]:
     """Both phases against one Redis or one Redis Cluster."""
     out: dict[str, Any] = {}
-    for phase in ("latency", "throughput"):
+    for phase in args.phases.split(","):
         settings = Settings(
             kafka_bootstrap=servers.kafka_bootstrap,
             redis_url=url,
@@ -111,7 +117,8 @@ def run(
             store = root.history_store()
             incarnation = root.clients.topic_incarnation(settings.plays_topic)
             t0 = time.perf_counter()
-            proc = _worker(servers, settings)
+            port = free_port()
+            proc = _worker(servers, settings, port)
             first, first_n = 0.0, 0
             while (n := applied(store, incarnation)) < len(events) and time.perf_counter() - t0 < 900:
                 if n and not first:
@@ -126,12 +133,35 @@ def run(
                 "events_per_s": (len(events) - first_n) / (end - first),
                 "target_events_per_s": 20_000,
             }
+            out["throughput"]["stages"] = stage_profile(port, len(events))
             print(f"  throughput: {out['throughput']}")
             proc.terminate()
             proc.wait(timeout=30)
         pub.close()
         root.close()
     return out
+
+
+def stage_profile(port: int, events: int) -> dict[str, Any]:
+    """The worker's own per-stage totals (`encore_foldin_stage_seconds`), scraped at the end of
+    the run: seconds, share of the busy time, and microseconds per play."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    seconds = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^encore_foldin_stage_seconds_total\{stage="(\w+)"\} (\S+)$', body, re.M)
+    }
+    busy = sum(v for k, v in seconds.items() if k != "poll")
+    profile = {
+        k: {
+            "seconds": round(v, 3),
+            "share_of_busy": round(v / busy, 3) if busy else 0.0,
+            "us_per_play": round(v / events * 1e6, 2),
+        }
+        for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])
+    }
+    for k, v in profile.items():
+        print(f"    {k:15s} {v['seconds']:8.2f} s  {100 * v['share_of_busy']:5.1f} %  {v['us_per_play']:7.2f} µs/play")
+    return profile
 
 
 def applied(store: RedisHistoryStore | ClusterHistoryStore, incarnation: str) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -42,16 +43,24 @@ EXPORT_EVERY_S = 5.0
 
 @dataclass
 class Held:
-    """A plays record read but not yet applied (waiting for the impressions before it); `play`
-    is None for what is not a joinable play (a skip, an erasure, a dead letter): it only moves
-    the fence, in its turn."""
+    """A plays record read but not yet applied (waiting for the impressions before it)."""
 
     message: Message
-    play: PlayEvent | None
 
     @property
     def at(self) -> float:
         return float(self.message.timestamp()[1]) / 1000.0
+
+
+def user_of(raw: bytes | None) -> str | None:
+    """The `user_id` of a plays record, or None if it has none (it cannot join). Cheaper than
+    `parse_play`, which only a play of a user with impressions needs."""
+    try:
+        d = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return None
+    u = d.get("user_id") if isinstance(d, dict) else None
+    return u if isinstance(u, str) else None
 
 
 class ExperimentJoin:
@@ -72,6 +81,7 @@ class ExperimentJoin:
         self.impressions_topic, self.plays_topic, self.incarnations = impressions_topic, plays_topic, incarnations
         self.window_s, self.min_ms_played = window_s, min_ms_played
         self.script = r.register_script(source("experiment_apply"))
+        self._existing = r.register_script(source("existing_keys"))
         self.stop_event = threading.Event()
         self.held: list[Held] = []
         self._pending: list[Message] | None = None  # read, not yet applied
@@ -152,33 +162,28 @@ class ExperimentJoin:
                 users[user_id] = len(users) + 3  # KEYS index (1-based; 1 and 2 are fence and metrics)
             return users[user_id]
 
-        limits = Limits(now=time.time() + 86_400 * 365)
         if self._pending is None:  # after a fault the same records are built into the same ops
             self._pending = rdkafka.data_messages(self.consumer.consume(num_messages=RECORDS_PER_POLL, timeout=timeout))
         held = list(self.held)
+        shown: set[str] = set()  # users with an impression in this poll
         for m in self._pending:
-            field = self.fence_field(m.topic(), m.partition())
             if m.topic() == self.impressions_topic:
+                field = self.fence_field(m.topic(), m.partition())
                 self.seen_ts[m.partition()] = m.timestamp()[1] / 1000.0
                 try:
                     imp = orjson.loads(m.value() or b"")
                     op = {"i": 1, "rid": str(imp["request_id"]), "arm": str(imp["arm"]), "ts": float(imp["ts"])}
                     op.update({"exp": imp.get("experiment") or "", "items": [str(t) for t in imp["items"]]})
                     op.update({"f": field, "o": m.offset(), "k": user_key(str(imp["user_id"]))})
+                    shown.add(str(imp["user_id"]))
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                     log.warning("experiments: skipped a malformed impression at %s: %s", field, exc)
                     op = {"f": field, "o": m.offset(), "k": user_key(""), "track": "", "ts": 0.0}  # moves the fence
                 ops.append(op)
             else:
-                ev = parse_play(m.value(), limits)
-                joinable = isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0
-                held.append(Held(m, ev if joinable else None))  # type: ignore[arg-type]
+                held.append(Held(m))
         ready, keep = self._release(held)
-        for h in ready:  # after every impression of this poll; per partition in offset order
-            f = self.fence_field(h.message.topic(), h.message.partition())
-            op = {"f": f, "o": h.message.offset(), "k": user_key(h.play.user_id if h.play else "")}
-            op.update({"track": h.play.track_id, "ts": h.play.ts} if h.play else {"track": "", "ts": 0.0})
-            ops.append(op)
+        ops += self._play_ops(ready, shown, user_key)  # after every impression of this poll
         if not ops:
             self.held, self._pending = keep, None
             return 0
@@ -191,7 +196,41 @@ class ExperimentJoin:
         self.counts["replayed"] += skipped
         self._commit(ops)
         self._export()
-        return len(ops)
+        return n_imp + n_play + skipped
+
+    def _with_impressions(self, users: list[str]) -> set[str]:
+        """Those of `users` that have an impressions hash (any recent impression)."""
+        if not users:
+            return set()
+        found = self._existing(keys=[self.keys.impressions_of(u) for u in users])
+        return {users[int(i) - 1] for i in found}
+
+    def _play_ops(self, ready: list[Held], shown: set[str], user_key: Callable[[str], int]) -> list[dict[str, object]]:
+        """Ops for released plays, per partition in offset order. Only a play of a user with an
+        impression (in Redis, or in this poll) can join: it gets its own op; every other record
+        only moves the fence, so runs of them collapse into the next op's `n` (or one op at the
+        run's last offset), which keeps the script's work to the plays that matter."""
+        uids = [user_of(h.message.value()) for h in ready]
+        asked = sorted({u for u in uids if u is not None} - shown)
+        candidates = self._with_impressions(asked) | shown
+        limits = Limits(now=time.time() + 86_400 * 365)
+        ops: list[dict[str, object]] = []
+        run: dict[int, tuple[int, int]] = {}  # partition → (records since its last op, last offset)
+        for h, uid in zip(ready, uids, strict=True):
+            part, off = h.message.partition(), h.message.offset()
+            n, _ = run.get(part, (0, -1))
+            ev = parse_play(h.message.value(), limits) if uid in candidates else None
+            if isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0:
+                f = self.fence_field(self.plays_topic, part)
+                ops.append({"f": f, "o": off, "k": user_key(ev.user_id), "track": ev.track_id, "ts": ev.ts, "n": n + 1})
+                run[part] = (0, off)
+            else:
+                run[part] = (n + 1, off)
+        for part, (n, off) in run.items():
+            if n:
+                f = self.fence_field(self.plays_topic, part)
+                ops.append({"f": f, "o": off, "k": user_key(""), "track": "", "ts": 0.0, "n": n})
+        return ops
 
     def _export(self) -> None:
         """Per-arm gauges for Prometheus, from the counts in Redis (every few seconds)."""

@@ -18,6 +18,7 @@ from typing import Any
 from core.events import Limits
 from services.infra.model_store import LoadedModel
 from services.infra.settings import Settings
+from services.infra.stage_timer import stage
 from services.speed.ports import HistoryStore, ModelStore, UpdateSink
 from services.speed.records import EraseRecord, Message, PlayRecord, Record, to_records, without_erased_plays
 from services.speed.resolve import resolve_new_tracks, resolve_users
@@ -114,10 +115,13 @@ class SpeedLayer:
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
         known = self.model.track_index if self.model is not None else {}
-        records = to_records(messages, limits, s.min_ms_played, known)
+        with stage("decode"):
+            records = to_records(messages, limits, s.min_ms_played, known)
         records = self._erase(incarnation, records)
-        applied = self.histories.apply(incarnation, records, expected)
-        dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
+        with stage("apply"):
+            applied = self.histories.apply(incarnation, records, expected)
+        with stage("dead_letters"):
+            dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
         done = letters_done if letters_done is not None else {}
         sent, last_letter = 0, dict[int, int]()
         for part, letters in dead.items():
@@ -130,11 +134,16 @@ class SpeedLayer:
         upto: Any = None
         tracks = 0
         if self.model is not None:
-            users, upto = self.histories.pending(PENDING_PER_STEP)
+            with stage("pending"):
+                users, upto = self.histories.pending(PENDING_PER_STEP)
             resolve_users(self.histories, self.models, self.model, users, self.sink)
-            tracks = self._cold_start(sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track}))
-        self.sink.flush()
+            with stage("cold_start"):
+                new = sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track})
+                tracks = self._cold_start(new)
+        with stage("produce"):
+            self.sink.flush()
         for part, off in last_letter.items():
             done[part] = max(done.get(part, -1), off)
-        self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
+        with stage("settle"):
+            self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
         return Outcome(len(records), applied, sent, len(users), tracks)

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from core.messages import FactorUpdate, decode_vector
 from services.infra.model_store import LoadedModel
+from services.infra.stage_timer import stage
 from services.speed.ports import HistoryStore, ModelStore, UpdateSink
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,19 @@ def resolve_users(
     if not users:
         return np.zeros((0, k), dtype=np.float32)
     start = np.zeros((len(users), k), dtype=np.float32)
-    for i, raw in enumerate(models.user_vectors(model.version, users)):
-        if raw is not None and len(raw) == 4 * k:
-            start[i] = decode_vector(raw)
-    rows = history_rows(histories.raw_histories(users), model)
-    vectors = model.model.fold_in(rows, model.model.item_factors_, gram=model.item_gram, start=start)
-    models.put_user_vectors(model.version, users, vectors)
-    sink.updates("user", model.version, users, vectors)
+    with stage("vectors_read"):
+        for i, raw in enumerate(models.user_vectors(model.version, users)):
+            if raw is not None and len(raw) == 4 * k:
+                start[i] = decode_vector(raw)
+    with stage("histories_read"):
+        raw_histories = histories.raw_histories(users)
+    with stage("solve"):
+        rows = history_rows(raw_histories, model)
+        vectors = model.model.fold_in(rows, model.model.item_factors_, gram=model.item_gram, start=start)
+    with stage("vectors_write"):
+        models.put_user_vectors(model.version, users, vectors)
+    with stage("produce"):
+        sink.updates("user", model.version, users, vectors)
     return vectors
 
 

@@ -28,6 +28,7 @@ from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings
+from services.infra.stage_timer import stage
 from services.infra.status_board import StatusBoard
 from services.speed.continuity import OffsetContinuity
 from services.speed.pipeline import SpeedLayer
@@ -195,7 +196,8 @@ class FoldInWorker:
         for part, off in last.items():
             self.positions[part] = max(self.positions.get(part, -1), off)
         self.continuity.advance(messages)
-        rdkafka.commit(self.consumer, self.s.plays_topic, last)
+        with stage("commit"):
+            rdkafka.commit(self.consumer, self.s.plays_topic, last)
         if self.series is not None and messages:
             now = time.time()
             stamps = (m.timestamp() for m in messages)
@@ -236,8 +238,9 @@ class FoldInWorker:
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
         backoff = Backoff()
         while not self.stop_event.is_set():
-            raw = self.consumer.consume(num_messages=self.s.batch_max_events, timeout=self.s.batch_max_ms / 1000)
-            messages = rdkafka.data_messages(raw)
+            with stage("poll"):
+                raw = self.consumer.consume(num_messages=self.s.batch_max_events, timeout=self.s.batch_max_ms / 1000)
+                messages = rdkafka.data_messages(raw)
             metrics.EVENTS_IN.inc(len(messages))
             t0 = time.perf_counter()
             if self.process(messages, backoff):

@@ -132,6 +132,13 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
         else:
             pub.publish(u, "t299" if "t299" not in items else "t298", ts=now)
         produced += 1
+        # A listener without impressions plays the same track, and a malformed record: neither
+        # joins, both only move the fence (the join sends them as one op with their count).
+        pub.publish(f"stranger{i}", items[0], ts=now, count=1)
+        produced += 1
+        if i % 10 == 0:
+            pub.publish_raw(u.encode(), b"{not json")
+            produced += 1
     pub.flush()
     pub.close()
     join = root.experiment_join()

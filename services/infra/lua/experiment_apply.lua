@@ -5,7 +5,9 @@
 --           "r:<request>" -> 1 once that impression was followed by a play
 -- ARGV[1] JSON list of records, in the order they apply:
 --   {"f": fence field, "o": offset, "k": KEYS index, "i": 1 (impression), "rid", "exp", "arm", "ts", "items"}
---   {"f": fence field, "o": offset, "k": KEYS index, "track", "ts"}                  (a play)
+--   {"f": fence field, "o": offset, "k": KEYS index, "track", "ts", "n"}             (a play)
+--   a play op stands for "n" records of its partition (default 1): itself and the records
+--   before it that cannot join (track ""), which only move the fence; counted as plays.
 -- ARGV[2] join window in seconds. All keys share one hash tag: one slot on a cluster.
 -- Returns {impressions applied, plays applied, plays joined, records skipped as replays}.
 local records = cjson.decode(ARGV[1])
@@ -18,7 +20,7 @@ for _, rec in ipairs(records) do
     last = tonumber(redis.call('HGET', KEYS[1], rec.f) or '-1')
   end
   if rec.o <= last then
-    skipped = skipped + 1
+    skipped = skipped + (rec.n or 1)
   else
     fences[rec.f] = rec.o
     local user_key = KEYS[rec.k]
@@ -32,7 +34,7 @@ for _, rec in ipairs(records) do
       redis.call('HINCRBY', KEYS[2], exp .. '|' .. rec.arm .. '|impressions', 1)
       applied_i = applied_i + 1
     else
-      local shown = redis.call('HGET', user_key, 't:' .. rec.track)
+      local shown = rec.track ~= '' and redis.call('HGET', user_key, 't:' .. rec.track)
       if shown then
         local rid, exp, arm, ts = string.match(shown, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
         local age = rec.ts - tonumber(ts)
@@ -44,7 +46,7 @@ for _, rec in ipairs(records) do
           joined = joined + 1
         end
       end
-      applied_p = applied_p + 1
+      applied_p = applied_p + (rec.n or 1)
     end
   end
 end
