@@ -44,6 +44,11 @@ def stage(name: str) -> Iterator[None]:
         _children[name].inc(time.perf_counter() - t0)
 
 
+def add_stage(name: str, seconds: float) -> None:
+    """Add `seconds` to `name`'s total (for time measured by the caller)."""
+    _children[name].inc(seconds)
+
+
 def totals() -> dict[str, float]:
     """Seconds per stage so far in this process."""
     return {s: c._value.get() for s, c in _children.items()}

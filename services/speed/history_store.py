@@ -14,6 +14,7 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import orjson
 import redis
 
 from core.errors import StateRewoundError
@@ -74,14 +75,13 @@ def apply_args(
     argv: list[object] = [incarnation, caps[0], caps[1], len(ranges)]
     for part, (lo, hi) in ranges.items():
         argv += [part, lo, hi, expected.get(part, -1)]
-    argv.append(len(users))
-    argv += list(users)
-    argv.append(len(plays))
+    argv.append(orjson.dumps(list(users)))
+    argv.append(orjson.dumps(rows))
     range_no = {p: i + 1 for i, p in enumerate(ranges)}
     letters: list[object] = []
     for part, letter in dead:
         letters += [range_no[part], letter]
-    return keys, argv + rows + letters
+    return keys, argv + letters
 
 
 def stored_offsets(reply: list[Any]) -> dict[int, int]:

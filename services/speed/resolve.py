@@ -9,7 +9,7 @@ from itertools import chain, repeat
 import numpy as np
 import scipy.sparse as sp
 
-from core.messages import FactorUpdate, decode_vector
+from core.messages import VECTOR_DTYPE, FactorUpdate, decode_vector
 from services.infra.model_store import LoadedModel
 from services.infra.stage_timer import stage
 from services.speed.ports import HistoryStore, ModelStore, UpdateSink
@@ -42,9 +42,11 @@ def resolve_users(
         return np.zeros((0, k), dtype=np.float32)
     start = np.zeros((len(users), k), dtype=np.float32)
     with stage("vectors_read"):
-        for i, raw in enumerate(models.user_vectors(model.version, users)):
-            if raw is not None and len(raw) == 4 * k:
-                start[i] = decode_vector(raw)
+        raws = models.user_vectors(model.version, users)
+        have = [i for i, raw in enumerate(raws) if raw is not None and len(raw) == 4 * k]
+        if have:  # one copy of every stored vector, not one array per user
+            flat = np.frombuffer(b"".join(raws[i] for i in have), dtype=VECTOR_DTYPE)  # type: ignore[misc]
+            start[have] = flat.reshape(len(have), k)
     with stage("histories_read"):
         raw_histories = histories.raw_histories(users)
     with stage("solve"):

@@ -28,7 +28,7 @@ from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings
-from services.infra.stage_timer import stage
+from services.infra.stage_timer import add_stage, stage
 from services.infra.status_board import StatusBoard
 from services.speed.continuity import OffsetContinuity
 from services.speed.pipeline import SpeedLayer
@@ -238,9 +238,11 @@ class FoldInWorker:
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
         backoff = Backoff()
         while not self.stop_event.is_set():
-            with stage("poll"):
-                raw = self.consumer.consume(num_messages=self.s.batch_max_events, timeout=self.s.batch_max_ms / 1000)
-                messages = rdkafka.data_messages(raw)
+            t_poll = time.perf_counter()
+            raw = self.consumer.consume(num_messages=self.s.batch_max_events, timeout=self.s.batch_max_ms / 1000)
+            messages = rdkafka.data_messages(raw)
+            if messages:  # an empty poll is idle time, not the cost of a batch
+                add_stage("poll", time.perf_counter() - t_poll)
             metrics.EVENTS_IN.inc(len(messages))
             t0 = time.perf_counter()
             if self.process(messages, backoff):
