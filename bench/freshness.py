@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import write
 from core.als import ImplicitALS
@@ -147,8 +147,11 @@ def stage_profile(port: int, events: int) -> dict[str, Any]:
     the run: seconds, share of the busy time, and microseconds per play."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     seconds = {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r'^encore_foldin_stage_seconds_total\{stage="(\w+)"\} (\S+)$', body, re.M)
+        sample.labels["stage"]: sample.value
+        for family in text_string_to_metric_families(body)
+        if family.name == "encore_foldin_stage_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_total")
     }
     busy = sum(v for k, v in seconds.items() if k != "poll")
     profile = {

@@ -42,6 +42,9 @@ ARM_CONVERSION = Gauge(
 ARM_PLAYS_PER_IMPRESSION = Gauge(
     "encore_arm_plays_per_impression", "plays of recommended tracks per impression", ["experiment", "arm"]
 )
+STAGE_SECONDS = Counter(
+    "encore_foldin_stage_seconds", "fold-in time per stage of a micro-batch (see stage_timer)", ["stage"]
+)
 REDIS_OOM = Counter("encore_redis_oom_total", "Redis commands refused at maxmemory (retried, nothing written)")
 
 

@@ -12,9 +12,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter
+from services.infra.metrics import STAGE_SECONDS
 
-STAGE_SECONDS = Counter("encore_foldin_stage_seconds", "fold-in time per stage of a micro-batch", ["stage"])
 STAGES = (
     "poll",
     "decode",
@@ -47,8 +46,3 @@ def stage(name: str) -> Iterator[None]:
 def add_stage(name: str, seconds: float) -> None:
     """Add `seconds` to `name`'s total (for time measured by the caller)."""
     _children[name].inc(seconds)
-
-
-def totals() -> dict[str, float]:
-    """Seconds per stage so far in this process."""
-    return {s: c._value.get() for s, c in _children.items()}

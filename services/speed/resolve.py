@@ -42,11 +42,14 @@ def resolve_users(
         return np.zeros((0, k), dtype=np.float32)
     start = np.zeros((len(users), k), dtype=np.float32)
     with stage("vectors_read"):
-        raws = models.user_vectors(model.version, users)
-        have = [i for i, raw in enumerate(raws) if raw is not None and len(raw) == 4 * k]
+        have: list[int] = []
+        blobs: list[bytes] = []
+        for i, raw in enumerate(models.user_vectors(model.version, users)):
+            if raw is not None and len(raw) == 4 * k:
+                have.append(i)
+                blobs.append(raw)
         if have:  # one copy of every stored vector, not one array per user
-            flat = np.frombuffer(b"".join(raws[i] for i in have), dtype=VECTOR_DTYPE)  # type: ignore[misc]
-            start[have] = flat.reshape(len(have), k)
+            start[have] = np.frombuffer(b"".join(blobs), dtype=VECTOR_DTYPE).reshape(len(have), k)
     with stage("histories_read"):
         raw_histories = histories.raw_histories(users)
     with stage("solve"):
