@@ -18,8 +18,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def dataset(size: str, seed: int = 0) -> SyntheticMusic:
-    """'large' ≈ 10M plays (500k users × 200k tracks); 'small' ≈ 400k; 'tiny' for smoke runs."""
-    shapes = {"large": (500_000, 200_000, 200), "small": (20_000, 8_000, 40), "tiny": (2_000, 800, 20)}
+    """'large' ≈ 10M plays (500k users × 200k tracks); 'medium' ≈ 2M; 'small' ≈ 400k; 'tiny' for smoke runs."""
+    shapes = {
+        "large": (500_000, 200_000, 200),
+        "medium": (100_000, 40_000, 80),
+        "small": (20_000, 8_000, 40),
+        "tiny": (2_000, 800, 20),
+    }
     users, tracks, genres = shapes[size]
     return SyntheticMusic(n_users=users, n_tracks=tracks, mean_plays=45, n_genres=genres, seed=seed)
 

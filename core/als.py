@@ -100,10 +100,13 @@ class ImplicitALS:
 
     def confidence_of(self, plays: np.ndarray) -> np.ndarray:
         """Confidence c = 1 + α·plays or 1 + α·log(1 + plays/ε), float32."""
-        p = plays.astype(np.float32, copy=False)
-        if self.confidence == "linear":
-            return (1.0 + self.alpha * p).astype(np.float32)
-        return (1.0 + self.alpha * np.log1p(p / self.epsilon)).astype(np.float32)
+        c = np.array(plays, dtype=np.float32)  # one new array, the rest in place (fit's memory peak)
+        if self.confidence == "log":
+            c /= np.float32(self.epsilon)
+            np.log1p(c, out=c)
+        c *= np.float32(self.alpha)
+        c += np.float32(1.0)
+        return c
 
     # ---- training ---------------------------------------------------------------
     def fit(
@@ -130,8 +133,11 @@ class ImplicitALS:
                 raise ValueError(f"init shapes {X.shape}, {Y.shape} do not fit plays {ui.shape} × {self.factors}")
         else:
             rng = np.random.default_rng(self.random_state)
-            X = (rng.standard_normal((n_users, self.factors)) * 0.01).astype(np.float32)
-            Y = (rng.standard_normal((n_items, self.factors)) * 0.01).astype(np.float32)
+            # drawn in float32: float64 draws were the fit's memory peak (2 × 8 bytes per entry)
+            X = rng.standard_normal((n_users, self.factors), dtype=np.float32)
+            Y = rng.standard_normal((n_items, self.factors), dtype=np.float32)
+            X *= np.float32(0.01)
+            Y *= np.float32(0.01)
         self.iteration_seconds_: list[float] = []
         for it in range(self.iterations):
             t0 = time.perf_counter()
@@ -147,13 +153,11 @@ class ImplicitALS:
         return self
 
     def _with_confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
-        out = m.copy()
-        out.data = self.confidence_of(m.data)
-        return out
+        """`m` with confidences for values; shares `m`'s index arrays (read-only in the kernels)."""
+        return sp.csr_matrix((self.confidence_of(m.data), m.indices, m.indptr), shape=m.shape, copy=False)
 
     def _gram(self, F: np.ndarray, dtype: type) -> np.ndarray:
-        F64 = F.astype(np.float64)
-        return (F64.T @ F64 + self.regularization * np.eye(F.shape[1])).astype(dtype)
+        return als_kernels.gram(F, self.regularization, dtype)
 
     def _half_step(self, conf: sp.csr_matrix, Y: np.ndarray, X: np.ndarray) -> None:
         if self.solver == "cg":
