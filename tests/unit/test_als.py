@@ -35,15 +35,30 @@ def test_cholesky_matches_dense_closed_form() -> None:
     assert np.all(X[3] == 0)
 
 
-def test_cg_converges_to_closed_form() -> None:
+@pytest.mark.parametrize("k", [5, 64])
+def test_cg_converges_to_closed_form(k: int) -> None:
+    """The CG kernel is compiled per factor count (k a constant): each one must solve."""
     m = _tiny()
-    model = ImplicitALS(factors=5)
+    model = ImplicitALS(factors=k)
     conf = model._with_confidence(m)
-    Y = np.random.default_rng(1).standard_normal((20, 5)).astype(np.float32)
-    X = np.zeros((30, 5), dtype=np.float32)
-    als_kernels.cg_half_step(conf.indptr, conf.indices, conf.data, Y, model._gram(Y, np.float32), X, 20)
+    Y = np.random.default_rng(1).standard_normal((20, k)).astype(np.float32)
+    X = np.zeros((30, k), dtype=np.float32)
+    als_kernels.cg_half_step(conf.indptr, conf.indices, conf.data, Y, model._gram(Y, np.float32), X, 2 * k)
     ref = als_kernels.reference_half_step(conf.indptr, conf.indices, conf.data, Y, model.regularization)
     np.testing.assert_allclose(X, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_over_several_row_blocks_matches_float64(dtype: type) -> None:
+    """FᵀF + λI is summed block by block; rows past the first block must count, once."""
+    rows = 2 * als_kernels._GRAM_BLOCK + 123
+    F = np.random.default_rng(2).standard_normal((rows, 8)).astype(np.float32)
+    F64 = F.astype(np.float64)
+    ref = F64.T @ F64 + 0.5 * np.eye(8)
+    G = als_kernels.gram(F, 0.5, dtype)
+    assert G.dtype == dtype
+    tolerance = 1e-6 if dtype == np.float32 else 1e-12  # relative to the largest entry
+    assert np.abs(G - ref).max() <= tolerance * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("solver", ["cg", "cholesky"])
