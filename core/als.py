@@ -114,11 +114,15 @@ class ImplicitALS:
         plays: sp.spmatrix,
         callback: Callable[[int, float], None] | None = None,
         init: tuple[np.ndarray, np.ndarray] | None = None,
+        consume_init: bool = False,
     ) -> ImplicitALS:
         """Train on a users × tracks matrix of raw play counts; returns self.
 
         `init` = (user, track) factors to continue from (a refit after evaluation on a holdout
-        needs a few iterations from there, not a fit from random)."""
+        needs a few iterations from there, not a fit from random). `init` stays intact unless
+        `consume_init`: then float32 C arrays are updated in place rather than copied (a refit
+        whose starting model is not needed afterwards saves one copy of the factors: 1.5 GB
+        at 5M users × 1M tracks)."""
         self._check_params()
         ui = check_plays(plays)
         if ui.nnz == 0:
@@ -128,7 +132,7 @@ class ImplicitALS:
         conf_iu = conf_ui.T.tocsr()
         conf_iu.sort_indices()
         if init is not None:
-            X, Y = (np.array(f, dtype=np.float32, order="C") for f in init)  # copies: `init` stays intact
+            X, Y = (np.array(f, dtype=np.float32, order="C", copy=None if consume_init else True) for f in init)
             if X.shape != (n_users, self.factors) or Y.shape != (n_items, self.factors):
                 raise ValueError(f"init shapes {X.shape}, {Y.shape} do not fit plays {ui.shape} × {self.factors}")
         else:

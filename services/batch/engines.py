@@ -28,7 +28,10 @@ class Engine(Protocol):
         params: dict[str, Any] | None = None,
         init: ImplicitALS | None = None,
         iterations: int | None = None,
-    ) -> ImplicitALS: ...
+    ) -> ImplicitALS:
+        """`init`: the model to continue from (engines with `warm_starts`); its factors are
+        consumed: the local engine updates them in place rather than copying them."""
+        ...
 
 
 def default_params(settings: Settings) -> dict[str, Any]:
@@ -82,7 +85,7 @@ class LocalEngine:
             log.debug("ALS iteration %d/%d: %.2fs", it + 1, total, seconds)
 
         start = None if init is None else (init.user_factors_, init.item_factors_)
-        return model.fit(plays, callback=progress, init=start)
+        return model.fit(plays, callback=progress, init=start, consume_init=True)
 
 
 class SparkEngine:

@@ -59,14 +59,38 @@ class ModelSearch:
         stage: Callable[[str], None] = lambda _name: None,
     ) -> Chosen:
         """`artists` maps track rows to artist ids (for artist diversity); `stage` times steps."""
+        s = self.s
+        start = {**default_params(s), **(last_winner or {})}
+        evaluated = self._evaluate(plays, start, artists, stage)
+        if evaluated is None:
+            return Chosen(self.engine.fit(plays, start), start)
+        model, params, metrics, tuning = evaluated  # the holdout split is gone by now (memory)
+        if self.engine.warm_starts and s.refit_iterations > 0:
+            final = self.engine.fit(plays, params, init=model, iterations=s.refit_iterations)
+        elif self.engine.warm_starts:  # refit off: publish the evaluated tracks, users folded in on all plays
+            final = model
+            final.user_factors_ = final.fold_in(plays, final.item_factors_, start=final.user_factors_)
+        else:
+            final = self.engine.fit(plays, params)
+        stage("refit")
+        return Chosen(final, {k: params[k] for k in SEARCHED if k in params}, metrics, tuning)
+
+    def _evaluate(
+        self,
+        plays: sp.csr_matrix,
+        start: dict[str, Any],
+        artists: Callable[[list[int]], dict[int, str]] | None,
+        stage: Callable[[str], None],
+    ) -> tuple[ImplicitALS, dict[str, Any], dict[str, float], dict[str, Any] | None] | None:
+        """Steps 1–3 on a holdout split: (model, params, metrics, tuning record), or None when no
+        user has enough plays to hold any out."""
         s, searching = self.s, self.searches_now()
         self.retrains += 1
         train, test = sample_holdout(plays, s.eval_users, s.holdout_fraction, seed=0)
         stage("holdout")
-        start = {**default_params(s), **(last_winner or {})}
         if test.nnz == 0:  # too few plays per user to hold any out: nothing to measure or tune on
             log.warning("no user has %d+ tracks: the model is not evaluated", 3)
-            return Chosen(self.engine.fit(plays, start), start)
+            return None
 
         def score(model: ImplicitALS) -> float:
             return ranking_metrics(model.user_factors_, model.item_factors_, train, test, k=K, max_users=None).precision
@@ -93,12 +117,4 @@ class ModelSearch:
         rows = [int(t) for t in np.unique(found.top[found.top >= 0])]
         metrics.update(beyond_accuracy(found.top, train, test, artists(rows) if artists else None))
         stage("evaluate")
-        if self.engine.warm_starts and s.refit_iterations > 0:
-            final = self.engine.fit(plays, params, init=evaluated, iterations=s.refit_iterations)
-        elif self.engine.warm_starts:  # refit off: publish the evaluated tracks, users folded in on all plays
-            final = evaluated
-            final.user_factors_ = final.fold_in(plays, final.item_factors_, start=final.user_factors_)
-        else:
-            final = self.engine.fit(plays, params)
-        stage("refit")
-        return Chosen(final, {k: params[k] for k in SEARCHED if k in params}, metrics, tuning)
+        return evaluated, params, metrics, tuning

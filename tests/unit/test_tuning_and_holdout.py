@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from core.als import ImplicitALS
 from core.errors import ConfigError
 from core.evaluation import ranking_metrics, sample_holdout
-from core.list_metrics import beyond_accuracy
+from core.list_metrics import _column_diversity, beyond_accuracy
 from core.synthetic import SyntheticMusic
 from core.tuning import Space, tune
 from services.infra.settings import Settings
@@ -38,6 +38,10 @@ def test_warm_start_continues_from_the_given_factors_without_changing_them() -> 
     assert np.array_equal(zero.item_factors_, start[1])  # no iteration: the given factors exactly
     more = ImplicitALS(factors=8, iterations=2).fit(m, init=(first.user_factors_, first.item_factors_))
     assert np.array_equal(first.item_factors_, start[1])  # the caller's arrays are left alone
+    consumed = (first.user_factors_.copy(), first.item_factors_.copy())
+    reused = ImplicitALS(factors=8, iterations=2).fit(m, init=consumed, consume_init=True)
+    assert reused.item_factors_ is consumed[1]  # updated in place: a refit keeps one copy
+    np.testing.assert_allclose(reused.item_factors_, more.item_factors_, rtol=1e-5, atol=1e-6)
     assert more.loss(m) <= first.loss(m) * (1 + 1e-4)  # ALS steps from there do not undo the fit
     with pytest.raises(ValueError, match="init shapes"):
         ImplicitALS(factors=4, iterations=1).fit(m, init=start)
@@ -57,6 +61,18 @@ def test_beyond_accuracy_on_lists_worked_by_hand() -> None:
     cos03 = 1 / (2 * 1)
     assert out["diversity@2"] == pytest.approx(np.mean([1 - cos01, 1 - cos03]))  # the 1-track list is skipped
     assert out["artist_diversity@2"] == pytest.approx(np.mean([0.5, 1.0]))
+
+
+def test_diversity_on_a_user_sample_estimates_the_full_measure() -> None:
+    """Past DIVERSITY_ROWS users the column cosines come from a sample of users: close to the
+    measure over everyone, and equal to it when the sample would be everyone."""
+    m = SyntheticMusic(n_users=6000, n_tracks=300, seed=6).matrix()
+    top = np.random.default_rng(0).integers(0, 300, (400, 10))
+    top[:5, 5:] = -1
+    full = _column_diversity(top, m, max_rows=m.shape[0])
+    assert _column_diversity(top, m, max_rows=10 * m.shape[0]) == full
+    sampled = _column_diversity(top, m, max_rows=2000)
+    assert sampled != full and abs(sampled - full) < 0.02
 
 
 def test_evaluation_keeps_its_top_lists() -> None:
