@@ -9,6 +9,8 @@ import scipy.sparse as sp
 
 from core.recommend import masked_scores, top_of_scores
 
+SCORES_PER_BATCH = 64_000_000  # users × tracks scored at once (float32: 256 MB)
+
 
 def holdout_split(
     plays: sp.spmatrix, fraction: float = 0.2, min_plays: int = 3, seed: int = 0
@@ -129,8 +131,9 @@ def ranking_metrics(
     prec, ap, ndcg, auc, epr_num, epr_den = [], [], [], [], 0.0, 0.0
     n_items = item_factors.shape[0]
     tops = np.full((users.size, k), -1, dtype=np.int64)  # -1: no track in that slot
-    for s in range(0, users.size, 256):
-        batch = users[s : s + 256]
+    step = int(np.clip(SCORES_PER_BATCH // max(n_items, 1), 16, 256))  # ≤ 256 MB of scores at 1M tracks
+    for s in range(0, users.size, step):
+        batch = users[s : s + step]
         tr, te = train[batch], test[batch]
         scores = masked_scores(user_factors[batch], item_factors, tr)  # one matmul serves every metric
         idx, _ = top_of_scores(scores, k)

@@ -22,6 +22,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from core.als import ImplicitALS
+from core.als_kernels import gram
 from core.errors import CorruptFileError, UnknownVersionError
 from core.messages import decode_vector, encode_vector
 from services.infra.checked_files import read_npz
@@ -164,17 +165,16 @@ class RedisModelStore:
                 (user_ids, model.user_factors_, self.keys.user),
                 (track_ids, model.item_factors_, self.keys.track),
             ):
-                raw = np.ascontiguousarray(F, dtype="<f4").tobytes()
                 width = 4 * F.shape[1]
                 for s in range(0, len(ids), CHUNK):
                     hi = min(s + CHUNK, len(ids))
-                    chunk = {key(version, ids[j]): raw[j * width : (j + 1) * width] for j in range(s, hi)}
+                    raw = np.ascontiguousarray(F[s:hi], dtype="<f4").tobytes()  # per chunk: no copy of all
+                    chunk = {key(version, ids[j]): raw[(j - s) * width : (j - s + 1) * width] for j in range(s, hi)}
                     if sent is not None:
                         sent.result()
                     sent = writer.submit(self._mset, chunk)
             if sent is not None:
                 sent.result()
-        U = model.user_factors_.astype(np.float64)
         full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
         full_meta.update(
             {
@@ -182,7 +182,7 @@ class RedisModelStore:
                 "params": json.dumps(model.get_params()),
                 "n_users": str(len(user_ids)),
                 "n_tracks": str(len(track_ids)),
-                "user_gram": (U.T @ U).astype("<f8").tobytes(),
+                "user_gram": gram(model.user_factors_, 0.0, np.float64).astype("<f8").tobytes(),  # by blocks
                 "query_sample": query_sample(model.user_factors_).tobytes(),
             }
         )
