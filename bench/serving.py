@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=0, help="ENCORE_API_WORKERS of the served API (0 = one per core)")
     ap.add_argument("--http-runs", type=int, default=2, help="HTTP runs, each on fresh servers; all are reported")
+    ap.add_argument("--out", default="serving", help="results file name under bench/results")
     args = ap.parse_args()
     out: dict[str, Any] = {"in_process": [in_process(int(n)) for n in args.sizes.split(",") if n]}
     if args.http_size:
@@ -251,7 +252,7 @@ def main() -> None:
         # The machine's speed drifts from minute to minute: every run is kept, the headline is the worst p99.
         out["http"] = max(runs, key=lambda r: r["p99_ms"])
         out["http_runs"] = [{k: r[k] for k in ("p50_ms", "p99_ms", "p999_ms", "errors", "achieved_rps")} for r in runs]
-    write("serving", out)
+    write(args.out, out)
 
 
 if __name__ == "__main__":
