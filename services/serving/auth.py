@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import HTTPException, Request
@@ -90,7 +89,16 @@ class ApiAuth:
         """No key configured anywhere: every route answers without a key."""
         return not self.read.keys() and not self.admin.keys()
 
-    def require_read(self, request: Request) -> None:
+    # FastAPI runs a plain `def` dependency on its thread pool: a thread hop per request, for
+    # checks that take microseconds (a stat of the key file at most). The routes depend on the
+    # async wrappers below; the checks themselves stay plain functions for other callers.
+    async def require_read(self, request: Request) -> None:
+        self.check_read(request)
+
+    async def require_admin(self, request: Request) -> None:
+        self.check_admin(request)
+
+    def check_read(self, request: Request) -> None:
         if self.open:
             return
         key = presented_key(request)
@@ -99,7 +107,7 @@ class ApiAuth:
         if not (self.read.holds(key) | self.admin.holds(key)):
             raise HTTPException(401, "unknown API key", UNAUTHORIZED)
 
-    def require_admin(self, request: Request) -> None:
+    def check_admin(self, request: Request) -> None:
         if self.open:
             return
         key = presented_key(request)
@@ -110,9 +118,6 @@ class ApiAuth:
         if self.read.holds(key):
             raise HTTPException(403, "this key may read but not administer")
         raise HTTPException(401, "unknown API key", UNAUTHORIZED)
-
-    def dependency(self, role: str) -> Callable[[Request], None]:
-        return self.require_admin if role == "admin" else self.require_read
 
 
 def warn_if_open(auth: ApiAuth, host: str) -> None:

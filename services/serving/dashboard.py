@@ -97,7 +97,7 @@ def install(app: FastAPI, settings: Settings, follower: UpdateFollower, auth: Ap
                 return
         else:
             try:
-                auth.require_read(request)
+                auth.check_read(request)
                 return
             except HTTPException:
                 pass
