@@ -29,16 +29,17 @@ def dataset(size: str, seed: int = 0) -> SyntheticMusic:
     return SyntheticMusic(n_users=users, n_tracks=tracks, mean_plays=45, n_genres=genres, seed=seed)
 
 
-def _rss_kb() -> int:
+def status_kb(field: str = "VmRSS") -> int:
+    """A memory field of /proc/self/status (VmRSS now, VmHWM the peak), in kB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
 
 def _child(fn: Callable[[], dict[str, Any]], q: Any) -> None:
-    start = _rss_kb()
+    start = status_kb()
     t0 = time.perf_counter()
     out = fn()
     out["wall_s"] = time.perf_counter() - t0

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from bench.common import write  # noqa: E402
+from bench.common import status_kb, write  # noqa: E402
 from services.batch.checkpoint import PlayMatrix  # noqa: E402
 from services.cli.root import Root  # noqa: E402
 from services.infra.embedded import EmbeddedServers  # noqa: E402
@@ -48,10 +48,7 @@ from services.infra.settings import Settings  # noqa: E402
 
 
 def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return status_kb(field) / 1024
 
 
 def reset_peak() -> None:
@@ -162,9 +159,9 @@ def main() -> None:
     reset_peak()
     t0 = time.perf_counter()
     rng = np.random.default_rng(1)
-    us, ts, ws = rng.integers(0, args.users, args.pending), rng.integers(0, args.tracks, args.pending), 1.0
+    us, ts = rng.integers(0, args.users, args.pending), rng.integers(0, args.tracks, args.pending)
     for off, (u, t) in enumerate(zip(us.tolist(), ts.tolist(), strict=True)):
-        pm.add("bench", 0, off, f"u{u}", f"t{t}", ws)
+        pm.add("bench", 0, off, f"u{u}", f"t{t}", 1.0)
     added = time.perf_counter()
     pm.matrix()
     out["compact_add_s"] = round(added - t0, 1)
