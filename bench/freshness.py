@@ -182,7 +182,8 @@ def latency(
     events: list[dict[str, object]],
     rate: float,
 ) -> dict[str, Any]:
-    proc = _worker(servers, settings)
+    port = free_port()
+    proc = _worker(servers, settings, port)
     pub.publish("warm-up", "t1", ms_played=100_000)
     pub.flush()
     while not r.exists(keys.user(version, "warm-up")):
@@ -225,6 +226,8 @@ def latency(
     stop_at[0] = time.perf_counter()
     stop.set()
     th.join()
+    # at this rate the batches are small: per-batch costs (round trips, flushes) dominate
+    stages = stage_profile(port, len(events) + len(sent))
     proc.terminate()
     proc.wait(timeout=30)
     lat = [done[u] - sent[u] for u in sent if u in done]
@@ -235,6 +238,8 @@ def latency(
         "p50_ms": float(np.percentile(lat, 50) * 1000),
         "p99_ms": float(np.percentile(lat, 99) * 1000),
         "max_ms": float(max(lat) * 1000),
+        "batch_max_ms": int(os.environ.get("ENCORE_BATCH_MAX_MS", settings.batch_max_ms)),  # what the worker ran with
+        "stages": stages,
     }
     print(f"  latency: {res}")
     return res

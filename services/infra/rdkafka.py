@@ -147,10 +147,10 @@ class KafkaUpdateSink:
         self.publisher.close()
 
 
-def commit(c: Consumer, topic: str, last: dict[int, int]) -> None:
-    """Synchronously commit `last offset + 1` per partition."""
+def commit(c: Consumer, topic: str, last: dict[int, int], asynchronous: bool = False) -> None:
+    """Commit `last offset + 1` per partition (asynchronously: sent in order, not waited for)."""
     if last:
-        c.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=False)
+        c.commit(offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()], asynchronous=asynchronous)
 
 
 def produced_letters(

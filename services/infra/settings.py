@@ -65,7 +65,7 @@ class Settings:
     track_listeners_cap: int = _s(1000, "recent listeners kept per track for cold start", min=1)
     cold_start_min_listeners: int = _s(3, "listeners before a new track gets a vector", min=1)
     batch_max_events: int = _s(5000, "fold-in micro-batch: max events", min=1)
-    batch_max_ms: int = _s(25, "fold-in micro-batch: max wait in ms", min=1)
+    batch_max_ms: int = _s(5, "fold-in micro-batch: max wait in ms", min=1)
     max_future_s: float = _s(86_400.0, "events with ts further ahead than this are dead letters")
     max_count: int = _s(1000, "events with count above this are dead letters", min=1)
     retrain_interval_s: float = _s(600.0, "seconds between scheduled retrains", min=1.0)

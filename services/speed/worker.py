@@ -97,10 +97,20 @@ class FoldInWorker:
         )
 
     def _on_revoke(self, _c: Consumer, revoked: list[TopicPartition]) -> None:
+        self._commit_positions({tp.partition for tp in revoked}, asynchronous=True)
         for tp in revoked:
             self.positions.pop(tp.partition, None)
             self.continuity.forget(tp.partition)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    def _commit_positions(self, partitions: set[int], asynchronous: bool = False) -> None:
+        """Bring the hint up to the state for `partitions` (the next owner's lag and `encore
+        status` read it); a failure is only logged: nothing depends on it."""
+        done = {p: o for p, o in self.positions.items() if p in partitions and o >= 0}
+        try:
+            rdkafka.commit(self.consumer, self.s.plays_topic, done, asynchronous)
+        except Exception as exc:  # noqa: BLE001 - a hint: the state's offsets are what counts
+            log.warning("could not commit offsets %s (a hint only): %s", done, exc)
 
     def _start_offset(self, partition: int, stored: int) -> int:
         """stored + 1, or the earliest offset Kafka holds; a hole in between is reported."""
@@ -197,7 +207,9 @@ class FoldInWorker:
             self.positions[part] = max(self.positions.get(part, -1), off)
         self.continuity.advance(messages)
         with stage("commit"):
-            rdkafka.commit(self.consumer, self.s.plays_topic, last)
+            # The committed offset is a hint (assignments start from the state's offsets), so
+            # the batch does not wait a broker round trip for it; revoke and close wait.
+            rdkafka.commit(self.consumer, self.s.plays_topic, last, asynchronous=True)
         if self.series is not None and messages:
             now = time.time()
             stamps = (m.timestamp() for m in messages)
@@ -264,6 +276,7 @@ class FoldInWorker:
 
     def close(self) -> None:
         """Leave the group and flush the producer (after `run` has returned)."""
+        self._commit_positions(set(self.positions))
         self.consumer.close()
         self.sink.close()
         if self.series is not None:
