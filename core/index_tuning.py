@@ -44,7 +44,8 @@ def exact_top(
         scores = queries[s : s + chunk] @ vectors.T  # (chunk, N); chunked to bound memory at 1M tracks
         if exclude is not None:
             scores[np.arange(scores.shape[0]), exclude[s : s + chunk]] = -np.inf
-        out[s : s + chunk] = top_of_scores(scores, n)[0]  # set order is all recall needs
+        # set order is all recall needs; on this thread, so that a serve parent can fork after tuning
+        out[s : s + chunk] = top_of_scores(scores, n, threads=False)[0]
     return out
 
 

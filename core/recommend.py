@@ -42,16 +42,23 @@ def _top_rows(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, val
 
 
-def top_of_scores(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+# The same pass on the calling thread: for a process that forks afterwards (`encore serve`'s
+# parent tunes its graphs before forking the workers; GNU OpenMP's threads do not survive a fork).
+_top_rows_serial = numba.njit(cache=True, nogil=True)(_top_rows.py_func)
+
+
+def top_of_scores(scores: np.ndarray, n: int, threads: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the indices and scores of the min(n, columns) best entries, best first.
 
     Entries at -inf never fill the list: their slots hold index -1. Small n (the usual case)
     takes a single compiled pass per row; argpartition was ~3 ms a row at 200k columns.
+    `threads=False` keeps it on the calling thread.
     """
     n_items = scores.shape[1]
     m = min(n, n_items)
     if 0 < m <= 128 and scores.dtype in (np.float32, np.float64):
-        return _top_rows(np.ascontiguousarray(scores), m)  # type: ignore[no-any-return]
+        kernel = _top_rows if threads else _top_rows_serial
+        return kernel(np.ascontiguousarray(scores), m)  # type: ignore[no-any-return]
     if m < n_items:
         part = np.argpartition(-scores, m - 1, axis=1)[:, :m]
     else:

@@ -7,13 +7,16 @@ a fault retrying could not fix, 130 interrupted.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from contextlib import ExitStack
 
 import redis
 
 from core.errors import EncoreError, FatalError
 from services.cli.parser import COMMANDS, build_parser
+from services.infra.metrics_dir import multiprocess_dir
 from services.infra.settings import ConfigError, Settings, configure_logging
 
 __all__ = ["COMMANDS", "build_parser", "main", "process_defaults"]
@@ -39,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     process_defaults()
     configure_logging(settings.log_level)
+    with ExitStack() as stack:
+        if args.command == "serve" and settings.serve_workers > 1:
+            stack.enter_context(multiprocess_dir())  # before prometheus_client is imported
+        return _dispatch(settings, args)
+
+
+def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     from services.cli.commands import HANDLERS
 
     try:

@@ -148,34 +148,26 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from services.cli.root import serving_app_from_env
-    from services.infra.metrics import multiprocess_dir
+    from services.cli.root import STARTUP_PATIENCE_S, Root, serving_app_from_env, serving_worker
     from services.serving.auth import ApiAuth, warn_if_open
+    from services.serving.prefork import Listener, Prefork
+    from services.serving.snapshots import SnapshotBuilder
 
     require_servers(s)
     host, port = args.host or s.api_host, args.port or s.api_port
     warn_if_open(ApiAuth.from_settings(s), host)
     cert, key = _api_tls(s)
-    workers = s.api_workers or os.cpu_count() or 1
-    if workers == 1:
+    if s.serve_workers == 1:
         uvicorn.run(
             serving_app_from_env(), host=host, port=port, log_level="warning", ssl_certfile=cert, ssl_keyfile=key
         )
         return 0
-    # Several processes on one port: no GIL shared between them. Each builds (or, once another
-    # worker has saved it, loads) the index snapshot and follows factor-updates on its own.
-    with multiprocess_dir():
-        uvicorn.run(
-            "services.cli.root:serving_app_from_env",
-            factory=True,
-            workers=workers,
-            host=host,
-            port=port,
-            log_level="warning",
-            ssl_certfile=cert,
-            ssl_keyfile=key,
-        )
-    return 0
+    # Several processes on one port, no GIL shared between them, forked from a parent that holds
+    # the snapshot (graphs once per machine; see services/serving/prefork.py).
+    root = Root(s, STARTUP_PATIENCE_S)
+    models = root.models()
+    prefork = Prefork(s.serve_workers, SnapshotBuilder(s, models), models.current_version, serving_worker(s, cert, key))
+    return prefork.run(Listener(host, port).bind())
 
 
 def _api_tls(s: Settings) -> tuple[str | None, str | None]:

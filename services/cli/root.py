@@ -8,6 +8,7 @@ connects before a command asks for it.
 from __future__ import annotations
 
 import functools
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -39,7 +40,8 @@ from services.serving.api import create_app
 from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.follower import UpdateFollower
 from services.serving.impressions import ImpressionLog
-from services.serving.snapshots import SnapshotBuilder
+from services.serving.prefork import WorkerMain
+from services.serving.snapshots import Snapshot, SnapshotBuilder
 from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
 from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
@@ -270,6 +272,23 @@ def _once(make: Callable[[], T]) -> Callable[[], T]:
             return made[0]
 
     return get
+
+
+def serving_worker(settings: Settings, cert: str | None, key: str | None) -> WorkerMain:
+    """What each forked `encore serve` worker runs: its own clients and follower, the parent's
+    snapshot, uvicorn on the parent's listening socket."""
+
+    def main(snap: Snapshot | None, sock: socket.socket) -> None:
+        import uvicorn
+
+        sys.setswitchinterval(0.001)  # see serving_app_from_env
+        app, follower = Root(settings, STARTUP_PATIENCE_S).serving_app()
+        if snap is not None:
+            follower.adopt(snap)
+        config = uvicorn.Config(app, log_level="warning", ssl_certfile=cert, ssl_keyfile=key)
+        uvicorn.Server(config).run(sockets=[sock])
+
+    return main
 
 
 def serving_app_from_env() -> FastAPI:

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import gc
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -74,15 +69,3 @@ def serve_metrics(port: int) -> None:
     """Expose /metrics on `port` in a background thread (0 = off)."""
     if port:
         start_http_server(port, addr="127.0.0.1")
-
-
-@contextmanager
-def multiprocess_dir() -> Iterator[None]:
-    """Prometheus multiprocess mode for the worker processes spawned inside this block."""
-    path = tempfile.mkdtemp(prefix="encore-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    try:
-        yield
-    finally:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        shutil.rmtree(path, ignore_errors=True)

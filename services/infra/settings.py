@@ -134,6 +134,11 @@ class Settings:
                 values[f.name] = _parse(name, env[name], f)
         return cls(**values)
 
+    @property
+    def serve_workers(self) -> int:
+        """`encore serve`'s worker processes: ENCORE_API_WORKERS, or one per CPU core."""
+        return self.api_workers or os.cpu_count() or 1
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 

@@ -64,6 +64,7 @@ class UpdateFollower:
         # version swap posts a result for a snapshot no longer served, which must be dropped
         self._finished: list[tuple[Snapshot, Snapshot]] = []
         self._replay: list[FactorUpdate] = []  # applied since the rebuild's copy
+        self.versions_from_parent = False  # a forked worker: the parent swaps versions (prefork)
 
     # ---- swaps ---------------------------------------------------------------------
     def _swap(self, snap: Snapshot) -> None:
@@ -76,11 +77,19 @@ class UpdateFollower:
         gc.collect()
         gc.freeze()
 
+    def adopt(self, snap: Snapshot) -> None:
+        """Serve the snapshot a prefork parent loaded; from now on the parent changes versions
+        (it replaces this worker), this follower only applies updates to it."""
+        snap.warm()
+        self.snapshot, self.versions_from_parent = snap, True
+
     def refresh(self) -> bool:
         """Swap in the current version once its graphs are built (the old one answers meanwhile);
         until the catalogue is loaded, read it too (a replica must know what is taken down)."""
         if self.catalogue_feed is not None and not self.catalogue_feed.loaded:
             self.catalogue_feed.poll()
+        if self.versions_from_parent and self.snapshot is not None:
+            return False
         version = self.models.current_version()
         if version is None or (self.snapshot is not None and self.snapshot.version == version):
             return False

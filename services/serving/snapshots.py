@@ -41,6 +41,11 @@ class Snapshot:
     def version(self) -> str:
         return self.loaded.version
 
+    def warm(self) -> None:
+        """Load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests."""
+        if self.loaded.track_ids:
+            self.fold_in_plays({self.loaded.track_ids[0]: 1.0})
+
     def fold_in_plays(self, plays: dict[str, float]) -> np.ndarray | None:
         """An anonymous listener's vector from raw plays (None when no track is known)."""
         idx = self.loaded.track_index
@@ -98,7 +103,8 @@ class SnapshotBuilder:
                     log.warning("could not save index snapshot %s: %s", path, exc)
             return idx
 
-    def build(self, version: str) -> Snapshot:
+    def build(self, version: str, warm: bool = True) -> Snapshot:
+        """`warm=False` leaves the fold-in kernels cold (a parent about to fork: see `prefork`)."""
         loaded = self.models.load(version)
         F = loaded.model.item_factors_
         ids = loaded.track_ids
@@ -121,8 +127,8 @@ class SnapshotBuilder:
                 )
             indexes.append(idx)
         snap = Snapshot(loaded, indexes[0], indexes[1], popular_of(loaded.meta, ids, loaded.popularity), chosen or None)
-        if ids:  # load the compiled fold-in kernels now: the first call takes ~0.3 s and would stall requests
-            snap.fold_in_plays({ids[0]: 1.0})
+        if warm:
+            snap.warm()
         return snap
 
     def prune(self, keep: set[str]) -> None:

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import sys
 from dataclasses import fields
 
@@ -37,11 +38,33 @@ def _requests_counted(metrics: str, route: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(pattern, metrics, re.M))
 
 
-def test_two_workers_build_once_answer_alike_and_count_together(
+def _workers(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(w) for w in f.read().split()]
+
+
+def _shared_dirty_mb(pid: int) -> float:
+    """Anonymous memory this process shares with others (a forked worker: its parent's pages)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Shared_Dirty:")) / 1024
+
+
+def _versions(port: int, times: int = 12) -> set[str]:
+    """The versions /ready reports over `times` fresh connections (spread over the workers)."""
+    out = set()
+    for _ in range(times):
+        status, body = _get(port, "/ready")
+        out.add(json.loads(body).get("model_version", "") if status == 200 else "")
+    return out
+
+
+def test_two_workers_share_one_snapshot_roll_versions_and_count_together(
     settings: Settings, redis_client: redis.Redis, tmp_path
 ) -> None:
+    """The parent loads the version once and forks the workers from it (they share its pages);
+    a new version rolls the workers over; a killed worker is replaced; metrics sum over workers."""
     data = SyntheticMusic(n_users=300, n_tracks=400, seed=11)
-    publish_synthetic_model(settings, redis_client, data)
+    first = publish_synthetic_model(settings, redis_client, data)
     redis_client.hset(Keys(settings.key_prefix).history("u7"), mapping={"t1": 2.0})
     env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
     env["ENCORE_API_WORKERS"] = "2"
@@ -49,14 +72,14 @@ def test_two_workers_build_once_answer_alike_and_count_together(
     log_path = tmp_path / "serve.log"
     proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
     try:
-        # Ready once both workers answer /ready (each reports on its own snapshot).
-        def all_ready() -> bool:
+
+        def on(version: str) -> bool:
             try:
-                return all(_get(port, "/ready")[0] == 200 for _ in range(12))
+                return _versions(port) == {version}
             except OSError:
                 return False
 
-        assert wait_for(all_ready, timeout=120, every=0.5), log_path.read_text()
+        assert wait_for(lambda: on(first), timeout=120, every=0.5), log_path.read_text()
         answers = set()
         for _ in range(40):
             status, body = _get(port, "/recommendations/u7?n=10")
@@ -64,21 +87,36 @@ def test_two_workers_build_once_answer_alike_and_count_together(
             items = json.loads(body)["items"]
             assert "t1" not in {i["track_id"] for i in items}
             answers.add(tuple(i["track_id"] for i in items))
-        assert len(answers) == 1  # the worker that loaded the snapshot answers like the one that built it
+        assert len(answers) == 1  # both workers answer from the same snapshot
         metrics = _get(port, "/metrics")[1].decode()
         # Prometheus multiprocess mode: the scrape sums both workers, whichever one answers it.
         assert _requests_counted(metrics, "/recommendations/{user_id}") == 40
-        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            workers = [int(w) for w in f.read().split()]
+        workers = _workers(proc.pid)
+        assert len(workers) == 2
+        # the interpreter, the libraries and the snapshot were loaded before the fork: shared
+        assert all(_shared_dirty_mb(w) > 20 for w in workers), [_shared_dirty_mb(w) for w in workers]
+
+        second = publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=300, n_tracks=450, seed=12))
+        assert wait_for(lambda: on(second), timeout=120, every=0.5), log_path.read_text()
+        rolled = _workers(proc.pid)
+        assert len(rolled) == 2 and not set(rolled) & set(workers)  # a new generation, forked from the new snapshot
+        assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=40)
+
+        os.kill(rolled[0], signal.SIGKILL)
+        assert wait_for(lambda: len(_workers(proc.pid)) == 2 and rolled[0] not in _workers(proc.pid), timeout=30)
+        assert wait_for(lambda: on(second), timeout=60, every=0.5), log_path.read_text()
+        last = _workers(proc.pid)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     log = log_path.read_text()
-    for space in ("ip", "cosine"):  # each graph built by one worker, loaded by the other
-        assert len(re.findall(rf"index \S+/{space}: built", log)) == 1, log
-        assert len(re.findall(rf"index \S+/{space}: loaded from snapshot", log)) == 1, log
-    assert len(workers) >= 2
-    assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=20)  # none left behind
+    assert proc.returncode == 0, log
+    for version in (first, second):
+        for space in ("ip", "cosine"):  # each graph built once, by the parent, for every worker
+            assert len(re.findall(rf"index {version}/{space}: built", log)) == 1, log
+            assert not re.findall(rf"index {version}/{space}: loaded from snapshot", log), log
+    assert "exited (status" in log  # the killed worker was noticed and replaced
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in last), timeout=20)  # none left behind
 
 
 def test_serve_over_https_with_api_keys(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:

@@ -26,16 +26,17 @@ def test_top_n_excludes_and_orders() -> None:
         top_n(user, items, 0)
 
 
+@pytest.mark.parametrize("threads", [True, False])  # False: the serial kernel a serve parent tunes with
 @pytest.mark.parametrize("n", [1, 10, 128, 200])  # 200: the argpartition path
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_top_of_scores_matches_a_stable_full_sort(n, dtype) -> None:
+def test_top_of_scores_matches_a_stable_full_sort(n, dtype, threads) -> None:
     rng = np.random.default_rng(0)
     s = rng.standard_normal((60, 3000)).astype(dtype)
     s[rng.random(s.shape) < 0.3] = -np.inf  # excluded entries
     s[5, :] = -np.inf  # nothing eligible
     s[6, 4:] = -np.inf  # fewer eligible than n
     s[7, :] = 1.0  # all tied: earlier columns first
-    idx, val = top_of_scores(s, n)
+    idx, val = top_of_scores(s, n, threads=threads)
     order = np.argsort(-s, axis=1, kind="stable")[:, :n]
     want_v = np.take_along_axis(s, order, axis=1)
     want_i = np.where(np.isfinite(want_v), order, -1)
