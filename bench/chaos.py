@@ -135,7 +135,7 @@ class Soak:
         pid = workers[k % len(workers)]
         self.strike()
         os.kill(pid, 9)
-        return f"SIGKILL serve worker {pid} of {len(workers)} (uvicorn restarts it)"
+        return f"SIGKILL serve worker {pid} of {len(workers)} (the serve parent forks another)"
 
     def redis_kill(self, k: int) -> str:
         self.strike()

@@ -36,6 +36,17 @@ def rss_mb(pid: int) -> list[float]:
     return out
 
 
+def pss_mb(pid: int) -> list[float]:
+    """Proportional set size of each process of `encore serve`, in MB: a page shared by k
+    processes counts 1/k in each, so the sum is what the replica holds (RSS would count pages
+    the workers share with their parent once per process)."""
+    out = []
+    for p in family(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/smaps_rollup") as f:
+            out += [int(line.split()[1]) / 1024 for line in f if line.startswith("Pss:")]
+    return out
+
+
 def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
     """Count and total ms of the server's collector pauses per generation, from /metrics."""
     out: dict[str, dict[str, float]] = {}

@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.common import write
 from bench.loadgen import Request, run_load
-from bench.serve_probe import gc_pauses, rss_mb, serve_cpu, server_buckets
+from bench.serve_probe import gc_pauses, pss_mb, rss_mb, serve_cpu, server_buckets
 from core.index import ExactIndex, HNSWIndex
 from core.index_tuning import exact_top, tune_ef
 from services.cli import process_defaults
@@ -174,6 +174,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
                 time.sleep(1)
         ready_s = time.perf_counter() - t0
         index_info = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=5).read()).get("index")
+        pss_ready = pss_mb(proc.pid)
         cpu0 = serve_cpu(proc.pid)
         kinds = ("personal",) * 7 + ("similar",) * 2 + ("anonymous",)
 
@@ -202,7 +203,7 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
         pauses = {  # during the measured load only
             g: {k: v - gc_before.get(g, {}).get(k, 0.0) for k, v in d.items()} for g, d in gc_after.items()
         }
-        rss = rss_mb(proc.pid)
+        rss, pss = rss_mb(proc.pid), pss_mb(proc.pid)
         proc.terminate()
         proc.wait(timeout=30)
         res = {
@@ -226,6 +227,11 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
             "index": index_info,
             "serve_cpu_cores_during_load": serve_cores,
             "serve_rss_mb_per_process": rss,
+            # what the replica holds: at ready, and after the load (a forked worker's pages
+            # become its own as it writes them: updates, reference counts)
+            "serve_pss_mb_per_process": pss,
+            "serve_pss_mb_total_at_ready": sum(pss_ready),
+            "serve_pss_mb_total": sum(pss),
             "serve_gc_pauses": pauses,
             "server_side_share_slower_than": server_side,
         }
@@ -235,6 +241,39 @@ def http(n_tracks: int, rate: float, seconds: float, workers: int = 0) -> dict[s
         servers.stop()
 
 
+def by_workers(args: argparse.Namespace, counts: list[int]) -> dict[str, Any]:
+    """The same load on replicas of each worker count, alternated over the runs; memory of each
+    against the one-process replica (one copy of the graphs and everything else)."""
+    runs: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
+    for _ in range(args.http_runs):
+        for w in counts:
+            runs[w].append(http(args.http_size, args.rate, args.seconds, w))
+    one = min(r["serve_pss_mb_total"] for r in runs[counts[0]])
+    return {
+        str(w): {
+            "runs": [
+                {
+                    k: r[k]
+                    for k in (
+                        "achieved_rps",
+                        "p99_ms",
+                        "errors",
+                        "p99_ms_by_route",
+                        "serve_cpu_cores_during_load",
+                        "serve_pss_mb_total_at_ready",
+                        "serve_pss_mb_total",
+                        "serve_pss_mb_per_process",
+                        "serve_rss_mb_per_process",
+                    )
+                }
+                for r in rs
+            ],
+            f"pss_vs_{counts[0]}_worker": max(r["serve_pss_mb_total"] for r in rs) / one,
+        }
+        for w, rs in runs.items()
+    }
+
+
 def main() -> None:
     process_defaults()  # what `encore` sets at start-up, before numba starts its threads
     ap = argparse.ArgumentParser()
@@ -242,13 +281,20 @@ def main() -> None:
     ap.add_argument("--http-size", type=int, default=200_000)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--workers", type=int, default=0, help="ENCORE_API_WORKERS of the served API (0 = one per core)")
+    ap.add_argument(
+        "--workers",
+        default="0",
+        help="ENCORE_API_WORKERS of the served API (0 = one per core); a list (1,2) runs each and compares memory",
+    )
     ap.add_argument("--http-runs", type=int, default=2, help="HTTP runs, each on fresh servers; all are reported")
     ap.add_argument("--out", default="serving", help="results file name under bench/results")
     args = ap.parse_args()
     out: dict[str, Any] = {"in_process": [in_process(int(n)) for n in args.sizes.split(",") if n]}
-    if args.http_size:
-        runs = [http(args.http_size, args.rate, args.seconds, args.workers) for _ in range(args.http_runs)]
+    counts = [int(w) for w in args.workers.split(",")]
+    if args.http_size and len(counts) > 1:
+        out["by_workers"] = by_workers(args, counts)
+    elif args.http_size:
+        runs = [http(args.http_size, args.rate, args.seconds, counts[0]) for _ in range(args.http_runs)]
         # The machine's speed drifts from minute to minute: every run is kept, the headline is the worst p99.
         out["http"] = max(runs, key=lambda r: r["p99_ms"])
         out["http_runs"] = [{k: r[k] for k in ("p50_ms", "p99_ms", "p999_ms", "errors", "achieved_rps")} for r in runs]

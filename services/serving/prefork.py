@@ -17,6 +17,7 @@ each worker warms its own kernels.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from services.serving.snapshots import Snapshot, SnapshotBuilder
 log = logging.getLogger(__name__)
 POLL_S = 1.0
 DRAIN_S = 30.0  # an old generation's requests get this long before SIGKILL
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Prefork:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
                 self.worker(self.snapshot, sock)
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's loop
                 log.exception("serve worker %d failed", os.getpid())
@@ -156,6 +159,18 @@ class Prefork:
             log.warning("serve worker %d did not stop in %.0fs; killing it", pid, DRAIN_S)
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def _die_with_parent() -> None:
+    """A worker whose parent was SIGKILLed gets SIGTERM (Linux PR_SET_PDEATHSIG) rather than
+    holding the port with nobody to follow versions or replace it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the worker outlives a killed parent
+        return
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -119,6 +119,31 @@ def test_two_workers_share_one_snapshot_roll_versions_and_count_together(
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in last), timeout=20)  # none left behind
 
 
+def test_workers_stop_when_the_serve_parent_is_killed(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
+    """SIGKILL of the parent leaves no worker holding the port (they get SIGTERM from the kernel)."""
+    publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=3))
+    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    env["ENCORE_API_WORKERS"] = "2"
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+
+    def up() -> bool:
+        try:
+            return len(_workers(proc.pid)) == 2 and _get(port, "/health")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_for(up, timeout=120), log_path.read_text()
+        workers = _workers(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len(workers) == 2, log_path.read_text()
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=30), log_path.read_text()
+
+
 def test_serve_over_https_with_api_keys(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
     """`encore serve` with ENCORE_API_TLS_CERT/KEY and a read key, as a real process: HTTPS with
     a certificate that verifies against its CA, the key required, plain HTTP not answered."""
