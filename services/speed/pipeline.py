@@ -1,8 +1,9 @@
 """The speed layer's decisions for one micro-batch, over its ports (no Kafka or Redis here).
 
 Order, and why: apply histories with their offsets in one atomic step (a replay is skipped);
-hand the dead letters recorded in that step to the sink; re-solve pending users and cold-start
-tracks; flush the sink; only then drop the settled work from the durable queues. The caller
+re-solve pending users and cold-start tracks; hand the dead letters recorded in the apply to the
+sink (last: a letter handed over is delivered even if a later step fails and the batch is
+retried); flush the sink; only then drop the settled work from the durable queues. The caller
 commits Kafka offsets after `handle` returns. A crash anywhere repeats only idempotent work
 (re-solving, re-announcing) and never loses or double-counts a play.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.events import Limits
+from core.messages import DeadLetter
 from services.infra.model_store import LoadedModel
 from services.infra.settings import Settings
 from services.infra.stage_timer import stage
@@ -91,6 +93,19 @@ class SpeedLayer:
                 log.info("erased user %r (erase record %d/%d)", e.user, e.partition, e.offset)
         return without_erased_plays(records)
 
+    def _send_letters(
+        self, dead: Mapping[int, list[DeadLetter]], done: Mapping[int, int]
+    ) -> tuple[int, dict[int, int]]:
+        """Hand the letters past `done[partition]` to the sink: (count, last offset per partition)."""
+        sent, last = 0, dict[int, int]()
+        for part, letters in dead.items():
+            for d in letters:
+                if d.offset > done.get(part, -1):
+                    self.sink.dead_letter(d)
+                    sent += 1
+                    last[part] = d.offset
+        return sent, last
+
     def has_work(self) -> bool:
         """Pending re-solves, or no model loaded yet (checked on idle polls)."""
         return self.model is None or bool(self.histories.pending(1)[0])
@@ -122,14 +137,6 @@ class SpeedLayer:
             applied = self.histories.apply(incarnation, records, expected)
         with stage("dead_letters"):
             dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
-        done = letters_done if letters_done is not None else {}
-        sent, last_letter = 0, dict[int, int]()
-        for part, letters in dead.items():
-            for d in letters:
-                if d.offset > done.get(part, -1):
-                    self.sink.dead_letter(d)
-                    sent += 1
-                    last_letter[part] = d.offset
         users: list[str] = []
         upto: Any = None
         tracks = 0
@@ -140,6 +147,11 @@ class SpeedLayer:
             with stage("cold_start"):
                 new = sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track})
                 tracks = self._cold_start(new)
+        # Letters go to the sink after the last Redis step of the batch: a letter handed to the
+        # producer is delivered even if this attempt fails later, and the retry, not knowing
+        # that, would send it again.
+        done = letters_done if letters_done is not None else {}
+        sent, last_letter = self._send_letters(dead, done)
         with stage("produce"):
             self.sink.flush()
         for part, off in last_letter.items():

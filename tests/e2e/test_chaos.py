@@ -23,7 +23,7 @@ def test_small_chaos_soak_loses_nothing_and_counts_nothing_twice(tmp_path) -> No
         [sys.executable, "-m", "bench.chaos", "--small", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=840,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "chaos_small.json").read_text())

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +45,27 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _read_until(proc: subprocess.Popen, marker: str, seconds: float, logs: Path) -> list[str]:
+    """`proc`'s output lines up to the one holding `marker`; on timeout or exit, an assertion
+    with the output and the tail of every service log (a reader thread: a silent process must
+    not block the test forever)."""
+    out: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [out.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    lines: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            lines.append(out.get(timeout=1.0))
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if marker in lines[-1]:
+            return lines
+    tails = "".join(f"\n--- {f.name}\n" + f.read_text()[-2000:] for f in sorted(logs.glob("*.log")))
+    raise AssertionError(f"no {marker!r} after {seconds:.0f}s (exit {proc.poll()}):\n" + "".join(lines) + tails)
+
+
 def _up(tmp_path, **extra: str) -> tuple[subprocess.Popen, str, str, str, list[str]]:
     """Start `encore up` in `tmp_path` (its data folder is ./data) and read until it is running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCORE_")}
@@ -55,20 +79,16 @@ def _up(tmp_path, **extra: str) -> tuple[subprocess.Popen, str, str, str, list[s
         stderr=subprocess.STDOUT,
         text=True,
     )
-    lines: list[str] = []
-    deadline = time.monotonic() + 240
-    url = kafka = redis_url = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        lines.append(line)
-        if m := re.search(r"encore up: Kafka (\S+), Redis (\S+)", line):
-            kafka, redis_url = m.group(1).rstrip(","), m.group(2)
-        if m := re.search(r"API ready at (http://\S+)", line):
-            url = m.group(1)
-        if "Ctrl-C stops everything" in line:
-            break
-    assert url and kafka and redis_url, "".join(lines)
-    return proc, url, kafka, redis_url, lines
+    try:
+        lines = _read_until(proc, "Ctrl-C stops everything", 240, tmp_path / "data" / "logs")
+    except AssertionError:
+        _stop(proc)
+        raise
+    text = "".join(lines)
+    up = re.search(r"encore up: Kafka (\S+), Redis (\S+)", text)
+    ready = re.search(r"API ready at (http://\S+)", text)
+    assert up and ready, text
+    return proc, ready.group(1), up.group(1).rstrip(","), up.group(2), lines
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -191,11 +211,7 @@ def test_encore_up_secure(tmp_path) -> None:
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            lines.append(proc.stdout.readline())  # type: ignore[union-attr]
-            if "Ctrl-C stops everything" in lines[-1]:
-                break
+        lines = _read_until(proc, "Ctrl-C stops everything", 240, tmp_path / "data" / "logs")
         out = "".join(lines)
         m = re.search(r"curl --cacert (\S+) -H 'Authorization: Bearer (\S+)' (https://\S+)", out)
         assert m, out

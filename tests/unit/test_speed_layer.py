@@ -105,6 +105,27 @@ def test_bad_messages_are_dead_letters_exactly_once_even_across_a_failed_flush(l
     assert layer.histories.dead_letters([0]) == {} and layer.histories.pending(10)[0] == []
 
 
+def test_a_letter_is_not_sent_twice_when_redis_fails_after_it_was_read(layer: SpeedLayer) -> None:
+    """A real producer delivers what it was handed even when the attempt fails afterwards: the
+    letters must reach the sink only after the batch's last Redis step (the chaos soak's duplicate
+    letters came from a Redis kill during the re-solve)."""
+    pending, calls = layer.histories.pending, []
+
+    def flaky(limit: int) -> tuple[list[str], float]:
+        calls.append(limit)
+        if len(calls) == 1:
+            raise ConnectionError("Redis went away")
+        return pending(limit)
+
+    layer.histories.pending = flaky  # type: ignore[method-assign]
+    batch = [Msg(0, 0, b"{not json"), Msg(0, 1, _play("a", "t1")), Msg(0, 2, b"[]")]
+    with pytest.raises(ConnectionError):
+        layer.handle(batch, "inc")
+    layer.handle(batch, "inc")  # the retry; the sink's buffer (the producer's queue) was kept
+    assert [d.source for d in layer.sink.letters()] == ["plays/0/0", "plays/0/2"]
+    assert layer.histories.dead_letters([0]) == {}
+
+
 def test_a_new_model_re_solves_users_changed_since_its_checkpoint(layer: SpeedLayer) -> None:
     hs, models = layer.histories, layer.models
     hs.clock = lambda: 100.0
