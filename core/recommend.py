@@ -17,34 +17,51 @@ def masked_scores(user_vectors: np.ndarray, item_factors: np.ndarray, exclude: s
     return scores
 
 
+@numba.njit(nogil=True, inline="always")
+def _top_row(scores: np.ndarray, r: int, idx: np.ndarray, val: np.ndarray) -> None:
+    """Row r's m best (m = idx.shape[1]) in a sorted buffer, one pass (ties: earlier column first)."""
+    m = idx.shape[1]
+    filled = 0
+    for c in range(scores.shape[1]):
+        s = scores[r, c]
+        if not s > val[r, m - 1] or not s > -np.inf:  # also skips NaN
+            continue
+        pos = filled if filled < m else m - 1
+        while pos > 0 and val[r, pos - 1] < s:
+            val[r, pos] = val[r, pos - 1]
+            idx[r, pos] = idx[r, pos - 1]
+            pos -= 1
+        val[r, pos] = s
+        idx[r, pos] = c
+        if filled < m:
+            filled += 1
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _top_rows(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pass per row keeping the m best in a sorted buffer (ties: earlier column first)."""
-    rows, cols = scores.shape
+    """Every row on numba's threads."""
+    rows = scores.shape[0]
     idx = np.full((rows, m), -1, dtype=np.int64)
     val = np.empty((rows, m), dtype=scores.dtype)
     val[:] = -np.inf
     for r in prange(rows):
-        filled = 0
-        for c in range(cols):
-            s = scores[r, c]
-            if not s > val[r, m - 1] or not s > -np.inf:  # also skips NaN
-                continue
-            pos = filled if filled < m else m - 1
-            while pos > 0 and val[r, pos - 1] < s:
-                val[r, pos] = val[r, pos - 1]
-                idx[r, pos] = idx[r, pos - 1]
-                pos -= 1
-            val[r, pos] = s
-            idx[r, pos] = c
-            if filled < m:
-                filled += 1
+        _top_row(scores, r, idx, val)
     return idx, val
 
 
-# The same pass on the calling thread: for a process that forks afterwards (`encore serve`'s
-# parent tunes its graphs before forking the workers; GNU OpenMP's threads do not survive a fork).
-_top_rows_serial = numba.njit(cache=True, nogil=True)(_top_rows.py_func)
+# The same pass on the calling thread, for a process that forks afterwards (`encore serve`'s
+# parent tunes its graphs before forking the workers, and GNU OpenMP's threads do not survive a
+# fork). A function of its own: numba's on-disk cache is keyed by the Python function, so one
+# compiled from `_top_rows.py_func` loaded the threaded machine code whenever that was cached first.
+@numba.njit(cache=True, nogil=True)
+def _top_rows_serial(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = scores.shape[0]
+    idx = np.full((rows, m), -1, dtype=np.int64)
+    val = np.empty((rows, m), dtype=scores.dtype)
+    val[:] = -np.inf
+    for r in range(rows):
+        _top_row(scores, r, idx, val)
+    return idx, val
 
 
 def top_of_scores(scores: np.ndarray, n: int, threads: bool = True) -> tuple[np.ndarray, np.ndarray]:

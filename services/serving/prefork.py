@@ -33,6 +33,8 @@ from services.serving.snapshots import Snapshot, SnapshotBuilder
 log = logging.getLogger(__name__)
 POLL_S = 1.0
 DRAIN_S = 30.0  # an old generation's requests get this long before SIGKILL
+EARLY_S = 10.0  # a worker that dies sooner than this after its fork counts as a crash loop
+MAX_PAUSE_S = 30.0
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
@@ -64,6 +66,9 @@ class Prefork:
         self.n, self.builder, self.current, self.worker = workers, builder, current, worker
         self.snapshot: Snapshot | None = None
         self.pids: set[int] = set()
+        self.born: dict[int, float] = {}  # pid → when it was forked
+        self.early_deaths = 0  # in a row: replacements then wait, doubling up to MAX_PAUSE_S
+        self.owed, self.fork_at = 0, 0.0  # workers to replace, and not before when
         self.stopping = False
 
     def run(self, sock: socket.socket) -> int:
@@ -103,12 +108,15 @@ class Prefork:
         if not self._load():
             return
         old, self.pids = self.pids, {self._fork(sock) for _ in range(self.n)}
+        self.owed = 0  # the new generation is whole
         self._retire(old)
         assert self.snapshot is not None
         self.builder.prune({self.snapshot.version} | {v for v, _ in self.builder.models.versions()})
 
     def _fork(self, sock: socket.socket) -> int:
         pid = os.fork()
+        if pid:
+            self.born[pid] = time.monotonic()
         if pid == 0:  # the worker
             code = 0
             try:
@@ -126,23 +134,44 @@ class Prefork:
         return pid
 
     def _reap(self, sock: socket.socket) -> None:
-        """Replace workers of the current generation that died (an old one exiting is expected)."""
+        """Replace workers of the current generation that died (an old one exiting is expected);
+        workers that keep dying right after their fork are replaced after a growing pause, with
+        an error in the log, rather than re-forked as fast as they die."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            if pid in self.pids:
+                break
+            lived = time.monotonic() - self.born.pop(pid, 0.0)
+            if pid in self.pids and not self.stopping:
                 self.pids.discard(pid)
-                if not self.stopping:
+                self.early_deaths = self.early_deaths + 1 if lived < EARLY_S else 0
+                self.owed += 1
+                if self.early_deaths < 3:
                     log.warning("serve worker %d exited (status %d); starting another", pid, status)
-                    self.pids.add(self._fork(sock))
+                else:
+                    pause = min(MAX_PAUSE_S, 2.0 ** (self.early_deaths - 2))
+                    self.fork_at = time.monotonic() + pause
+                    log.error(
+                        "serve worker %d exited (status %d) %.1fs after it started, %d in a row: "
+                        "the next one in %.0fs (the cause is in the lines above)",
+                        pid,
+                        status,
+                        lived,
+                        self.early_deaths,
+                        pause,
+                    )
+            self.pids.discard(pid)
+        while self.owed and not self.stopping and time.monotonic() >= self.fork_at:
+            self.owed -= 1
+            self.pids.add(self._fork(sock))
 
     def _retire(self, pids: set[int]) -> None:
         """SIGTERM (uvicorn finishes open requests), then SIGKILL what is left after DRAIN_S."""
         for pid in pids:
+            self.born.pop(pid, None)
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + DRAIN_S
         left = set(pids)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,6 +15,34 @@ from core.recommend import similar_items, top_n, top_of_scores
 from core.synthetic import SKIP_MS, SyntheticMusic
 
 pytestmark = pytest.mark.unit
+
+
+_FORK_AFTER_SERIAL = """
+import os, numpy as np
+from core.recommend import top_of_scores
+s = np.random.default_rng(0).random((64, 300), dtype=np.float32)
+top_of_scores(s, 10, threads=False)  # the serve parent tuning its graphs
+pid = os.fork()
+if pid == 0:  # a worker: the threaded kernels must still work here
+    top_of_scores(s, 10, threads=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child", status)
+"""
+
+
+def test_a_parent_using_the_serial_kernel_can_fork_workers_that_use_threads(tmp_path) -> None:
+    """Even when the threaded kernel is in numba's disk cache first (CI's order: the trainer
+    evaluates before a serve parent tunes), the serial one must not start GNU OpenMP: a worker
+    forked afterwards was killed on its first threaded call and the parent re-forked forever."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    warm = "import numpy as np; from core.recommend import top_of_scores; "
+    warm += "top_of_scores(np.random.default_rng(1).random((64, 300), dtype=np.float32), 10)"
+    subprocess.run([sys.executable, "-c", warm], env=env, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_SERIAL], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and "child 0" in out.stdout, out.stdout + out.stderr
 
 
 def test_top_n_excludes_and_orders() -> None:
