@@ -37,14 +37,20 @@ def _top_row(scores: np.ndarray, r: int, idx: np.ndarray, val: np.ndarray) -> No
             filled += 1
 
 
+@numba.njit(nogil=True, inline="always")
+def _top_buffers(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: m indices at -1 and m scores at -inf (the empty top list)."""
+    idx = np.full((scores.shape[0], m), -1, dtype=np.int64)
+    val = np.empty((scores.shape[0], m), dtype=scores.dtype)
+    val[:] = -np.inf
+    return idx, val
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _top_rows(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """Every row on numba's threads."""
-    rows = scores.shape[0]
-    idx = np.full((rows, m), -1, dtype=np.int64)
-    val = np.empty((rows, m), dtype=scores.dtype)
-    val[:] = -np.inf
-    for r in prange(rows):
+    idx, val = _top_buffers(scores, m)
+    for r in prange(scores.shape[0]):
         _top_row(scores, r, idx, val)
     return idx, val
 
@@ -55,11 +61,8 @@ def _top_rows(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
 # compiled from `_top_rows.py_func` loaded the threaded machine code whenever that was cached first.
 @numba.njit(cache=True, nogil=True)
 def _top_rows_serial(scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = scores.shape[0]
-    idx = np.full((rows, m), -1, dtype=np.int64)
-    val = np.empty((rows, m), dtype=scores.dtype)
-    val[:] = -np.inf
-    for r in range(rows):
+    idx, val = _top_buffers(scores, m)
+    for r in range(scores.shape[0]):
         _top_row(scores, r, idx, val)
     return idx, val
 

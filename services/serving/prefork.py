@@ -146,7 +146,6 @@ class Prefork:
                 break
             lived = time.monotonic() - self.born.pop(pid, 0.0)
             if pid in self.pids and not self.stopping:
-                self.pids.discard(pid)
                 self.early_deaths = self.early_deaths + 1 if lived < EARLY_S else 0
                 self.owed += 1
                 if self.early_deaths < 3:
