@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from bench.serving import pct, track_vectors
 from core.catalogue import Catalogue, TrackInfo
 from core.filter_plans import FilterPlans, planned_search
 from core.filters import NO_FILTER, TrackFilter, search
-from core.index import HNSWIndex
+from core.hnsw import HNSWIndex
 from core.index_tuning import tune_ef
 from services.cli import process_defaults
 from services.infra.model_store import QUERY_SAMPLE
@@ -93,9 +94,7 @@ def run(n: int, queries: int) -> dict[str, Any]:
                 elif method == "graph_overfetch":
                     got = [int(x[1:]) for x, _ in search(index, q[i], 10, flt, cat, index.ef)]
                 else:
-                    labels, _ = index.index.knn_query(
-                        q[i], k=10, num_threads=1, filter=lambda lab, m=mask: bool(m[lab])
-                    )
+                    labels, _ = index.knn(q[i], 10, filter=_admits(mask))
                     got = labels[0].tolist()
                 lat.append(time.perf_counter() - t)
                 hits += len(truth[i] & set(got))
@@ -125,3 +124,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _admits(mask: np.ndarray) -> Callable[[int], bool]:
+    """hnswlib's filter callback for a boolean mask over labels."""
+    return lambda lab: bool(mask[lab])

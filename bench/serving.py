@@ -24,7 +24,8 @@ import numpy as np
 from bench.common import write
 from bench.loadgen import Request, run_load
 from bench.serve_probe import gc_pauses, pss_mb, rss_mb, serve_cpu, server_buckets
-from core.index import ExactIndex, HNSWIndex
+from core.hnsw import HNSWIndex
+from core.index import ExactIndex
 from core.index_tuning import exact_top, tune_ef
 from services.cli import process_defaults
 from services.infra.model_store import QUERY_SAMPLE
@@ -72,10 +73,18 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
     t0 = time.perf_counter()
     choice = tune_ef(hnsw, ids, v, queries=sample)
     tune_s = time.perf_counter() - t0
+    # The peer: the same graph without norm bands (`core.hnsw`), tuned to the same recall target.
+    one = HNSWIndex(64, "ip", capacity=n, head_share=0)
+    one.upsert(ids, v)
+    one_choice = tune_ef(one, ids, v, queries=sample)
     _timed(hnsw, q[:300])  # warm-up
-    # Three timed passes over all queries: on a shared machine one pass can catch a burst of
-    # outside load; each pass is reported and the median pass's p99 is the headline.
-    passes = [_timed(hnsw, q) for _ in range(3)]
+    _timed(one, q[:300])
+    # Three timed passes over all queries, alternating with the peer's: on a shared machine one
+    # pass can catch a burst of outside load; each pass is reported, the median pass is the headline.
+    passes, one_passes = [], []
+    for _ in range(3):
+        passes.append(_timed(hnsw, q))
+        one_passes.append(_timed(one, q))
     h_lat, h_got = passes[0]
     exact = ExactIndex(64, "ip")
     exact.upsert(ids, v)
@@ -94,7 +103,7 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
         hnsw.set_ef(ef)
         lat, got = _timed(hnsw, q)
         trade_off.append({"ef": ef, "recall@10": recall(got), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)})
-    hnsw.set_ef(choice.ef)
+    hnsw.set_band_ef(choice.bands)
     upd = track_vectors(1000, seed=7)
     t = time.perf_counter()
     for j in range(1000):
@@ -105,6 +114,8 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
         "build_s": build,
         "build_items_per_s": n / build,
         "ef_chosen": choice.ef,
+        "ef_per_band": list(choice.bands),
+        "band_sizes": list(hnsw.live),
         "ef_tuning": {
             "recall_on_sample": choice.recall,
             "recall_lower_95": choice.lower,
@@ -120,7 +131,19 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
         "recall@10": recall(h_got),
         "ef_sweep": trade_off,
         "update_ms_per_vector": update_ms,
+        "one_graph": {
+            "ef_chosen": one_choice.ef,
+            "recall@10": recall(one_passes[0][1]),
+            "recall_lower_95_on_sample": one_choice.lower,
+            "hnsw_p50_ms": float(np.median([pct(lat, 50) for lat, _ in one_passes])),
+            "hnsw_p99_ms": float(np.median([pct(lat, 99) for lat, _ in one_passes])),
+            "mean_ms_per_pass": [float(np.mean(lat) * 1000) for lat, _ in one_passes],
+        },
+        "mean_ms_per_pass": [float(np.mean(lat) * 1000) for lat, _ in passes],
     }
+    res["bands_vs_one_graph_mean"] = float(np.median(res["mean_ms_per_pass"])) / float(
+        np.median(res["one_graph"]["mean_ms_per_pass"])
+    )
     res["speedup_p50_exact_over_hnsw"] = res["exact_p50_ms"] / res["hnsw_p50_ms"]
     res["speedup_p99_exact_over_hnsw"] = res["exact_p99_ms"] / res["hnsw_p99_ms"]
     print(f"  {n} tracks: {res}")

@@ -29,7 +29,8 @@ import numpy as np
 
 from core.catalogue import Catalogue
 from core.filters import Choose, Ranked, TrackFilter, passing, search
-from core.index import HNSWIndex, _prep
+from core.hnsw import HNSWIndex
+from core.index import prep
 
 EXACT_MAX_ROWS = 150_000  # ~3.5 ms for one scan of 64 floats a row on one core (bench.filtered)
 EXACT_MAX_SHARE = 0.5  # passing more, the graph's own top ef serves the filter well (0.94 at 70 %)
@@ -53,7 +54,7 @@ class Subset:
         """The k best of the subset by exact score, best first (all of them when k ≥ size)."""
         if not self.ids or self.vectors is None:
             return iter(())
-        scores = self.vectors @ _prep(vector, space)[0]  # type: ignore[arg-type]
+        scores = self.vectors @ prep(vector, space)[0]  # type: ignore[arg-type]
         if k < len(scores):
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top], kind="stable")]
@@ -140,9 +141,7 @@ def planned_search(
             candidates = subset.ranked(index.space, vector, k)
         else:
             try:
-                labels, dist = index.index.knn_query(
-                    _prep(vector, index.space), k=k, num_threads=1, filter=subset.admits
-                )
+                labels, dist = index.knn(vector, k, filter=subset.admits)
             except RuntimeError:  # the graph could not reach k passing tracks: widen the plain way
                 return search(index, vector, n, flt, catalogue, index.ef, choose)
             ids = index.slots.ids

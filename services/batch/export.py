@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from core.catalogue import Catalogue
 from core.filter_plans import FilterPlans, planned_search
 from core.filters import Ranked, TrackFilter, pick, search
-from core.index import HNSWIndex
+from core.hnsw import HNSWIndex
 from core.messages import decode_vector
 from core.recommend import top_n
 from services.infra.keys import Keys
@@ -160,7 +160,7 @@ class Exporter:
             return out
         depth = n + len(flt.exclude) + max(len(played[i]) for i in with_vec)
         k = min(len(index), max(depth, index.ef if flt.selective else depth))
-        labels, dist = index.index.knn_query(vecs, k=k, num_threads=-1)
+        labels, dist = index.knn(vecs, k, threads=-1)
         ids = index.slots.ids
         for row, i in enumerate(with_vec):
             user_flt = flt.excluding(played[i])

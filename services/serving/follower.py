@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
 from confluent_kafka import Consumer
 
 from core.catalogue import Catalogue
@@ -129,8 +128,7 @@ class UpdateFollower:
     def _start_rebuild(self, snap: Snapshot) -> None:
         """Copy the live vectors here (this thread is the only writer), rebuild on a helper."""
         ids = list(snap.ip.slots.label)
-        vecs = snap.ip.index.get_items([snap.ip.slots.label[t] for t in ids]) if ids else []
-        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(ids), snap.ip.dim)
+        vecs = snap.ip.stored(ids)
         self._rebuilding, self._replay = snap, []
 
         def build() -> None:

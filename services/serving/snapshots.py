@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from core.index import HNSWIndex, Space
+from core.hnsw import HNSWIndex
+from core.index import Space
 from core.index_tuning import EfChoice, tune_ef
 from services.infra.data_dir import DataDir
 from services.infra.model_store import LoadedModel, RedisModelStore
@@ -118,10 +119,10 @@ class SnapshotBuilder:
                 users = loaded.query_sample if space == "ip" else None
                 chosen[space] = tune_ef(idx, ids, F, queries=users, target=self.s.index_recall)
                 log.info(
-                    "index %s/%s: ef=%d (recall@10 %.3f on %d sampled queries)",
+                    "index %s/%s: ef=%s per band (recall@10 %.3f on %d sampled queries)",
                     version,
                     space,
-                    chosen[space].ef,
+                    "/".join(map(str, chosen[space].bands)),
                     chosen[space].recall,
                     chosen[space].queries,
                 )
@@ -158,7 +159,12 @@ def popular_of(meta: dict[str, str], ids: list[str], shares: np.ndarray | None =
 
 def rebuilt(snap: Snapshot, ids: list[str], vecs: np.ndarray) -> Snapshot:
     """The same version re-indexed from `vecs` without deleted nodes, same search breadth."""
-    fresh = [HNSWIndex(vecs.shape[1], old.space, capacity=len(ids) + 1024, ef=old.ef) for old in (snap.ip, snap.cosine)]
-    for idx in fresh:
+    fresh = [
+        HNSWIndex(vecs.shape[1], old.space, capacity=len(ids) + 1024, ef=old.ef, cuts=old.cuts)
+        for old in (snap.ip, snap.cosine)
+    ]
+    for idx, old in zip(fresh, (snap.ip, snap.cosine), strict=True):
         idx.upsert(ids, vecs)
+        if len(idx.band_ef) == len(old.band_ef):
+            idx.set_band_ef(old.band_ef)
     return Snapshot(snap.loaded, fresh[0], fresh[1], snap.popular, snap.ef)

@@ -15,7 +15,8 @@ from core.artists import ArtistSpace, blend, playlist
 from core.catalogue import Catalogue, TrackInfo
 from core.explain import explain, top_reasons
 from core.filters import TrackFilter, pick, search
-from core.index import ExactIndex, HNSWIndex
+from core.hnsw import HNSWIndex
+from core.index import ExactIndex
 from core.messages import MessageError
 
 

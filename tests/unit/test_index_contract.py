@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
-from core.index import ExactIndex, HNSWIndex
+from core.hnsw import HNSWIndex
+from core.index import ExactIndex
 
 pytestmark = pytest.mark.unit
-IMPLS = [ExactIndex, HNSWIndex]
+# the third: an HNSW index whose inner-product graph splits into norm bands from 100 tracks
+IMPLS = [ExactIndex, HNSWIndex, functools.partial(HNSWIndex, split_at=100, head_share=0.1)]
 
 
 def _vectors(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -68,6 +72,7 @@ def test_hnsw_recall_after_incremental_updates(space) -> None:
     ids = [f"t{i}" for i in range(n)]
     hnsw = HNSWIndex(dim, space, capacity=n)
     hnsw.upsert(ids, v)
+    assert len(hnsw.graphs) == (2 if space == "ip" else 1)  # 50k inner-product tracks: two norm bands
     ref = _exact(ids, v, space)
     rng = np.random.default_rng(3)
     queries = _vectors(200, dim, seed=4)

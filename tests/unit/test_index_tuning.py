@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.index import ExactIndex, HNSWIndex
+from core.hnsw import HNSWIndex
+from core.index import ExactIndex
 from core.index_tuning import EF_CANDIDATES, exact_top, lower_bound, recall_at, recall_per_query, tune_ef
 from tests.unit.test_index_contract import _exact, _recall, _vectors
 
