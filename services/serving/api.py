@@ -33,6 +33,7 @@ from services.serving.auth import ApiAuth
 from services.serving.catalogue_routes import TrackPublish
 from services.serving.filter_params import filter_params
 from services.serving.follower import UpdateFollower
+from services.serving.hot_routes import Handler, HotRoutes
 from services.serving.http_errors import ADMIN, BODY, READ, TRACK, UNAUTHORIZED, BodyLimit
 from services.serving.http_models import (
     MAX_ID_LENGTH,
@@ -103,12 +104,14 @@ def create_app(
     publish_track: TrackPublish | None = None,
     forget_user: Callable[[str], dict[str, Any]] | None = None,
     impressions: ImpressionLog | None = None,
+    hot_routes: bool = True,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
     admin key, once any key is configured (`auth`, from the settings when not given); /health,
     /ready and the OpenAPI pages stay open for probes and client generators. `publish_track`
-    writes a catalogue entry to the `tracks` topic (admin hide/show)."""
+    writes a catalogue entry to the `tracks` topic (admin hide/show). `hot_routes` answers plain
+    personal and similar-track reads in front of FastAPI (`hot_routes`; off: FastAPI answers all)."""
     max_n = settings.max_n
     auth = auth or ApiAuth.from_settings(settings)
     reader, admin = [Depends(auth.require_read)], [Depends(auth.require_admin)]
@@ -146,8 +149,6 @@ def create_app(
         lifespan=lifespan,
         description="Streaming music recommendations: implicit ALS + fold-in + HNSW.",
     )
-    app.add_middleware(BodyLimit)  # type: ignore[arg-type]
-    app.add_middleware(Metrics)  # type: ignore[arg-type]
 
     http_errors.install(app)
     request_model = create_model(  # the schema states the configured limit of n
@@ -161,6 +162,10 @@ def create_app(
         flt: TrackFilter = filters,
         explain: bool = explain_param,
     ) -> Response:
+        return await personal(user_id, n, flt, explain)
+
+    async def personal(user_id: str, n: int, flt: TrackFilter, explain: bool = False) -> Response:
+        """The personal answer: the user's arm, vector and history, search, impression."""
         current = await queries.snapshot(r)
         arm, snap = follower.arms.assign(user_id, current)
         if snap is current:
@@ -203,13 +208,26 @@ def create_app(
         flt: TrackFilter = filters,
     ) -> Response:
         """Tracks nearest `track_id` by cosine; a track taken down (unavailable) is a 404 here."""
+        return await similar_to(track_id, n, flt)
+
+    async def similar_to(track_id: str, n: int, flt: TrackFilter) -> Response:
         snap = await queries.snapshot(r)
         hits = queries.similar(snap, track_id, n, flt)
         head = {"track_id": track_id, "model_version": snap.version, "request_id": uuid.uuid4().hex}
         return answer({**head, "arm": "current"}, hits)
 
+    if hot_routes:  # innermost of the middlewares: metrics and the body limit still see every request
+        routes = {getattr(x, "path", ""): x for x in app.routes}
+        handlers: dict[str, tuple[Handler, Any]] = {
+            "recommendations": (personal, routes["/recommendations/{user_id}"]),
+            "similar": (similar_to, routes["/similar/{track_id}"]),
+        }
+        app.add_middleware(HotRoutes, auth=auth, max_n=max_n, handlers=handlers)  # type: ignore[arg-type]
     catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
     dashboard.install(app, settings, follower, auth)
+
+    app.add_middleware(BodyLimit)  # type: ignore[arg-type]
+    app.add_middleware(Metrics)  # type: ignore[arg-type]
 
     @app.delete("/admin/users/{user_id}", response_model=Forgotten, dependencies=admin, responses=ADMIN)
     async def forget(user_id: str = Path(min_length=1, max_length=MAX_ID_LENGTH)) -> Forgotten:

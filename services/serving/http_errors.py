@@ -48,29 +48,33 @@ def _message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def error_response(exc: Exception) -> JSONResponse | None:
+    """The documented answer to a failure a handler may raise; None for a bug (a 500)."""
+    if isinstance(exc, StarletteHTTPException):
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    if isinstance(exc, NoModelError):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, UnknownTrackError):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+    if isinstance(exc, redis.RedisError):
+        body = {"detail": f"state store unavailable ({type(exc).__name__}); retry shortly"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return None
+
+
 def install(app: FastAPI) -> None:
-    """The handlers that turn every failure into an `Error` body with its documented status."""
+    """The handlers that turn every failure into an `Error` body with its documented status
+    (the same answers `hot_routes` gives)."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _message(exc)}, status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    async def known(_req: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc) or JSONResponse({"detail": "internal error"}, status_code=500)
 
-    @app.exception_handler(NoModelError)
-    async def no_model(_req: Request, exc: NoModelError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    @app.exception_handler(UnknownTrackError)
-    async def unknown_track(_req: Request, exc: UnknownTrackError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(redis.RedisError)
-    async def redis_down(_req: Request, exc: redis.RedisError) -> JSONResponse:
-        body = {"detail": f"state store unavailable ({type(exc).__name__}); retry shortly"}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    for cls in (StarletteHTTPException, NoModelError, UnknownTrackError, redis.RedisError):
+        app.add_exception_handler(cls, known)
 
 
 class BodyLimit:
