@@ -20,6 +20,7 @@ from core.errors import DivergedError, InvalidPlaysError, NotFittedError
 
 Confidence = Literal["log", "linear"]
 Solver = Literal["cg", "cholesky"]
+SERIAL_ROWS = 8  # fold-ins of at most this many rows are solved on the calling thread
 
 
 def check_plays(plays: object, name: str = "plays", n_cols: int | None = None) -> sp.csr_matrix:
@@ -225,7 +226,8 @@ class ImplicitALS:
         if len(cold):
             sub = conf[cold] if len(cold) < m.shape[0] else conf
             x = np.zeros((len(cold), k), dtype=np.float32)
-            als_kernels.cholesky_half_step(sub.indptr, sub.indices, sub.data, frozen, full, x)
+            solve = als_kernels.cholesky_rows_serial if len(cold) <= SERIAL_ROWS else als_kernels.cholesky_half_step
+            solve(sub.indptr, sub.indices, sub.data, frozen, full, x)
             out[cold] = x
         hot = np.flatnonzero(warm)
         if len(hot) and start is not None:
@@ -235,6 +237,30 @@ class ImplicitALS:
             als_kernels.cg_half_step(sub.indptr, sub.indices, sub.data, frozen, full.astype(np.float32), x, n_steps)
             out[hot] = x
         return out
+
+    def fold_in_one(self, rows: np.ndarray, plays: np.ndarray, frozen: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """One listener's exact vector from the `frozen` rows they played and how often (repeats
+        add up): what `fold_in` gives for a one-row matrix, without building one (an anonymous
+        request's path, where scipy's constructors cost three times the solve). `gram` as in
+        `fold_in`, without λ."""
+        rows = np.asarray(rows, dtype=np.int64)
+        plays = np.asarray(plays, dtype=np.float32)
+        if rows.shape != plays.shape or rows.ndim != 1:
+            raise InvalidPlaysError(f"rows and plays must be 1-D of one length, got {rows.shape} and {plays.shape}")
+        if rows.size and (rows.min() < 0 or rows.max() >= frozen.shape[0]):
+            raise InvalidPlaysError(f"rows must lie in [0, {frozen.shape[0]})")
+        if not np.all(np.isfinite(plays)) or (plays.size and plays.min() < 0):
+            raise InvalidPlaysError("plays must be finite and non-negative")
+        cols, where = np.unique(rows, return_inverse=True)
+        summed = np.bincount(where, weights=plays, minlength=cols.size).astype(np.float32)
+        keep = summed > 0
+        cols, conf = cols[keep].astype(np.int32), self.confidence_of(summed[keep])
+        k = frozen.shape[1]
+        x = np.zeros((1, k), dtype=np.float32)
+        full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(k)
+        indptr = np.array([0, cols.size], dtype=np.int32)
+        als_kernels.cholesky_rows_serial(indptr, cols, conf, np.ascontiguousarray(frozen, np.float32), full, x)
+        return x[0]
 
     def fold_in_users(self, rows: object) -> np.ndarray:
         """Exact solve of n users (n × n_tracks raw plays) against the frozen track factors."""

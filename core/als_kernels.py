@@ -138,6 +138,56 @@ def gram(F: np.ndarray, reg: float, dtype: type = np.float32) -> np.ndarray:
     return G.astype(dtype)
 
 
+@numba.njit(cache=True, nogil=True)
+def _cholesky_row(
+    u: int,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    conf: np.ndarray,
+    Y: np.ndarray,
+    YtY: np.ndarray,
+    X: np.ndarray,
+    A: np.ndarray,
+    b: np.ndarray,
+) -> None:
+    """Row u's exact solve into X[u] (0 with no plays); A and b are the caller's buffers."""
+    k = X.shape[1]
+    start = indptr[u]
+    end = indptr[u + 1]
+    if start == end:
+        for f in range(k):
+            X[u, f] = 0.0
+        return
+    for f in range(k):
+        b[f] = 0.0
+        for g in range(k):
+            A[f, g] = YtY[f, g]
+    for j in range(start, end):
+        i = indices[j]
+        ci = conf[j]
+        for f in range(k):
+            yf = Y[i, f]
+            b[f] += ci * yf
+            w = (ci - 1.0) * yf
+            for g in range(k):
+                A[f, g] += w * Y[i, g]
+    L = np.linalg.cholesky(A)
+    # Two triangular substitutions in place of general solves (each an LU of 64×64: most of a
+    # one-row fold-in's time). b becomes z (L z = b), then x (Lᵀ x = z).
+    for f in range(k):
+        acc = b[f]
+        for g in range(f):
+            acc -= L[f, g] * b[g]
+        b[f] = acc / L[f, f]
+    for f in range(k - 1, -1, -1):
+        acc = b[f]
+        for g in range(f + 1, k):
+            acc -= L[g, f] * b[g]
+        b[f] = acc / L[f, f]
+    for f in range(k):
+        X[u, f] = b[f]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def cholesky_half_step(
     indptr: np.ndarray,
@@ -154,32 +204,27 @@ def cholesky_half_step(
     for c in prange(n_chunks):
         A = np.empty((k, k), dtype=np.float64)
         b = np.empty(k, dtype=np.float64)
-        hi = min((c + 1) * _CHUNK, n_rows)
-        for u in range(c * _CHUNK, hi):
-            start = indptr[u]
-            end = indptr[u + 1]
-            if start == end:
-                for f in range(k):
-                    X[u, f] = 0.0
-                continue
-            for f in range(k):
-                b[f] = 0.0
-                for g in range(k):
-                    A[f, g] = YtY[f, g]
-            for j in range(start, end):
-                i = indices[j]
-                ci = conf[j]
-                for f in range(k):
-                    yf = Y[i, f]
-                    b[f] += ci * yf
-                    w = (ci - 1.0) * yf
-                    for g in range(k):
-                        A[f, g] += w * Y[i, g]
-            L = np.linalg.cholesky(A)
-            z = np.linalg.solve(L, b)
-            x = np.linalg.solve(L.T, z)
-            for f in range(k):
-                X[u, f] = x[f]
+        for u in range(c * _CHUNK, min((c + 1) * _CHUNK, n_rows)):
+            _cholesky_row(u, indptr, indices, conf, Y, YtY, X, A, b)
+
+
+@numba.njit(cache=True, nogil=True)
+def cholesky_rows_serial(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    conf: np.ndarray,
+    Y: np.ndarray,
+    YtY: np.ndarray,
+    X: np.ndarray,
+) -> None:
+    """`cholesky_half_step` on the calling thread, for a few rows (an anonymous listener per
+    request): a parallel region per request cost more than the solve, and its idle threads spin.
+    A function of its own, not a serial build of the other: numba's disk cache would mix them."""
+    k = X.shape[1]
+    A = np.empty((k, k), dtype=np.float64)
+    b = np.empty(k, dtype=np.float64)
+    for u in range(X.shape[0]):
+        _cholesky_row(u, indptr, indices, conf, Y, YtY, X, A, b)
 
 
 def reference_half_step(

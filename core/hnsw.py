@@ -23,7 +23,7 @@ from core.index import Space, _Slots, prep
 # Search breadth before tuning. Inner-product graphs over ALS-like vectors need a wide search:
 # on 200k such tracks one graph reached recall@10 0.910 at ef=200, 0.947 at 400, 0.966 at 800.
 DEFAULT_EF = 800
-HEAD_SHARE = 0.05  # share of an inner-product index, longest vectors first, in the head band
+HEAD_SHARE = 0.02  # share of an inner-product index, longest vectors first, in the head band
 SPLIT_AT = 50_000  # smaller indexes stay one graph: searching them wide is cheap
 
 

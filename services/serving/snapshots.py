@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from core.hnsw import HNSWIndex
 from core.index import Space
@@ -53,12 +52,9 @@ class Snapshot:
         known = [(idx[t], c) for t, c in plays.items() if t in idx]
         if not known:
             return None
-        cols, vals = zip(*known, strict=True)
-        row = sp.csr_matrix(
-            (np.array(vals, dtype=np.float32), ([0] * len(cols), cols)), shape=(1, len(self.loaded.track_ids))
-        )
+        rows, counts = zip(*known, strict=True)
         model = self.loaded.model
-        return model.fold_in(row, model.item_factors_, gram=self.loaded.item_gram)[0]
+        return model.fold_in_one(np.array(rows), np.array(counts), model.item_factors_, self.loaded.item_gram)
 
 
 @contextmanager

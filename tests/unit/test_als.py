@@ -91,6 +91,33 @@ def test_fold_in_equals_explicit_half_step() -> None:
     assert folded.dtype == np.float32
 
 
+def test_one_listener_fold_in_equals_the_matrix_path_and_the_serial_kernel_the_parallel_one() -> None:
+    m = _tiny()
+    model = ImplicitALS(factors=6, iterations=5, solver="cholesky", random_state=0).fit(m)
+    Y = model.item_factors_
+    gram = Y.T.astype(np.float64) @ Y
+    row = m[4]
+    # the same plays given in pieces, with a repeat and a zero: they add up as the matrix does
+    rows = np.concatenate([row.indices, row.indices[:1], [int(row.indices[-1])]])
+    plays = np.concatenate([row.data, [0.0], [0.0]]).astype(np.float32)
+    plays[0] -= 1.0
+    plays[-2] = 1.0
+    np.testing.assert_allclose(
+        model.fold_in_one(rows, plays, Y, gram), model.fold_in(row, Y, gram=gram)[0], rtol=1e-5, atol=1e-6
+    )
+    assert not model.fold_in_one(np.array([3]), np.array([0.0]), Y, gram).any()  # no plays: zero
+    with pytest.raises(InvalidPlaysError):
+        model.fold_in_one(np.array([Y.shape[0]]), np.array([1.0]), Y, gram)
+    with pytest.raises(InvalidPlaysError):
+        model.fold_in_one(np.array([1]), np.array([-1.0]), Y, gram)
+    conf = model._with_confidence(m)
+    full = gram + model.regularization * np.eye(6)
+    a, b = np.zeros((m.shape[0], 6), np.float32), np.zeros((m.shape[0], 6), np.float32)
+    als_kernels.cholesky_half_step(conf.indptr, conf.indices, conf.data, Y, full, a)
+    als_kernels.cholesky_rows_serial(conf.indptr, conf.indices, conf.data, Y, full, b)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_zero_users_get_zero_vectors_and_factors_are_float32() -> None:
     model = ImplicitALS(factors=4, iterations=3, random_state=0).fit(_tiny())
     assert model.user_factors_.dtype == np.float32 and model.item_factors_.dtype == np.float32
