@@ -154,6 +154,11 @@ class HNSWIndex:
         ]
         if len(parts) == 1:
             return parts[0]
+        if len(q) == 1:  # one query (a request): 1-D merges, a few microseconds less than 2-D ones
+            labels1 = np.concatenate([p[0][0] for p in parts])
+            dist1 = np.concatenate([p[1][0] for p in parts])
+            top = np.argsort(dist1, kind="stable")[:k]
+            return labels1[top][None], dist1[top][None]
         labels = np.concatenate([p[0] for p in parts], axis=1)
         dist = np.concatenate([p[1] for p in parts], axis=1)
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]

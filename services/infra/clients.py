@@ -162,9 +162,10 @@ class Clients:
         """librdkafka consumer of every partition of `topic`, from the beginning, no group."""
         return rdkafka.reader(self.settings.kafka_bootstrap, topic, **self.rdkafka_security)
 
-    def update_publisher(self) -> rdkafka.UpdatePublisher:
-        """librdkafka producer whose flush raises unless every record was acknowledged."""
-        return rdkafka.UpdatePublisher(self.settings.kafka_bootstrap, **self.rdkafka_security)
+    def update_publisher(self, **overrides: Any) -> rdkafka.UpdatePublisher:
+        """librdkafka producer whose flush raises unless every record was acknowledged;
+        `overrides` are librdkafka settings (e.g. `**{"linger.ms": 100}`)."""
+        return rdkafka.UpdatePublisher(self.settings.kafka_bootstrap, **self.rdkafka_security, **overrides)
 
     def assigned_consumer(self, group: str | None) -> KafkaConsumer:
         """kafka-python consumer for manual assignment (the trainer seeks to its checkpoint)."""

@@ -108,3 +108,21 @@ def test_only_a_plain_in_range_n_is_taken() -> None:
     assert plain_n(b"", 100) == 10 and plain_n(b"n=1", 100) == 1 and plain_n(b"n=100", 100) == 100
     for query in (b"n=0", b"n=101", b"n=05", b"n=-1", b"n=1&n=2", b"m=1", b"n=1 ", b"n=", b"n=9999999"):
         assert plain_n(query, 100) is None, query
+
+
+@pytest.mark.unit
+def test_request_ids_are_unique_hex_and_differ_between_forked_processes() -> None:
+    import os
+
+    from services.serving.api import request_id
+
+    ids = [request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child[:16] != ids[-1][:16] and child not in ids
