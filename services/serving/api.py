@@ -33,7 +33,7 @@ from services.serving.auth import ApiAuth
 from services.serving.catalogue_routes import TrackPublish
 from services.serving.filter_params import filter_params
 from services.serving.follower import UpdateFollower
-from services.serving.hot_routes import Handler, HotRoutes
+from services.serving.hot_routes import Handler, HotBody, HotRoutes
 from services.serving.http_errors import ADMIN, BODY, READ, TRACK, UNAUTHORIZED, BodyLimit
 from services.serving.http_models import (
     MAX_ID_LENGTH,
@@ -200,6 +200,10 @@ def create_app(
         return queries.explain(snap, played, items) if source == "personal" else [[] for _ in items]
 
     async def recommend_anonymous(body: Any, flt: TrackFilter = filters, explain: bool = explain_param) -> Response:
+        return await anonymous(body, flt, explain)
+
+    async def anonymous(body: Any, flt: TrackFilter, explain: bool = False) -> Response:
+        """An anonymous listener's answer: their plays folded in against the current model."""
         req = cast(AnonymousRequest, body)
         snap = await queries.snapshot(r)
         plays: dict[str, float] = {}
@@ -236,7 +240,8 @@ def create_app(
             "recommendations": (personal, routes["/recommendations/{user_id}"]),
             "similar": (similar_to, routes["/similar/{track_id}"]),
         }
-        app.add_middleware(HotRoutes, auth=auth, max_n=max_n, handlers=handlers)  # type: ignore[arg-type]
+        anon = HotBody(anonymous, routes["/recommendations"], request_model)
+        app.add_middleware(HotRoutes, auth=auth, max_n=max_n, handlers=handlers, anonymous=anon)  # type: ignore[arg-type]
     catalogue_routes.install(app, settings, queries, r, reader, admin, publish_track)
     dashboard.install(app, settings, follower, auth)
 

@@ -35,6 +35,7 @@ def index_info(snap: Snapshot) -> dict[str, dict[str, Any]]:
     return {
         space: {
             "ef": idx.ef,
+            "ef_per_band": list(idx.band_ef),
             "recall@10": snap.ef[space].recall if snap.ef else None,
             "recall@10_lower_95": snap.ef[space].lower if snap.ef else None,
         }

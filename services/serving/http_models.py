@@ -91,7 +91,8 @@ class Activated(BaseModel):
 
 
 class IndexState(BaseModel):
-    ef: int
+    ef: int = Field(description="the widest band's search breadth")
+    ef_per_band: list[int] = Field(default=[], description="breadth per norm band, longest vectors first")
     recall_at_10: float | None = Field(default=None, alias="recall@10")
     recall_at_10_lower_95: float | None = Field(default=None, alias="recall@10_lower_95")
 

@@ -65,6 +65,7 @@ def test_personal_popular_anonymous_similar(api) -> None:
     for space in ("ip", "cosine"):  # search breadth measured per index on the model's query sample
         info = ready["index"][space]
         assert info["recall@10"] >= info["recall@10_lower_95"] >= 0.95 and info["ef"] >= 40
+        assert max(info["ef_per_band"]) == info["ef"]
     assert "encore_http_requests_total" in client.get("/metrics").text
 
 

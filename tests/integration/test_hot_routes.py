@@ -33,6 +33,26 @@ PASSED_ON += ["/similar/t3?n=5&exclude=t4", "/recommendations/u5?explain=true", 
 PASSED_ON += [f"/recommendations/{'x' * 257}", "/recommendations/u5?n=%35"]
 
 
+JSON = {"content-type": "application/json"}
+GOOD_BODIES = [
+    b'{"plays": [{"track_id": "t1", "count": 3}, {"track_id": "t2"}, {"track_id": "t1"}], "n": 5}',
+    b'{"plays": [{"track_id": "no-such-track"}]}',  # nothing known: the popular fallback
+    b'{"plays": [], "n": 7, "extra": 1}',
+]
+BAD_BODIES = [  # FastAPI answers these, in its own words
+    (b"{not json", JSON),
+    (b'{"plays": [{"track_id": ""}]}', JSON),
+    (b'{"plays": [{"track_id": "t1", "count": 0}]}', JSON),
+    (b'{"plays": "t1"}', JSON),
+    (b'{"n": 5}', JSON),
+    (b'{"plays": [], "n": 0}', JSON),
+    (b"[" * 100_000 + b"]" * 100_000, JSON),
+    (b'{"plays": [{"track_id": "t1"}]}', {"content-type": "text/plain"}),
+    (b'{"plays": [{"track_id": "t1"}]}', {}),
+    (b"\xff\xfe", JSON),
+]
+
+
 def _hot(app: FastAPI) -> HotRoutes:
     layer: Any = app.middleware_stack
     while not isinstance(layer, HotRoutes):
@@ -57,6 +77,10 @@ def _pair(settings: Settings, follower: UpdateFollower) -> tuple[TestClient, Tes
         return create_app(s, follower, Clients(s).aio_redis, follow=False, hot_routes=hot)
 
     return TestClient(app(True)), TestClient(app(False))
+
+
+def _post(client: TestClient, body: bytes, headers: dict[str, str], query: str = "") -> Any:
+    return client.post(f"/recommendations{query}", content=body, headers=headers)
 
 
 def _same(a: Any, b: Any) -> None:
@@ -92,6 +116,19 @@ def test_plain_reads_are_answered_in_front_of_fastapi_exactly_as_fastapi_answers
         for path in PASSED_ON:
             _same(fast.get(path, headers=headers[-1]), slow.get(path, headers=headers[-1]))
         assert hot.served == len(PLAIN) * len(headers) + 1  # none of those were taken here
+        for h in headers:
+            for body in GOOD_BODIES:
+                _same(_post(fast, body, {**JSON, **h}), _post(slow, body, {**JSON, **h}))
+        taken = hot.served
+        assert taken == (len(PLAIN) + len(GOOD_BODIES)) * len(headers) + 1
+        good = {**headers[1], **JSON} if keyed else JSON
+        for body, content in BAD_BODIES:
+            _same(
+                _post(fast, body, {**headers[1], **content} if keyed else content),
+                _post(slow, body, {**headers[1], **content} if keyed else content),
+            )
+        _same(_post(fast, GOOD_BODIES[0], good, "?explain=true"), _post(slow, GOOD_BODIES[0], good, "?explain=true"))
+        assert hot.served == taken
 
 
 def test_a_redis_fault_on_the_lean_path_is_the_same_503(settings: Settings, follower: UpdateFollower) -> None:
