@@ -90,9 +90,11 @@ def band_hits(
     extra = 0 if own is None else 1
     hits = np.zeros((len(index.graphs), len(candidates), len(queries)), dtype=np.int32)
     truth = [set(row) for row in truth_labels.tolist()]
+    in_band = index.band_of[truth_labels]
     for b, g in enumerate(index.graphs):
         if index.live[b] == 0:
             continue
+        whole = (in_band == b).sum(axis=1)  # the most band b can contribute to each query
         for c, ef in enumerate(candidates):
             g.set_ef(ef)
             found = index.band_knn(b, queries, n + extra).tolist()
@@ -100,6 +102,9 @@ def band_hits(
                 if own is not None:
                     row = [lab for lab in row if lab != own[i]]
                 hits[b, c, i] = len(truth[i].intersection(row[:n]))
+            if (hits[b, c] == whole).all():  # nothing left to find: wider searches find the same
+                hits[b, c + 1 :] = hits[b, c]
+                break
     return hits
 
 
