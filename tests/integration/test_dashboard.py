@@ -127,6 +127,7 @@ def test_dashboard_in_headless_chromium(settings: Settings, redis_client: redis.
             m = re.search(rf'<svg class="chart" id="{chart}"[^>]*data-points="(\d+)"', dom)
             assert m and int(m.group(1)) > 0, (chart, dom[:3000])
         assert "dash/candidate" in dom and "dash/current" in dom
+        assert re.search(r"<td>ip</td><td>\d+</td>", dom) and "ef per band" in dom  # one band: small index
         shot = os.environ.get("ENCORE_TEST_DASHBOARD_SCREENSHOT")
         if shot:  # how docs/dashboard.png is made
             browse(
