@@ -62,6 +62,7 @@ class Metrics:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.series: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) → (counter, histogram)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -79,8 +80,12 @@ class Metrics:
             await self.app(scope, receive, send_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(route, str(status[0])).inc()
-            LATENCY.labels(route).observe(time.perf_counter() - t0)
+            key = (route, status[0])
+            series = self.series.get(key)
+            if series is None:  # `labels()` takes a lock and builds its key each time: keep the children
+                series = self.series[key] = (REQUESTS.labels(route, str(status[0])), LATENCY.labels(route))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - t0)
 
 
 _ids: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
