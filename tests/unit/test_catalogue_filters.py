@@ -61,13 +61,16 @@ def _catalogue(n: int, rng: np.random.Generator) -> Catalogue:
     return cat
 
 
+BANDED = {"split_at": 1000, "head_share": 0.1}  # norm bands (core.hnsw) from 1,000 tracks
+
+
 def _graph_and_reference(
-    rng: np.random.Generator, n_tracks: int, dim: int, ef: int
+    rng: np.random.Generator, n_tracks: int, dim: int, ef: int, banded: bool = False
 ) -> tuple[np.ndarray, HNSWIndex, ExactIndex]:
     """Random track vectors in an HNSW graph and in the exact index that is its reference."""
     V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
     ids = [f"t{i}" for i in range(n_tracks)]
-    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=ef)
+    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=ef, **(BANDED if banded else {}))  # type: ignore[arg-type]
     index.upsert(ids, V)
     exact = ExactIndex(dim, "ip")
     exact.upsert(ids, V)
@@ -102,13 +105,14 @@ def test_pick_applies_every_rule_in_rank_order() -> None:
     assert pick([("unknown", 1.0)], 1, TrackFilter(tags=frozenset({"rock"})), cat) == []
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "exact"])
+@pytest.mark.parametrize("kind", ["hnsw", "hnsw_bands", "exact"])
 def test_filtered_search_fills_n_whenever_n_pass_and_keeps_recall(kind: str) -> None:
     rng = np.random.default_rng(1)
     n_tracks, dim = 3000, 16
     V = rng.standard_normal((n_tracks, dim)).astype(np.float32)
     ids = [f"t{i}" for i in range(n_tracks)]
-    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=200) if kind == "hnsw" else ExactIndex(dim, "ip")
+    bands = BANDED if kind == "hnsw_bands" else {}
+    index = HNSWIndex(dim, "ip", capacity=n_tracks, ef=200, **bands) if kind != "exact" else ExactIndex(dim, "ip")  # type: ignore[arg-type]
     index.upsert(ids, V)
     exact = ExactIndex(dim, "ip")
     exact.upsert(ids, V)
@@ -205,12 +209,14 @@ def test_a_narrow_filter_is_answered_exactly_and_a_stale_plan_never_returns_what
     assert planned_search(index, q, 10, rock, cat, plans) == pick(exact.ranked(q, n_tracks), 10, rock, cat)
 
 
-def test_a_middling_filter_too_large_to_scan_uses_the_graphs_filter_callback() -> None:
+@pytest.mark.parametrize("banded", [False, True])
+def test_a_middling_filter_too_large_to_scan_uses_the_graphs_filter_callback(banded: bool) -> None:
     from core.filter_plans import FilterPlans, planned_search
 
     rng = np.random.default_rng(6)
     n_tracks, dim = 4000, 16
-    V, index, exact = _graph_and_reference(rng, n_tracks, dim, ef=100)
+    V, index, exact = _graph_and_reference(rng, n_tracks, dim, ef=100, banded=banded)
+    assert len(index.graphs) == (2 if banded else 1)
     cat = _catalogue(n_tracks, rng)
     plans = FilterPlans(max_rows=100)  # rock passes ~400: more than max_rows, under max_share
     rock = TrackFilter(tags=frozenset({"rock"}), exclude=frozenset({"t10", "t20"}))
