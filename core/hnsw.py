@@ -18,7 +18,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from core.index import Space, _Slots, prep
+from core.index import Slots, Space, prep
 
 # Search breadth before tuning. Inner-product graphs over ALS-like vectors need a wide search:
 # on 200k such tracks one graph reached recall@10 0.910 at ef=200, 0.947 at 400, 0.966 at 800.
@@ -60,7 +60,7 @@ class HNSWIndex:
         self.graphs: list[hnswlib.Index] = []
         self.live: list[int] = []  # live tracks per band
         self.band_of = np.zeros(0, dtype=np.int8)  # band of each label
-        self.slots = _Slots()
+        self.slots = Slots()
         self.deleted = 0
         self.mutations = 0  # upserts and removals so far: tells caches built on the graph they are stale
 

@@ -1,4 +1,5 @@
-"""Track indexes behind one interface: exact (numpy, the reference) and HNSW (hnswlib).
+"""Track indexes behind one interface: exact (numpy, the reference, here) and HNSW (hnswlib,
+`core.hnsw`), with the id bookkeeping and vector preparation they share.
 
 Both are keyed by string track ids, support upsert and delete in place, and answer top-n by
 inner product ("ip") or cosine ("cosine") with an exact exclusion set: they never return
@@ -33,7 +34,7 @@ def prep(vectors: np.ndarray, space: Space) -> np.ndarray:
     return np.ascontiguousarray(v)
 
 
-class _Slots:
+class Slots:
     """String id ↔ integer label bookkeeping shared by both indexes."""
 
     def __init__(self) -> None:
@@ -63,7 +64,7 @@ class ExactIndex:
 
     def __init__(self, dim: int, space: Space = "ip") -> None:
         self.dim, self.space = dim, space
-        self.slots = _Slots()
+        self.slots = Slots()
         self.data = np.zeros((0, dim), dtype=np.float32)
         self.alive = np.zeros(0, dtype=bool)
 

@@ -8,20 +8,17 @@ client's one timeout policy allows).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-import orjson
 import redis
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from pydantic import Field, create_model
 
 from core.errors import UnknownVersionError
@@ -35,6 +32,7 @@ from services.serving.filter_params import filter_params
 from services.serving.follower import UpdateFollower
 from services.serving.hot_routes import Handler, HotBody, HotRoutes
 from services.serving.http_errors import ADMIN, BODY, READ, TRACK, UNAUTHORIZED, BodyLimit
+from services.serving.http_metrics import Metrics
 from services.serving.http_models import (
     MAX_ID_LENGTH,
     Activated,
@@ -47,71 +45,7 @@ from services.serving.http_models import (
 )
 from services.serving.impressions import ImpressionLog
 from services.serving.queries import QueryService
-
-REQUESTS = Counter("encore_http_requests_total", "HTTP requests", ["route", "status"])
-LATENCY = Histogram(
-    "encore_http_seconds",
-    "HTTP latency",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
-)
-
-
-class Metrics:
-    """Pure ASGI middleware: request count and latency per route (no per-request task or copy)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.series: dict[tuple[str, int], tuple[Any, Any]] = {}  # (route, status) → (counter, histogram)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = [500]
-
-        async def send_status(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            key = (route, status[0])
-            series = self.series.get(key)
-            if series is None:  # `labels()` takes a lock and builds its key each time: keep the children
-                series = self.series[key] = (REQUESTS.labels(route, str(status[0])), LATENCY.labels(route))
-            series[0].inc()
-            series[1].observe(time.perf_counter() - t0)
-
-
-_ids: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
-
-
-def request_id() -> str:
-    """A unique id in uuid4's hex form without a urandom call per request (1 % of a serve
-    worker): a random 64-bit prefix, drawn again in each process (workers are forked), and a
-    counter."""
-    global _ids
-    pid, prefix, counter = _ids
-    if pid != os.getpid():
-        _ids = pid, prefix, counter = os.getpid(), os.urandom(8).hex(), itertools.count()
-    return f"{prefix}{next(counter):016x}"
-
-
-def answer(
-    body: dict[str, Any], items: list[tuple[str, float]], reasons: list[list[tuple[str, float]]] | None = None
-) -> Response:
-    """The response body built as plain data and serialised by orjson: the hot routes skip
-    Pydantic's re-validation of their own output (their models still document /docs)."""
-    body["items"] = [{"track_id": t, "score": s} for t, s in items]
-    if reasons is not None:
-        for item, why in zip(body["items"], reasons, strict=True):
-            item["because"] = [{"track_id": t, "weight": w} for t, w in why]
-    return Response(orjson.dumps(body), media_type="application/json")
+from services.serving.responses import answer, request_id
 
 
 def create_app(

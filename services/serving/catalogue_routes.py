@@ -18,6 +18,7 @@ from services.serving.filter_params import filter_params
 from services.serving.http_errors import ADMIN, READ
 from services.serving.http_models import MAX_ID_LENGTH, Error, Radio, SimilarArtists, TrackState
 from services.serving.queries import QueryService
+from services.serving.responses import answer
 
 TrackPublish = Callable[[str, TrackInfo], None]
 ARTIST = {**READ, 404: {"model": Error, "description": "no artist with tracks in the current model"}}
@@ -33,8 +34,6 @@ def install(
     admin: list[Any],
     publish_track: TrackPublish | None,
 ) -> None:
-    from services.serving.api import answer  # the one response builder of the hot routes
-
     max_n = settings.max_n
     filters = Depends(filter_params(max_n))
 
