@@ -283,12 +283,14 @@ def serving_worker(settings: Settings, cert: str | None, key: str | None) -> Wor
     def main(snap: Snapshot | None, sock: socket.socket) -> None:
         import uvicorn
 
+        from services.serving.graceful_server import GracefulServer
+
         sys.setswitchinterval(0.001)  # see serving_app_from_env
         app, follower = Root(settings, STARTUP_PATIENCE_S).serving_app()
         if snap is not None:
             follower.adopt(snap)
         config = uvicorn.Config(app, log_level="warning", ssl_certfile=cert, ssl_keyfile=key)
-        uvicorn.Server(config).run(sockets=[sock])
+        GracefulServer(config).run(sockets=[sock])
 
     return main
 

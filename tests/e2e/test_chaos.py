@@ -3,7 +3,7 @@
 Runs `python -m bench.chaos --small` (real broker, Redis and `encore` processes) and checks what
 must hold whatever the timing: no play lost, none counted twice, every malformed event in the
 dead-letter topic exactly once, fresh plays folded in again after every fault, no 5xx but the
-documented 503.
+documented 503, and no request left unanswered but one the SIGKILLed serve worker was holding.
 Figures (availability, p99, recovery times) are reported by the bench, not asserted.
 """
 
@@ -37,6 +37,12 @@ def test_small_chaos_soak_loses_nothing_and_counts_nothing_twice(tmp_path) -> No
         ["foldin", "train_mid_retrain", "serve_worker", "redis_kill", "redis_restore", "train_mid_checkpoint", "broker"]
     )
     assert all(e["freshness_recovered_s"] is not None for e in r["faults"]), r["faults"]
-    statuses = set(r["serving"]["answers_by_status"])
-    assert statuses <= {"200", "503"}, r["serving"]["non_200_sample"]
+    serving = r["serving"]
+    why = (serving["non_200_sample"], serving["errors_by_kind"], r["faults"])
+    assert set(serving["answers_by_status"]) <= {"200", "503", "0"}, why
+    # No answer at all (status 0) only for a request the SIGKILLed worker held at that moment;
+    # a version roll retires workers gently and must lose none.
+    kills = [e["at_s"] for e in r["faults"] if e["fault"] == "serve_worker"]
+    unanswered = [t for t, status, _ in serving["non_200_sample"] if status == 0]
+    assert len(unanswered) <= 4 and all(any(k - 0.5 <= t <= k + 1.0 for k in kills) for t in unanswered), why
     assert r["serving"]["answered_200"] > 0.9 * r["serving"]["requests"]

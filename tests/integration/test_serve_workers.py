@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import fields
 
 import pytest
@@ -117,6 +118,48 @@ def test_two_workers_share_one_snapshot_roll_versions_and_count_together(
             assert not re.findall(rf"index {version}/{space}: loaded from snapshot", log), log
     assert "exited (status" in log  # the killed worker was noticed and replaced
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in last), timeout=20)  # none left behind
+
+
+def test_a_retired_worker_answers_the_connection_it_accepted(
+    settings: Settings, redis_client: redis.Redis, tmp_path
+) -> None:
+    """SIGTERM (a version roll retires the old generation this way): a connection the worker had
+    already accepted still gets its request answered; uvicorn alone closed it unanswered at its
+    next tick. Connections opened afterwards are answered by the replacement workers."""
+    publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=5))
+    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    env["ENCORE_API_WORKERS"] = "2"
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+
+    def up() -> bool:
+        try:
+            return len(_workers(proc.pid)) == 2 and _get(port, "/health")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_for(up, timeout=120), log_path.read_text()
+        before = set(_workers(proc.pid))
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(8)]
+        for conn in held:
+            conn.connect()
+        time.sleep(0.2)  # accepted by the workers, no request yet
+        for pid in before:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.4)  # past uvicorn's tick (0.1 s), within the linger (1 s)
+        for conn in held:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            resp.read()
+            conn.close()
+        assert wait_for(lambda: len(set(_workers(proc.pid)) - before) == 2, timeout=60), log_path.read_text()
+        assert _get(port, "/health")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_workers_stop_when_the_serve_parent_is_killed(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
