@@ -99,9 +99,10 @@ def test_two_workers_share_one_snapshot_roll_versions_and_count_together(
 
         second = publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=300, n_tracks=450, seed=12))
         assert wait_for(lambda: on(second), timeout=120, every=0.5), log_path.read_text()
+        # the old generation lingers a second on the connections it accepted, then exits
+        assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=40)
         rolled = _workers(proc.pid)
         assert len(rolled) == 2 and not set(rolled) & set(workers)  # a new generation, forked from the new snapshot
-        assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), timeout=40)
 
         os.kill(rolled[0], signal.SIGKILL)
         assert wait_for(lambda: len(_workers(proc.pid)) == 2 and rolled[0] not in _workers(proc.pid), timeout=30)
