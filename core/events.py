@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import orjson
 
 MAX_ID_BYTES = 256
+FAST_ID_CHARS = MAX_ID_BYTES // 4  # UTF-8 needs at most 4 bytes per character
 
 
-@dataclass(frozen=True)
-class PlayEvent:
-    """A valid play. `weight` is what it adds to the user's history (0 for skips)."""
+class PlayEvent(NamedTuple):
+    """A valid play. `weight` is what it adds to the user's history (0 for skips). A NamedTuple,
+    immutable like the frozen dataclass it was, because one is built per consumed event and a
+    NamedTuple is built in a third of the time."""
 
     user_id: str
     track_id: str
     ts: float
     ms_played: int | None
-    count: int
+    count: int  # type: ignore[assignment]  # the field hides tuple.count, which nothing here calls
     private: bool
     event_id: str | None
 
@@ -103,6 +106,40 @@ def parse_play(raw: bytes | None, limits: Limits) -> PlayEvent | EraseEvent | In
         return InvalidEvent(raw, f"malformed JSON: {exc}"[:200])
     if not isinstance(d, dict):
         return InvalidEvent(raw, "event must be a JSON object")
+    return fast_play(d, limits) or checked_play(d, raw, limits)
+
+
+def fast_play(d: dict[str, Any], limits: Limits) -> PlayEvent | None:
+    """The common well-formed play in one pass of cheap checks, or None: then `checked_play`
+    decides, with the reason. Every event accepted here is one `checked_play` accepts the same
+    way (tests/unit/test_events.py checks it on generated events); it is the speed layer's
+    decode stage, run once per consumed event."""
+    u, t, ts = d.get("user_id"), d.get("track_id"), d.get("ts")
+    ms, count, private, event_id = d.get("ms_played"), d.get("count"), d.get("private", False), d.get("event_id")
+    if count is None:
+        count = 1
+    if (
+        type(u) is str
+        and type(t) is str
+        and 0 < len(u) <= FAST_ID_CHARS
+        and 0 < len(t) <= FAST_ID_CHARS
+        and not u[0].isspace()
+        and not t[0].isspace()
+        and (type(ts) is float or type(ts) is int)
+        and 0 <= ts <= limits.now + limits.max_future_s  # also false for NaN and infinities
+        and (ms is None or (type(ms) is int and ms >= 0))
+        and type(count) is int
+        and 1 <= count <= limits.max_count
+        and (private is False or private is True)
+        and (event_id is None or type(event_id) is str)
+        and "erase" not in d
+    ):
+        return PlayEvent(u, t, float(ts), ms, count, private, event_id)
+    return None
+
+
+def checked_play(d: dict[str, Any], raw: bytes, limits: Limits) -> PlayEvent | EraseEvent | InvalidEvent:
+    """Every check in order, so an invalid event gets the reason for its first fault."""
     if "erase" in d:
         if d["erase"] is not True:
             return InvalidEvent(raw, "erase must be true when present")

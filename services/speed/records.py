@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from core.events import EraseEvent, InvalidEvent, Limits, parse_play
+from core.events import InvalidEvent, Limits, PlayEvent, parse_play
 from core.messages import DeadLetter
 
 
@@ -59,20 +59,21 @@ class Message(Protocol):
 def to_records(messages: list[Message], limits: Limits, min_ms_played: int, known: dict[str, int]) -> list[Record]:
     """Parse and classify every message; invalid ones become dead letters, never exceptions."""
     out: list[Record] = []
+    add = out.append
     for m in messages:
         part, off = m.partition() or 0, m.offset() or 0
         ev = parse_play(m.value(), limits)
-        if isinstance(ev, InvalidEvent):
-            out.append(DeadRecord(part, off, DeadLetter(ev.raw, ev.reason, f"{m.topic()}/{part}/{off}")))
-            continue
-        if isinstance(ev, EraseEvent):
-            out.append(EraseRecord(part, off, ev.user_id))
-            continue
-        w = ev.weight(min_ms_played)
-        if w <= 0:
-            out.append(SkipRecord(part, off))
-            continue
-        out.append(PlayRecord(part, off, ev.user_id, ev.track_id, w, ev.ts, ev.track_id not in known))
+        if isinstance(ev, PlayEvent):  # the common case first: this loop runs once per consumed event
+            w = ev.weight(min_ms_played)
+            add(
+                PlayRecord(part, off, ev.user_id, ev.track_id, w, ev.ts, ev.track_id not in known)
+                if w > 0
+                else SkipRecord(part, off)
+            )
+        elif isinstance(ev, InvalidEvent):
+            add(DeadRecord(part, off, DeadLetter(ev.raw, ev.reason, f"{m.topic()}/{part}/{off}")))
+        else:
+            add(EraseRecord(part, off, ev.user_id))
     return out
 
 
