@@ -5,7 +5,9 @@
 Embedded broker and Redis, a model at factors=64 published, one `encore foldin` process.
 (1) At a fixed background produce rate, probe users (one play each, fresh ids) are timed from
 send to their vector key existing in Redis: p50/p99. (2) Maximum sustained throughput: a
-backlog of plays is produced first, then one worker is timed until it has applied all of it.
+backlog of plays is produced first, then one worker is timed until it has applied all of it and
+re-solved every user it queued (the queue empty). `--modes thread,inline` runs each topology
+with the worker's re-solve thread and then without it (`ENCORE_RESOLVE_THREAD=false`), in one run.
 Both on one Redis and, in the same run, on an embedded Redis Cluster (3 masters + 3 replicas,
 64 buckets, the default), with the cluster's ratios to the single node. Writes bench/results/freshness.json
 (single node at the top level as before, the cluster under `cluster`).
@@ -44,6 +46,7 @@ from services.speed.history_store import RedisHistoryStore
 
 def _worker(servers: EmbeddedServers, settings: Settings, metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {
+        "ENCORE_RESOLVE_THREAD": str(settings.resolve_thread).lower(),
         **os.environ,
         "ENCORE_METRICS_PORT": str(metrics_port),
         "ENCORE_KAFKA_BOOTSTRAP": servers.kafka_bootstrap,
@@ -64,20 +67,28 @@ def main() -> None:
     ap.add_argument("--topologies", default="redis,cluster", help="comma-separated: redis, cluster")
     ap.add_argument("--cluster-replicas", type=int, default=1, help="replicas per master of the embedded cluster")
     ap.add_argument("--phases", default="latency,throughput", help="comma-separated: latency, throughput")
+    ap.add_argument("--modes", default="thread", help="comma-separated: thread, inline (the re-solve's thread)")
     ap.add_argument("--out", default="", help="results name (default: freshness[_cluster_no_replicas])")
     args = ap.parse_args()
     data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
     model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
     out: dict[str, Any] = {"factors": 64, "tracks": data.n_tracks}
+    modes = args.modes.split(",")
     with EmbeddedServers.start() as servers:
         for topology in args.topologies.split(","):
-            print(f"{topology}:")
-            if topology == "cluster":
-                with EmbeddedRedisCluster.start(masters=3, replicas=args.cluster_replicas) as cluster:
-                    out["cluster"] = run(servers, cluster.url, topology, data, model, args)
-                    out["cluster"]["replicas_per_master"] = args.cluster_replicas
-            else:
-                out.update(run(servers, servers.redis_url, topology, data, model, args))
+            for mode in modes:
+                print(f"{topology} ({mode}):")
+                # the first mode's results where they always were; the others beside them
+                at = "" if mode == modes[0] else f"_{mode}"
+                if topology == "cluster":
+                    with EmbeddedRedisCluster.start(masters=3, replicas=args.cluster_replicas) as cluster:
+                        out[f"cluster{at}"] = run(servers, cluster.url, topology, data, model, args, mode)
+                        out[f"cluster{at}"]["replicas_per_master"] = args.cluster_replicas
+                elif at:
+                    out[f"redis{at}"] = run(servers, servers.redis_url, topology, data, model, args, mode)
+                else:
+                    out.update(run(servers, servers.redis_url, topology, data, model, args, mode))
+    out["modes"] = modes
     if "cluster" in out and "throughput" in out:
         c, one = out["cluster"], out
         out["cluster_vs_single"] = {
@@ -90,16 +101,23 @@ def main() -> None:
 
 
 def run(
-    servers: EmbeddedServers, url: str, tag: str, data: SyntheticMusic, model: ImplicitALS, args: Any
+    servers: EmbeddedServers,
+    url: str,
+    tag: str,
+    data: SyntheticMusic,
+    model: ImplicitALS,
+    args: Any,
+    mode: str = "thread",
 ) -> dict[str, Any]:
     """Both phases against one Redis or one Redis Cluster."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"resolve_thread": mode == "thread"}
     for phase in args.phases.split(","):
         settings = Settings(
             kafka_bootstrap=servers.kafka_bootstrap,
             redis_url=url,
-            plays_topic=f"plays-{phase}-{tag}",
-            key_prefix=f"{phase}:",
+            plays_topic=f"plays-{phase}-{tag}-{mode}",
+            key_prefix=f"{phase}-{mode}:",
+            resolve_thread=mode == "thread",
         )
         root = Root(settings)
         r, keys = root.redis, root.keys
@@ -119,14 +137,20 @@ def run(
             t0 = time.perf_counter()
             port = free_port()
             proc = _worker(servers, settings, port)
-            first, first_n = 0.0, 0
-            while (n := applied(store, incarnation)) < len(events) and time.perf_counter() - t0 < 900:
+            first, first_n, applied_at = 0.0, 0, 0.0
+            while time.perf_counter() - t0 < 900:
+                n = applied(store, incarnation)
                 if n and not first:
                     first, first_n = time.perf_counter(), n
+                if n >= len(events):
+                    applied_at = applied_at or time.perf_counter()
+                    if store.backlog(())[0] == 0:  # every queued user re-solved
+                        break
                 time.sleep(0.05)
             end = time.perf_counter()
             out["throughput"] = {
                 "events": len(events),
+                "applied_events_per_s": (len(events) - first_n) / (applied_at - first) if applied_at else 0.0,
                 "seconds_incl_group_join": end - t0,
                 "events_per_s_incl_group_join": len(events) / (end - t0),
                 # sustained: from the first applied batch to the last, excluding start-up

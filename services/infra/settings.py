@@ -66,6 +66,7 @@ class Settings:
     cold_start_min_listeners: int = _s(3, "listeners before a new track gets a vector", min=1)
     batch_max_events: int = _s(5000, "fold-in micro-batch: max events", min=1)
     batch_max_ms: int = _s(5, "fold-in micro-batch: max wait in ms", min=1)
+    resolve_thread: bool = _s(True, "fold-in: re-solve queued users on a second thread while the next batch is applied")
     max_future_s: float = _s(86_400.0, "events with ts further ahead than this are dead letters")
     max_count: int = _s(1000, "events with count above this are dead letters", min=1)
     retrain_interval_s: float = _s(600.0, "seconds between scheduled retrains", min=1.0)

@@ -1,20 +1,23 @@
 """The speed layer's decisions for one micro-batch, over its ports (no Kafka or Redis here).
 
-Order, and why: apply histories with their offsets in one atomic step (a replay is skipped);
-re-solve pending users and cold-start tracks; hand the dead letters recorded in the apply to the
-sink (last: a letter handed over is delivered even if a later step fails and the batch is
-retried); flush the sink; only then drop the settled work from the durable queues. The caller
-commits Kafka offsets after `handle` returns. A crash anywhere repeats only idempotent work
-(re-solving, re-announcing) and never loses or double-counts a play.
+Two steps. `ingest`: apply histories with their offsets in one atomic step (a replay is
+skipped), which also queues the batch's users for a re-solve in the store; hand the dead letters
+recorded in the apply to the sink (last: a letter handed over is delivered even if a later step
+fails and the batch is retried); flush; only then drop them from the durable queue. The caller
+commits Kafka offsets after `ingest` returns: what they cover is durable, queued work included.
+`resolve_pending`: re-solve queued users and cold-start new tracks, announce them, flush, and
+only then drop them from the queue. The two may run on two threads (the worker's default), so a
+batch's Lua apply in Redis overlaps the previous batch's solve in Python. A crash anywhere
+repeats only idempotent work (re-solving, re-announcing) and never loses or double-counts a play.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
 
 from core.events import Limits
 from core.messages import DeadLetter
@@ -54,9 +57,19 @@ class SpeedLayer:
     def __init__(self, settings: Settings, histories: HistoryStore, models: ModelStore, sink: UpdateSink) -> None:
         self.s, self.histories, self.models, self.sink = settings, histories, models, sink
         self.model: LoadedModel | None = None
+        # held by a re-solve step and by erasures: a vector solved from a history read before
+        # an erasure must not be written after it
+        self.erasing = threading.RLock()
+        self._new_lock, self._model_lock = threading.Lock(), threading.Lock()
+        self._new_tracks: set[str] = set()  # new tracks applied, for the next re-solve step's cold start
+        self.last_full = False  # the last re-solve step took a full `limit`: more are queued
 
     def refresh_model(self) -> bool:
         """Load the current version if it changed; returns whether it did."""
+        with self._model_lock:
+            return self._refresh_model()
+
+    def _refresh_model(self) -> bool:
         version = self.models.current_version()
         if version is None or (self.model is not None and self.model.version == version):
             return False
@@ -87,10 +100,11 @@ class SpeedLayer:
         erasures = [r for r in records if isinstance(r, EraseRecord)]
         if not erasures:
             return records
-        versions = self.models.kept_versions()
-        for e in erasures:
-            if self.histories.erase(incarnation, e.partition, e.offset, e.user, versions, hold=False):
-                log.info("erased user %r (erase record %d/%d)", e.user, e.partition, e.offset)
+        with self.erasing:
+            versions = self.models.kept_versions()
+            for e in erasures:
+                if self.histories.erase(incarnation, e.partition, e.offset, e.user, versions, hold=False):
+                    log.info("erased user %r (erase record %d/%d)", e.user, e.partition, e.offset)
         return without_erased_plays(records)
 
     def _send_letters(
@@ -118,44 +132,84 @@ class SpeedLayer:
         owned: Collection[int] = (),
         letters_done: MutableMapping[int, int] | None = None,
     ) -> Outcome:
-        """One micro-batch; raises on storage or broker errors (the caller retries it whole),
-        and StateRewoundError, before anything is written, when the store's offsets fell below
-        `expected` (the caller replays those partitions from the stored offsets). `owned`: the
-        partitions this worker is assigned, whose queued dead letters it sends, except those at or
-        below `letters_done[partition]` (already in the dead-letter topic: a replay after Redis
-        lost state records them again). `letters_done` is raised as soon as the sink's flush
-        returns, before the letters are settled: if settling fails (Redis went away), the retry
-        must not send them twice."""
+        """One micro-batch made durable and its users re-solved, on the calling thread: `ingest`
+        then `resolve_pending` (see both; the worker may run the second on a thread of its own)."""
+        got = self.ingest(messages, incarnation, expected, owned, letters_done)
+        users, tracks = self.resolve_pending()
+        return Outcome(got.records, got.applied, got.dead_letters, users, tracks)
+
+    def ingest(
+        self,
+        messages: list[Message],
+        incarnation: str,
+        expected: Mapping[int, int] | None = None,
+        owned: Collection[int] = (),
+        letters_done: MutableMapping[int, int] | None = None,
+    ) -> Outcome:
+        """Apply one micro-batch and hand its dead letters over; raises on storage or broker errors
+        (the caller retries it whole), and StateRewoundError, before anything is written, when
+        the store's offsets fell below `expected` (the caller replays those partitions from the
+        stored offsets). Its users are queued for `resolve_pending` in the same atomic step.
+        `owned`: the partitions this worker is assigned, whose queued dead letters it sends,
+        except those at or below `letters_done[partition]` (already in the dead-letter topic: a
+        replay after Redis lost state records them again). `letters_done` is raised as soon as
+        the sink's flush returns, before the letters are settled: if settling fails (Redis went
+        away), the retry must not send them twice."""
         self.refresh_model()
         s = self.s
         limits = Limits(now=time.time(), max_future_s=s.max_future_s, max_count=s.max_count)
-        known = self.model.track_index if self.model is not None else {}
+        model = self.model
+        known = model.track_index if model is not None else {}
         with stage("decode"):
             records = to_records(messages, limits, s.min_ms_played, known)
         records = self._erase(incarnation, records)
         with stage("apply"):
             applied = self.histories.apply(incarnation, records, expected)
+        with self._new_lock:
+            self._new_tracks.update(r.track for r in records if isinstance(r, PlayRecord) and r.new_track)
         with stage("dead_letters"):
             dead = self.histories.dead_letters(set(owned) | {r.partition for r in records})
-        users: list[str] = []
-        upto: Any = None
-        tracks = 0
-        if self.model is not None:
-            with stage("pending"):
-                users, upto = self.histories.pending(PENDING_PER_STEP)
-            resolve_users(self.histories, self.models, self.model, users, self.sink)
-            with stage("cold_start"):
-                new = sorted({r.track for r in records if isinstance(r, PlayRecord) and r.new_track})
-                tracks = self._cold_start(new)
-        # Letters go to the sink after the last Redis step of the batch: a letter handed to the
-        # producer is delivered even if this attempt fails later, and the retry, not knowing
-        # that, would send it again.
+        # Letters go to the sink after the last Redis step before their settling: a letter
+        # handed to the producer is delivered even if this attempt fails later, and the retry,
+        # not knowing that, would send it again.
         done = letters_done if letters_done is not None else {}
         sent, last_letter = self._send_letters(dead, done)
-        with stage("produce"):
-            self.sink.flush()
+        if sent:
+            with stage("produce"):
+                self.sink.flush()
         for part, off in last_letter.items():
             done[part] = max(done.get(part, -1), off)
         with stage("settle"):
-            self.histories.settle({p: len(v) for p, v in dead.items()}, upto if users else None)
-        return Outcome(len(records), applied, sent, len(users), tracks)
+            self.histories.settle({p: len(v) for p, v in dead.items()}, None)
+        return Outcome(len(records), applied, sent)
+
+    def resolve_pending(self, limit: int = PENDING_PER_STEP) -> tuple[int, int]:
+        """Re-solve up to `limit` queued users and the new tracks seen since the last call, announce
+        them, and only then drop them from the durable queue: (users, tracks) re-solved. Safe to
+        run on its own thread beside `ingest`: the queue is in the store, a crash repeats only
+        idempotent work, and an erasure waits for a step in flight (no vector is written back
+        for a user erased while it was being solved)."""
+        with self.erasing:
+            self.refresh_model()
+            model = self.model
+            with self._new_lock:
+                new, self._new_tracks = sorted(self._new_tracks), set()
+            if model is None:
+                return 0, 0
+            try:
+                with stage("pending"):
+                    users, upto = self.histories.pending(limit)
+                resolve_users(self.histories, self.models, model, users, self.sink)
+                with stage("cold_start"):
+                    tracks = self._cold_start(new)
+                with stage("produce"):
+                    self.sink.flush()
+            except BaseException:
+                with self._new_lock:  # tried again at the next step
+                    self._new_tracks.update(new)
+                raise
+            if users:
+                with stage("settle"):
+                    self.histories.settle({}, upto)
+            self.last_full = len(users) >= limit
+            return len(users), tracks

@@ -7,8 +7,10 @@ batch finds the stored offset below what this worker applied (Redis restored, fa
 flushed), the partition is rewound to the stored offset and the lost range replayed. A range
 Kafka no longer holds is reported loudly (log, metric, `encore status`), never skipped silently.
 
-Consume a micro-batch, let `SpeedLayer.handle` make it durable, then commit the offsets it
-covers. A transient fault retries the same batch with nothing committed; anything else stops
+Consume a micro-batch, let `SpeedLayer.ingest` make it durable (its users queued for a re-solve
+in the same atomic step), then commit the offsets it covers; a second thread re-solves the
+queued users meanwhile (`resolver`; `ENCORE_RESOLVE_THREAD=false`: both on one thread,
+`handle`). A transient fault retries the same batch with nothing committed; anything else stops
 the worker loudly (its uncommitted batch is re-read by the next owner and fenced there).
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from core.errors import StateRewoundError
+from core.errors import FatalError, StateRewoundError
 from services.infra import metrics, rdkafka
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
@@ -33,6 +35,7 @@ from services.infra.status_board import StatusBoard
 from services.speed.continuity import OffsetContinuity
 from services.speed.pipeline import SpeedLayer
 from services.speed.records import last_offsets
+from services.speed.resolver import ResolverThread
 
 log = logging.getLogger(__name__)
 GROUP = "encore-foldin"
@@ -64,6 +67,11 @@ class FoldInWorker:
         self._produced_letters = produced_letters
         self.letters_done: dict[int, int] = {}  # partition → last source offset already in the DLQ
         self.stop_event = threading.Event()
+        self.resolver = (
+            ResolverThread(layer, self.stop_event, lambda _exc: self.stop_event.set())
+            if settings.resolve_thread
+            else None
+        )
         self._lag_at = self._verified_at = 0.0
         consumer.subscribe([settings.plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
@@ -192,7 +200,16 @@ class FoldInWorker:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
             try:
-                out = self.layer.handle(messages, self.incarnation, expected, self.positions.keys(), self.letters_done)
+                if self.resolver is None:
+                    out = self.layer.handle(
+                        messages, self.incarnation, expected, self.positions.keys(), self.letters_done
+                    )
+                else:
+                    self.resolver.wait_if_behind()
+                    out = self.layer.ingest(
+                        messages, self.incarnation, expected, self.positions.keys(), self.letters_done
+                    )
+                    self.resolver.poke()
                 break
             except StateRewoundError as exc:
                 self._rewind(exc.offsets)
@@ -240,7 +257,7 @@ class FoldInWorker:
             self.series.maybe_flush()
 
     def _one(self) -> None:
-        if self._batch or self.layer.has_work():
+        if self._batch or (self.resolver is None and self.layer.has_work()):
             self.step(self._batch)
         elif time.monotonic() - self._verified_at >= 1.0:
             self._verified_at = time.monotonic()
@@ -248,6 +265,20 @@ class FoldInWorker:
         self.update_lag()
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Consume until `stop`; raises FatalError if the re-solve thread met a fault retrying
+        cannot fix (it stops the loop too)."""
+        if self.resolver is not None:
+            self.resolver.start()
+        try:
+            self._loop(on_batch)
+        finally:
+            if self.resolver is not None:
+                self.stop_event.set()
+                self.resolver.join()
+        if self.resolver is not None and self.resolver.error is not None:
+            raise FatalError(f"re-solve thread: {self.resolver.error}") from self.resolver.error
+
+    def _loop(self, on_batch: Callable[[int], None] | None) -> None:
         backoff = Backoff()
         while not self.stop_event.is_set():
             t_poll = time.perf_counter()

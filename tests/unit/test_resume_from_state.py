@@ -63,7 +63,8 @@ def _worker(store: FakeHistoryStore, consumer: Consumer) -> tuple[FoldInWorker, 
     models.add(_model("v1")[0])
     sink, board = RecordingSink(), Board()
     layer = SpeedLayer(Settings(min_ms_played=0), store, models, sink)
-    w = FoldInWorker(Settings(), layer, consumer, sink, lambda: "inc", board)  # type: ignore[arg-type]
+    # one thread: these tests step the worker by hand (test_resolver_thread covers the other mode)
+    w = FoldInWorker(Settings(resolve_thread=False), layer, consumer, sink, lambda: "inc", board)  # type: ignore[arg-type]
     return w, board, sink
 
 

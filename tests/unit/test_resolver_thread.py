@@ -1,0 +1,136 @@
+"""The fold-in worker's re-solve thread: it re-solves what the loop applied, an erasure waits for
+a step in flight, a fault retrying cannot fix stops the worker, and a loop that outruns it waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from confluent_kafka import TopicPartition
+
+from core.errors import FatalError
+from core.events import EraseEvent
+from core.messages import decode_vector
+from services.infra.settings import Settings
+from services.speed.pipeline import SpeedLayer
+from services.speed.resolver import ResolverThread
+from services.speed.worker import FoldInWorker
+from tests.fakes import FakeHistoryStore, FakeModelStore, RecordingSink
+from tests.unit.test_resume_from_state import Board, Consumer
+from tests.unit.test_speed_layer import Msg, _model, _play
+
+pytestmark = pytest.mark.unit
+
+
+def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "the re-solve thread did not get there"
+        time.sleep(0.01)
+
+
+def _layer(models: FakeModelStore | None = None) -> tuple[SpeedLayer, FakeHistoryStore, FakeModelStore]:
+    store = FakeHistoryStore()
+    if models is None:
+        models = FakeModelStore()
+        models.add(_model("v1")[0])
+    store.models = models
+    return SpeedLayer(Settings(min_ms_played=0), store, models, RecordingSink()), store, models
+
+
+BATCH = [Msg(0, i, _play(f"u{i % 5}", f"t{i % 7}")) for i in range(30)]
+
+
+def test_the_thread_re_solves_what_the_loop_applied_as_the_one_thread_step_does() -> None:
+    inline, _, inline_models = _layer()
+    inline.handle(BATCH, "inc")
+    layer, store, models = _layer()
+    c = Consumer()
+    w = FoldInWorker(Settings(), layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    assert w.resolver is not None
+    w.resolver.start()
+    try:
+        w.step(BATCH)
+        assert store.offsets[("inc", 0)] == 29  # durable before the step returned
+        _until(lambda: len(models.users) == 5 and not store.pending_users)
+    finally:
+        w.stop()
+        w.resolver.join()
+    assert models.users.keys() == inline_models.users.keys()
+    for key, raw in inline_models.users.items():
+        np.testing.assert_allclose(decode_vector(models.users[key]), decode_vector(raw), rtol=1e-5, atol=1e-6)
+    assert sorted(u.entity_id for u in layer.sink.flushed_updates()) == [f"u{i}" for i in range(5)]  # type: ignore[attr-defined]
+
+
+class _SlowWrites(FakeModelStore):
+    """Holds a vector write until released: a re-solve step in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing, self.release = threading.Event(), threading.Event()
+
+    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
+        self.writing.set()
+        assert self.release.wait(20)
+        super().put_user_vectors(version, users, vectors)
+
+
+def test_an_erasure_waits_for_a_re_solve_in_flight_so_no_vector_comes_back() -> None:
+    models = _SlowWrites()
+    models.add(_model("v1")[0])
+    layer, store, _ = _layer(models)
+    layer.ingest([Msg(0, 0, _play("gone", "t1")), Msg(0, 1, _play("gone", "t2"))], "inc")
+    step = threading.Thread(target=layer.resolve_pending)
+    step.start()
+    assert models.writing.wait(20)  # the history was read and solved; the write is in flight
+    erase = threading.Thread(target=layer.ingest, args=([Msg(0, 2, EraseEvent("gone").to_json())], "inc"))
+    erase.start()
+    time.sleep(0.2)
+    assert erase.is_alive()  # waiting for the step
+    models.release.set()
+    step.join(20)
+    erase.join(20)
+    assert ("v1", "gone") not in models.users and "gone" not in store.histories
+
+
+def test_a_fault_retrying_cannot_fix_stops_the_worker_loudly() -> None:
+    class Broken(FakeModelStore):
+        def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]:
+            raise ValueError("corrupt vector store")
+
+    models = Broken()
+    models.add(_model("v1")[0])
+    layer, store, _ = _layer(models)
+    consumer = Consumer()
+    consumer.consume = lambda num_messages, timeout: (time.sleep(timeout), [])[1]  # type: ignore[attr-defined]
+    w = FoldInWorker(Settings(), layer, consumer, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
+    store.queue_users(["u1"])
+    with pytest.raises(FatalError, match="corrupt vector store"):
+        w.run()  # returns only because the thread stopped it
+    assert store.pending_users  # nothing settled
+
+
+def test_the_loop_waits_for_one_step_per_batch_while_the_thread_is_behind() -> None:
+    layer, _, _ = _layer()
+    stop = threading.Event()
+    r = ResolverThread(layer, stop, lambda _e: None)
+    r._thread = threading.Thread(target=lambda: stop.wait(20))  # alive, but never steps
+    r._thread.start()
+    try:
+        r._behind = True
+        waited = threading.Thread(target=r.wait_if_behind)
+        waited.start()
+        waited.join(0.3)
+        assert waited.is_alive()  # no step finished since the last batch: the loop waits
+        layer.last_full = False
+        r._step()  # one step, and it emptied the queue
+        waited.join(5)
+        assert not waited.is_alive()
+        r.wait_if_behind()  # caught up: no wait at all
+    finally:
+        stop.set()
+        r._thread.join()
