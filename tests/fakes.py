@@ -219,7 +219,7 @@ class RecordingSink:
     def dead_letter(self, d: DeadLetter) -> None:
         self.buffer.append(d)
 
-    def flush(self) -> None:
+    def flush(self, updates: bool = True, letters: bool = True) -> None:
         if self.fail_next_flush:
             self.fail_next_flush = False
             self.buffer.clear()

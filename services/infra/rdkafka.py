@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,8 @@ def data_messages(messages: list[Message]) -> list[Message]:
 
 class UpdatePublisher:
     """Producer whose `flush` raises unless every record sent since the last flush is acknowledged.
+    Failures are kept per topic, so two threads sharing the producer, each flushing its own
+    topics, each learn of their own failures (never one thread's failure taken by the other).
 
     `send(topic, value, key, headers)` matches kafka-python's signature, so fold-in code can be
     handed either producer.
@@ -90,11 +93,11 @@ class UpdatePublisher:
         }
         cfg.update(overrides)
         self.producer = Producer(cfg)
-        self.errors: list[str] = []
+        self.errors: dict[str, list[str]] = {}
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self.errors.append(f"{msg.topic()}: {err.str()}")
+            self.errors.setdefault(msg.topic() or "", []).append(f"{msg.topic()}: {err.str()}")
 
     def send(
         self,
@@ -110,9 +113,13 @@ class UpdatePublisher:
             except BufferError:  # local queue full: let deliveries drain
                 self.producer.poll(0.05)
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self, timeout: float = 30.0, topics: Collection[str] | None = None) -> None:
+        """Wait for every record sent; raise if one is undelivered or one of `topics` (default:
+        all) had a failure since their last flush."""
         left = self.producer.flush(timeout)
-        errors, self.errors = self.errors, []
+        errors: list[str] = []
+        for topic in list(self.errors) if topics is None else topics:
+            errors += self.errors.pop(topic, [])
         if left or errors:
             raise ProduceFailed(f"{left} record(s) undelivered, {len(errors)} failed: {errors[:3]}")
 
@@ -140,8 +147,9 @@ class KafkaUpdateSink:
         headers = [*d.headers(), ("incarnation", self.incarnation.encode())]
         self.publisher.send(self.dlq_topic, value=d.raw, headers=headers)
 
-    def flush(self) -> None:
-        self.publisher.flush()
+    def flush(self, updates: bool = True, letters: bool = True) -> None:
+        topics = [t for t, on in ((self.updates_topic, updates), (self.dlq_topic, letters)) if on]
+        self.publisher.flush(topics=topics)
 
     def close(self) -> None:
         self.publisher.close()

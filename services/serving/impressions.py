@@ -44,7 +44,7 @@ class ImpressionLog:
         self._producer.producer.poll(0)  # serve delivery reports without waiting
         self.sent += 1
         if self._producer.errors:
-            errors, self._producer.errors = self._producer.errors, []
+            errors = [e for topic in list(self._producer.errors) for e in self._producer.errors.pop(topic, [])]
             log.warning("impressions: %d not delivered, e.g. %s", len(errors), errors[0])
 
     def close(self) -> None:

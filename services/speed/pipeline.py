@@ -176,7 +176,7 @@ class SpeedLayer:
         sent, last_letter = self._send_letters(dead, done)
         if sent:
             with stage("produce"):
-                self.sink.flush()
+                self.sink.flush(updates=False)  # the re-solve thread flushes its own
         for part, off in last_letter.items():
             done[part] = max(done.get(part, -1), off)
         with stage("settle"):
@@ -203,7 +203,7 @@ class SpeedLayer:
                 with stage("cold_start"):
                     tracks = self._cold_start(new)
                 with stage("produce"):
-                    self.sink.flush()
+                    self.sink.flush(letters=False)
             except BaseException:
                 with self._new_lock:  # tried again at the next step
                     self._new_tracks.update(new)

@@ -101,6 +101,7 @@ class UpdateSink(Protocol):
 
     def dead_letter(self, d: DeadLetter) -> None: ...
 
-    def flush(self) -> None:
-        """Block until every record sent so far is acknowledged; raise otherwise."""
+    def flush(self, updates: bool = True, letters: bool = True) -> None:
+        """Block until every record sent so far is acknowledged; raise if one is not, or if a
+        vector update (`updates`) or a dead letter (`letters`) failed since their last flush."""
         ...

@@ -14,6 +14,7 @@ from confluent_kafka import TopicPartition
 from core.errors import FatalError
 from core.events import EraseEvent
 from core.messages import decode_vector
+from services.infra.rdkafka import KafkaUpdateSink, ProduceFailed, UpdatePublisher
 from services.infra.settings import Settings
 from services.speed.pipeline import SpeedLayer
 from services.speed.resolver import ResolverThread
@@ -134,3 +135,26 @@ def test_the_loop_waits_for_one_step_per_batch_while_the_thread_is_behind() -> N
     finally:
         stop.set()
         r._thread.join()
+
+
+def test_two_threads_flushing_one_producer_each_learn_of_their_own_failures() -> None:
+    """The loop flushes dead letters and the thread flushes vector updates on one producer: a
+    letter that failed must fail the loop's flush (else it counts as sent and is settled, lost),
+    never be taken and cleared by the thread's flush."""
+
+    class Failed:
+        def str(self) -> str:
+            return "broker gone"
+
+    class Sent:
+        def topic(self) -> str:
+            return "plays.dlq"
+
+    pub = UpdatePublisher("127.0.0.1:1")  # nothing is produced: only the failure report matters
+    sink = KafkaUpdateSink(pub, "factor-updates", "plays.dlq")
+    pub._delivered(Failed(), Sent())  # type: ignore[arg-type]
+    sink.flush(letters=False)  # the thread's flush: its updates all arrived
+    with pytest.raises(ProduceFailed, match="broker gone"):
+        sink.flush(updates=False)  # the loop's flush: its letter did not
+    sink.flush()  # reported once
+    pub.producer.flush(0)
