@@ -100,6 +100,16 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def foldin_sides(root: Root, s: Settings) -> list[Component]:
+    """What runs beside the fold-in worker, each on a thread: the catalogue in Redis, and the
+    online metrics per experiment arm unless `ENCORE_EXPERIMENT_JOIN=false` (the join reads and
+    decodes every play once more, on the worker's interpreter)."""
+    sides: list[Component] = [root.catalogue_sync()]
+    if s.experiment_join:
+        sides.append(root.experiment_join())
+    return sides
+
+
 def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import STARTUP_PATIENCE_S, Root
     from services.infra import metrics
@@ -108,23 +118,19 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     metrics.serve_metrics(s.metrics_port)
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
-    sync = root.catalogue_sync()  # the catalogue in Redis, beside the plays
-    join = root.experiment_join()  # online metrics per experiment arm
-    threads = [
-        threading.Thread(target=sync.run, daemon=True, name="catalogue-sync"),
-        threading.Thread(target=join.run, daemon=True, name="experiment-join"),
-    ]
+    sides = foldin_sides(root, s)
+    threads = [threading.Thread(target=side.run, daemon=True, name=type(side).__name__) for side in sides]
     for t in threads:
         t.start()
     try:
         return _run_component(root, worker, worker.run)
     finally:
-        for side in (sync, join):
+        for side in sides:
             side.stop()
         for t in threads:
             t.join(timeout=5)
-        sync.close()
-        join.close()
+        for side in sides:
+            side.close()
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:

@@ -50,6 +50,9 @@ class Settings:
     tracks_dlq_topic: str = _s("tracks.dlq", "dead-letter topic for invalid catalogue entries")
     impressions_topic: str = _s("impressions", "topic of what personal answers showed (key = user id)")
     log_impressions: bool = _s(True, "serving writes an impression per personal answer (online metrics)")
+    experiment_join: bool = _s(
+        True, "`encore foldin` joins plays with impressions for the online A/B metrics (off: a fifth more plays/s)"
+    )
     join_window_s: float = _s(1800.0, "a play counts for an impression this many seconds after it", min=1.0)
     key_prefix: str = _s("encore:", "prefix of every Redis key")
     plays_partitions: int = _s(4, "partitions of the plays topic when Encore creates it", min=1)

@@ -17,6 +17,7 @@ the worker loudly (its uncommitted batch is re-read by the next owner and fenced
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from services.speed.resolver import ResolverThread
 
 log = logging.getLogger(__name__)
 GROUP = "encore-foldin"
+SWITCH_INTERVAL_S = 0.0005
 
 
 class FoldInWorker:
@@ -268,6 +270,10 @@ class FoldInWorker:
         """Consume until `stop`; raises FatalError if the re-solve thread met a fault retrying
         cannot fix (it stops the loop too)."""
         if self.resolver is not None:
+            # Two threads share the GIL: a thread whose Redis reply arrived waits for the other to
+            # give it up, 5 ms by default. 0.5 ms: 25.0-27.2k plays/s against 23.3-25.9k
+            # (bench.freshness, throughput, two alternations).
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
             self.resolver.start()
         try:
             self._loop(on_batch)

@@ -184,3 +184,21 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
     assert code == 0 and json.loads(out) == {"current": candidate, "previous": current}, err
     assert store.current_version() == candidate and store.candidate_version() is None
     root.close()
+
+
+def test_the_experiment_join_beside_the_fold_in_worker_can_be_turned_off(settings: Settings) -> None:
+    from dataclasses import replace
+
+    from services.cli.commands import foldin_sides
+    from services.speed.catalogue_sync import CatalogueSync
+
+    root = Root(settings)
+    try:
+        on = foldin_sides(root, settings)
+        off = foldin_sides(root, replace(settings, experiment_join=False))
+        assert [type(c) for c in on] == [CatalogueSync, ExperimentJoin]
+        assert [type(c) for c in off] == [CatalogueSync]
+        for c in on + off:
+            c.close()
+    finally:
+        root.close()
