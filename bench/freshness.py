@@ -89,6 +89,7 @@ def main() -> None:
                 else:
                     out.update(run(servers, servers.redis_url, topology, data, model, args, mode))
     out["modes"] = modes
+    out["experiment_join"] = os.environ.get("ENCORE_EXPERIMENT_JOIN", "true")  # the worker inherits it
     if "cluster" in out and "throughput" in out:
         c, one = out["cluster"], out
         out["cluster_vs_single"] = {

@@ -202,7 +202,9 @@ class FoldInWorker:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
             try:
-                if self.resolver is None:
+                if self.resolver is None or len(messages) < self.s.batch_max_events // 2:
+                    # One thread, or a light load: re-solve at once on this thread (the freshest
+                    # vectors); the re-solve thread takes over when batches fill up.
                     out = self.layer.handle(
                         messages, self.incarnation, expected, self.positions.keys(), self.letters_done
                     )

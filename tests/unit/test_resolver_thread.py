@@ -50,7 +50,8 @@ def test_the_thread_re_solves_what_the_loop_applied_as_the_one_thread_step_does(
     inline.handle(BATCH, "inc")
     layer, store, models = _layer()
     c = Consumer()
-    w = FoldInWorker(Settings(), layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
+    full = Settings(batch_max_events=len(BATCH))  # a full batch: the loop hands the re-solve over
+    w = FoldInWorker(full, layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
     c.on_assign(c, [TopicPartition("plays", 0)])
     assert w.resolver is not None
     w.resolver.start()
@@ -65,6 +66,15 @@ def test_the_thread_re_solves_what_the_loop_applied_as_the_one_thread_step_does(
     for key, raw in inline_models.users.items():
         np.testing.assert_allclose(decode_vector(models.users[key]), decode_vector(raw), rtol=1e-5, atol=1e-6)
     assert sorted(u.entity_id for u in layer.sink.flushed_updates()) == [f"u{i}" for i in range(5)]  # type: ignore[attr-defined]
+
+
+def test_under_a_light_load_the_loop_re_solves_at_once_itself() -> None:
+    layer, store, models = _layer()
+    c = Consumer()
+    w = FoldInWorker(Settings(), layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
+    c.on_assign(c, [TopicPartition("plays", 0)])
+    w.step(BATCH)  # 30 plays of at most 5,000: the thread (not even started here) is not needed
+    assert len(models.users) == 5 and not store.pending_users
 
 
 class _SlowWrites(FakeModelStore):
