@@ -135,7 +135,7 @@ class SpeedLayer:
         """One micro-batch made durable and its users re-solved, on the calling thread: `ingest`
         then `resolve_pending` (see both; the worker may run the second on a thread of its own)."""
         got = self.ingest(messages, incarnation, expected, owned, letters_done)
-        users, tracks = self.resolve_pending()
+        users, tracks = self.resolve_pending(refresh=False)  # `ingest` just looked
         return Outcome(got.records, got.applied, got.dead_letters, users, tracks)
 
     def ingest(
@@ -183,14 +183,15 @@ class SpeedLayer:
             self.histories.settle({p: len(v) for p, v in dead.items()}, None)
         return Outcome(len(records), applied, sent)
 
-    def resolve_pending(self, limit: int = PENDING_PER_STEP) -> tuple[int, int]:
+    def resolve_pending(self, limit: int = PENDING_PER_STEP, refresh: bool = True) -> tuple[int, int]:
         """Re-solve up to `limit` queued users and the new tracks seen since the last call, announce
         them, and only then drop them from the durable queue: (users, tracks) re-solved. Safe to
         run on its own thread beside `ingest`: the queue is in the store, a crash repeats only
         idempotent work, and an erasure waits for a step in flight (no vector is written back
         for a user erased while it was being solved)."""
         with self.erasing:
-            self.refresh_model()
+            if refresh:  # a step on its own thread looks for a new version itself
+                self.refresh_model()
             model = self.model
             with self._new_lock:
                 new, self._new_tracks = sorted(self._new_tracks), set()

@@ -202,17 +202,14 @@ class FoldInWorker:
             batch_parts = {m.partition() for m in messages}
             expected = {p: o for p, o in self.positions.items() if p in batch_parts}
             try:
-                if self.resolver is None or len(messages) < self.s.batch_max_events // 2:
-                    # One thread, or a light load: re-solve at once on this thread (the freshest
-                    # vectors); the re-solve thread takes over when batches fill up.
-                    out = self.layer.handle(
-                        messages, self.incarnation, expected, self.positions.keys(), self.letters_done
-                    )
-                else:
+                # One thread, or a light load: re-solve at once on this thread (the freshest
+                # vectors); the re-solve thread takes over when batches fill up.
+                inline = self.resolver is None or len(messages) < self.s.batch_max_events // 2
+                if self.resolver is not None and not inline:
                     self.resolver.wait_if_behind()
-                    out = self.layer.ingest(
-                        messages, self.incarnation, expected, self.positions.keys(), self.letters_done
-                    )
+                run = self.layer.handle if inline else self.layer.ingest
+                out = run(messages, self.incarnation, expected, self.positions.keys(), self.letters_done)
+                if self.resolver is not None and not inline:
                     self.resolver.poke()
                 break
             except StateRewoundError as exc:
