@@ -145,6 +145,13 @@ class FakeHistoryStore:
         users = sorted(self.listeners.get(track, {}), key=lambda u: self.listeners[track][u])
         return users, [self.histories.get(u, {}).get(track, 0.0) for u in users]
 
+    def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
+        assert self.models is not None, "set .models to the FakeModelStore the vectors go to"
+        for u, v in zip(users, vectors, strict=True):
+            if u in self.pending_users:
+                self.models.users[(version, u)] = encode_vector(v)
+        return {u for u in users if u not in self.pending_users}
+
     def erase(
         self, incarnation: str, partition: int, offset: int, user: str, versions: Collection[str], hold: bool
     ) -> bool:
@@ -192,10 +199,6 @@ class FakeModelStore:
 
     def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]:
         return [self.users.get((version, u)) for u in users]
-
-    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
-        for u, v in zip(users, vectors, strict=True):
-            self.users[(version, u)] = encode_vector(v)
 
     def put_track_vector(self, version: str, track: str, vector: np.ndarray) -> None:
         self.tracks[(version, track)] = encode_vector(vector)

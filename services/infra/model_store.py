@@ -292,11 +292,6 @@ class RedisModelStore:
         """Stored vectors of `users` in `version` (None where missing), one MGET."""
         return self._mget([self.keys.user(version, u) for u in users]) if users else []
 
-    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
-        """One MSET of every given user's vector."""
-        if users:
-            self._mset({self.keys.user(version, u): encode_vector(v) for u, v in zip(users, vectors, strict=True)})
-
     def track_vector(self, version: str, track: str) -> bytes | None:
         return self.r.get(self.keys.track(version, track))  # type: ignore[no-any-return]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping
 
+import numpy as np
 from redis.cluster import RedisCluster
 
 from core.errors import StateRewoundError
@@ -36,6 +37,7 @@ from services.speed.history_store import (
     apply_args,
     ranges_of,
     stored_offsets,
+    vector_blobs,
 )
 from services.speed.records import PlayRecord, Record
 
@@ -55,6 +57,7 @@ class ClusterHistoryStore(TrackListeners):
         self._histories = r.register_script(source("histories"))
         self._queue = r.register_script(source("queue_users"))
         self._erase = r.register_script(source("erase_user"))
+        self._put_vectors = r.register_script(source("put_vectors"))
         self.all = range(keys.buckets)
 
     # ---- the fenced step ------------------------------------------------------------
@@ -155,6 +158,18 @@ class ClusterHistoryStore(TrackListeners):
             for i, row in zip(chunk, rows, strict=True):
                 out[i] = row
         return out
+
+    def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
+        blobs = vector_blobs(vectors)
+        by_bucket: dict[int, list[int]] = {}
+        for i, u in enumerate(users):
+            by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(i)
+        calls = []
+        for b, idx in by_bucket.items():
+            keys = [self.keys.bucket(b).pending_users] + [self.keys.user(version, users[i]) for i in idx]
+            calls.append(script_call(self._put_vectors, keys, [users[i] for i in idx] + [blobs[i] for i in idx]))
+        skipped = per_node(self.r, calls) if calls else []
+        return {users[idx[int(j) - 1]] for idx, out in zip(by_bucket.values(), skipped, strict=True) for j in out}
 
     def pending(self, limit: int) -> tuple[list[str], dict[int, float]]:
         """Up to about `limit` users over all buckets, and per bucket the score reached: all

@@ -14,17 +14,25 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
 from core.errors import StateRewoundError
-from core.messages import DeadLetter
+from core.messages import VECTOR_DTYPE, DeadLetter
 from services.infra.keys import BucketKeys, Keys
 from services.infra.lua import source
 from services.speed.records import DeadRecord, PlayRecord, Record
 
 log = logging.getLogger(__name__)
 HISTORIES_PER_CALL = 5000
+
+
+def vector_blobs(vectors: np.ndarray) -> list[bytes]:
+    """Each row as the stored vector format (float32 little-endian), sliced from one buffer."""
+    raw = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE).tobytes()
+    width = 4 * vectors.shape[1] if vectors.ndim == 2 else 0
+    return [raw[i : i + width] for i in range(0, len(raw), width)] if width else []
 
 
 def ranges_of(records: list[Record]) -> dict[int, tuple[int, int]]:
@@ -156,6 +164,7 @@ class RedisHistoryStore(TrackListeners):
         self._apply = r.register_script(source("apply_batch"))
         self._histories = r.register_script(source("histories"))
         self._erase = r.register_script(source("erase_user"))
+        self._put_vectors = r.register_script(source("put_vectors"))
 
     def apply(self, incarnation: str, records: list[Record], expected: Mapping[int, int] | None = None) -> int:
         for _ in range(5):
@@ -195,6 +204,15 @@ class RedisHistoryStore(TrackListeners):
         for s in range(0, len(users), HISTORIES_PER_CALL):
             out += self._histories(keys=[self.keys.history(u) for u in users[s : s + HISTORIES_PER_CALL]])
         return out
+
+    def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
+        left_out: set[str] = set()
+        for s in range(0, len(users), HISTORIES_PER_CALL):
+            chunk = users[s : s + HISTORIES_PER_CALL]
+            keys = [self.keys.pending_users] + [self.keys.user(version, u) for u in chunk]
+            skipped = self._put_vectors(keys, [*chunk, *vector_blobs(vectors[s : s + len(chunk)])])
+            left_out.update(chunk[int(i) - 1] for i in skipped)
+        return left_out
 
     def pending(self, limit: int) -> tuple[list[str], float]:
         """All users at the cut-off score are included (a batch is never split), so `settle`

@@ -41,6 +41,13 @@ class HistoryStore(Protocol):
 
     def queue_users(self, users: list[str]) -> None: ...
 
+    def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
+        """Store re-solved vectors, each only if its user is still queued for a re-solve, and
+        return the users left out. An erasure takes the user off the queue in its own atomic
+        step, so a vector solved from a history read before the erasure, by any worker, is
+        not written back."""
+        ...
+
     def dead_letters(self, partitions: Collection[int]) -> dict[int, list[DeadLetter]]:
         """Dead letters recorded by `apply` for these partitions, not yet produced, oldest first
         (only a partition's owner asks, so no two workers send the same letter)."""
@@ -84,8 +91,6 @@ class ModelStore(Protocol):
         ...
 
     def user_vectors(self, version: str, users: list[str]) -> list[bytes | None]: ...
-
-    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None: ...
 
     def put_track_vector(self, version: str, track: str, vector: np.ndarray) -> None: ...
 

@@ -56,7 +56,11 @@ def resolve_users(
         rows = history_rows(raw_histories, model)
         vectors = model.model.fold_in(rows, model.model.item_factors_, gram=model.item_gram, start=start)
     with stage("vectors_write"):
-        models.put_user_vectors(model.version, users, vectors)
+        left_out = histories.put_vectors(model.version, users, vectors)
+    if left_out:  # erased (or re-solved by another worker) meanwhile: neither stored nor announced
+        log.debug("%d re-solved users left the queue meanwhile: their vectors are dropped", len(left_out))
+        keep = [i for i, u in enumerate(users) if u not in left_out]
+        users, vectors = [users[i] for i in keep], vectors[keep]
     with stage("produce"):
         sink.updates("user", model.version, users, vectors)
     return vectors

@@ -7,6 +7,7 @@ rely on (so neither can drift from what one Redis does).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import redis
 
@@ -16,7 +17,7 @@ from services.infra.settings import Settings
 from services.speed.cluster_history_store import ClusterHistoryStore
 from services.speed.history_store import RedisHistoryStore
 from services.speed.records import DeadRecord, PlayRecord, SkipRecord
-from tests.fakes import FakeHistoryStore
+from tests.fakes import FakeHistoryStore, FakeModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,9 @@ def make_store(request, settings: Settings):
 
     def make(history_cap: int = 100, listeners_cap: int = 3):
         if request.param == "fake":
-            return FakeHistoryStore(history_cap, listeners_cap)
+            fake = FakeHistoryStore(history_cap, listeners_cap)
+            fake.models = FakeModelStore()
+            return fake
         if request.param == "cluster":
             rc = redis.RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
             clients.append(rc)
@@ -39,6 +42,13 @@ def make_store(request, settings: Settings):
     yield make
     for c in clients:
         c.close()
+
+
+def _vector(store, version: str, user: str) -> bytes | None:
+    if isinstance(store, FakeHistoryStore):
+        assert store.models is not None
+        return store.models.users.get((version, user))
+    return store.r.get(store.keys.user(version, user))  # type: ignore[no-any-return]
 
 
 def _hist(store, user: str) -> dict[str, float]:
@@ -101,3 +111,19 @@ def test_cap_listeners_and_pending_cutoff(make_store) -> None:
     assert set(store.pending(10)[0]) == {"late", "heavy"}
     store.forget_new_tracks(["t1"])
     assert store.new_tracks() == ["t0"]
+
+
+def test_a_vector_solved_before_an_erasure_is_not_written_back(make_store) -> None:
+    """A worker takes users off the queue's head and reads their histories; one of them is erased
+    meanwhile (by the API or by another worker). Writing the step's vectors stores the others
+    and leaves the erased user out, in every topology."""
+    store = make_store()
+    store.apply("inc", [PlayRecord(0, 0, "gone", "t1", 1.0, 10.0), PlayRecord(0, 1, "kept", "t1", 1.0, 10.0)])
+    users, _ = store.pending(10)
+    assert sorted(users) == ["gone", "kept"]
+    assert store.erase("inc", 0, 5, "gone", ["v1"], hold=True)
+    vectors = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
+    assert store.put_vectors("v1", users, vectors) == {"gone"}
+    kept = users.index("kept")
+    assert _vector(store, "v1", "gone") is None
+    assert _vector(store, "v1", "kept") == vectors[kept].astype("<f4").tobytes()

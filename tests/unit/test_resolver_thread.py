@@ -13,7 +13,7 @@ from confluent_kafka import TopicPartition
 
 from core.errors import FatalError
 from core.events import EraseEvent
-from core.messages import decode_vector
+from core.messages import FactorUpdate, decode_vector
 from services.infra.rdkafka import KafkaUpdateSink, ProduceFailed, UpdatePublisher
 from services.infra.settings import Settings
 from services.speed.pipeline import SpeedLayer
@@ -33,8 +33,10 @@ def _until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def _layer(models: FakeModelStore | None = None) -> tuple[SpeedLayer, FakeHistoryStore, FakeModelStore]:
-    store = FakeHistoryStore()
+def _layer(
+    models: FakeModelStore | None = None, store: FakeHistoryStore | None = None
+) -> tuple[SpeedLayer, FakeHistoryStore, FakeModelStore]:
+    store = store if store is not None else FakeHistoryStore()
     if models is None:
         models = FakeModelStore()
         models.add(_model("v1")[0])
@@ -77,35 +79,55 @@ def test_under_a_light_load_the_loop_re_solves_at_once_itself() -> None:
     assert len(models.users) == 5 and not store.pending_users
 
 
-class _SlowWrites(FakeModelStore):
+class _SlowWrites(FakeHistoryStore):
     """Holds a vector write until released: a re-solve step in flight."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writing, self.release = threading.Event(), threading.Event()
 
-    def put_user_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> None:
+    def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
         self.writing.set()
         assert self.release.wait(20)
-        super().put_user_vectors(version, users, vectors)
+        return super().put_vectors(version, users, vectors)
 
 
 def test_an_erasure_waits_for_a_re_solve_in_flight_so_no_vector_comes_back() -> None:
-    models = _SlowWrites()
-    models.add(_model("v1")[0])
-    layer, store, _ = _layer(models)
+    layer, store, models = _layer(store=_SlowWrites())
+    assert isinstance(store, _SlowWrites)
     layer.ingest([Msg(0, 0, _play("gone", "t1")), Msg(0, 1, _play("gone", "t2"))], "inc")
     step = threading.Thread(target=layer.resolve_pending)
     step.start()
-    assert models.writing.wait(20)  # the history was read and solved; the write is in flight
+    assert store.writing.wait(20)  # the history was read and solved; the write is in flight
     erase = threading.Thread(target=layer.ingest, args=([Msg(0, 2, EraseEvent("gone").to_json())], "inc"))
     erase.start()
     time.sleep(0.2)
     assert erase.is_alive()  # waiting for the step
-    models.release.set()
+    store.release.set()
     step.join(20)
     erase.join(20)
     assert ("v1", "gone") not in models.users and "gone" not in store.histories
+
+
+def test_a_re_solve_in_flight_on_another_worker_does_not_bring_an_erased_user_back() -> None:
+    """Two workers on one store: B is solving "gone" (history read) when A erases them. A does not
+    wait for B (B's lock is B's own); B's write finds the user off the queue and drops the vector
+    without storing or announcing it, while the user solved beside them is stored as usual."""
+    store = _SlowWrites()
+    models = FakeModelStore()
+    models.add(_model("v1")[0])
+    a, _, _ = _layer(models, store)
+    b_sink = RecordingSink()
+    b = SpeedLayer(Settings(min_ms_played=0), store, models, b_sink)
+    a.ingest([Msg(0, 0, _play("gone", "t1")), Msg(0, 1, _play("kept", "t2"))], "inc")
+    step = threading.Thread(target=b.resolve_pending)
+    step.start()
+    assert store.writing.wait(20)
+    a.ingest([Msg(0, 2, EraseEvent("gone").to_json())], "inc")  # A's own lock is free: no wait
+    store.release.set()
+    step.join(20)
+    assert ("v1", "gone") not in models.users and ("v1", "kept") in models.users
+    assert [(u.entity, u.entity_id) for u in b_sink.flushed if isinstance(u, FactorUpdate)] == [("user", "kept")]
 
 
 def test_a_fault_retrying_cannot_fix_stops_the_worker_loudly() -> None:

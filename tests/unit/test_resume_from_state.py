@@ -62,6 +62,7 @@ def _worker(store: FakeHistoryStore, consumer: Consumer) -> tuple[FoldInWorker, 
     models = FakeModelStore()
     models.add(_model("v1")[0])
     sink, board = RecordingSink(), Board()
+    store.models = models
     layer = SpeedLayer(Settings(min_ms_played=0), store, models, sink)
     # one thread: these tests step the worker by hand (test_resolver_thread covers the other mode)
     w = FoldInWorker(Settings(resolve_thread=False), layer, consumer, sink, lambda: "inc", board)  # type: ignore[arg-type]

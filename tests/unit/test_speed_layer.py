@@ -59,7 +59,9 @@ def layer() -> SpeedLayer:
     models = FakeModelStore()
     models.add(_model("v1")[0])
     s = Settings(cold_start_min_listeners=2, min_ms_played=30_000)
-    return SpeedLayer(s, FakeHistoryStore(), models, RecordingSink())
+    store = FakeHistoryStore()
+    store.models = models
+    return SpeedLayer(s, store, models, RecordingSink())
 
 
 def test_plays_become_histories_and_exact_vectors_once(layer: SpeedLayer) -> None:
