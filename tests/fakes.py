@@ -147,10 +147,11 @@ class FakeHistoryStore:
 
     def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
         assert self.models is not None, "set .models to the FakeModelStore the vectors go to"
+        left_out = {u for u in users if u not in self.pending_users}
         for u, v in zip(users, vectors, strict=True):
-            if u in self.pending_users:
+            if u not in left_out:
                 self.models.users[(version, u)] = encode_vector(v)
-        return {u for u in users if u not in self.pending_users}
+        return left_out
 
     def erase(
         self, incarnation: str, partition: int, offset: int, user: str, versions: Collection[str], hold: bool

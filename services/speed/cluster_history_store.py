@@ -167,7 +167,8 @@ class ClusterHistoryStore(TrackListeners):
         calls = []
         for b, idx in by_bucket.items():
             keys = [self.keys.bucket(b).pending_users] + [self.keys.user(version, users[i]) for i in idx]
-            calls.append(script_call(self._put_vectors, keys, [users[i] for i in idx] + [blobs[i] for i in idx]))
+            cut = len(keys[1].encode()) - len(users[idx[0]].encode())  # bytes before the user id
+            calls.append(script_call(self._put_vectors, keys, [cut] + [blobs[i] for i in idx]))
         skipped = per_node(self.r, calls) if calls else []
         return {users[idx[int(j) - 1]] for idx, out in zip(by_bucket.values(), skipped, strict=True) for j in out}
 

@@ -207,10 +207,11 @@ class RedisHistoryStore(TrackListeners):
 
     def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
         left_out: set[str] = set()
+        cut = len(self.keys.user(version, "").encode())  # bytes, as Lua counts
         for s in range(0, len(users), HISTORIES_PER_CALL):
             chunk = users[s : s + HISTORIES_PER_CALL]
             keys = [self.keys.pending_users] + [self.keys.user(version, u) for u in chunk]
-            skipped = self._put_vectors(keys, [*chunk, *vector_blobs(vectors[s : s + len(chunk)])])
+            skipped = self._put_vectors(keys, [cut, *vector_blobs(vectors[s : s + len(chunk)])])
             left_out.update(chunk[int(i) - 1] for i in skipped)
         return left_out
 

@@ -116,14 +116,14 @@ def test_cap_listeners_and_pending_cutoff(make_store) -> None:
 def test_a_vector_solved_before_an_erasure_is_not_written_back(make_store) -> None:
     """A worker takes users off the queue's head and reads their histories; one of them is erased
     meanwhile (by the API or by another worker). Writing the step's vectors stores the others
-    and leaves the erased user out, in every topology."""
+    and leaves the erased user out, in every topology (user ids need not be ASCII)."""
     store = make_store()
-    store.apply("inc", [PlayRecord(0, 0, "gone", "t1", 1.0, 10.0), PlayRecord(0, 1, "kept", "t1", 1.0, 10.0)])
+    store.apply("inc", [PlayRecord(0, 0, "gøne", "t1", 1.0, 10.0), PlayRecord(0, 1, "képt", "t1", 1.0, 10.0)])
     users, _ = store.pending(10)
-    assert sorted(users) == ["gone", "kept"]
-    assert store.erase("inc", 0, 5, "gone", ["v1"], hold=True)
+    assert sorted(users) == ["gøne", "képt"]
+    assert store.erase("inc", 0, 5, "gøne", ["v1"], hold=True)
     vectors = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
-    assert store.put_vectors("v1", users, vectors) == {"gone"}
-    kept = users.index("kept")
-    assert _vector(store, "v1", "gone") is None
-    assert _vector(store, "v1", "kept") == vectors[kept].astype("<f4").tobytes()
+    assert store.put_vectors("v1", users, vectors) == {"gøne"}
+    kept = users.index("képt")
+    assert _vector(store, "v1", "gøne") is None
+    assert _vector(store, "v1", "képt") == vectors[kept].astype("<f4").tobytes()
