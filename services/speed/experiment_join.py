@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import orjson
 import redis
@@ -41,26 +41,30 @@ RECORDS_PER_POLL = 5000
 EXPORT_EVERY_S = 5.0
 
 
-@dataclass
-class Held:
-    """A plays record read but not yet applied (waiting for the impressions before it)."""
-
-    message: Message
-
-    @property
-    def at(self) -> float:
-        return float(self.message.timestamp()[1]) / 1000.0
+Held = tuple[float, Message]  # a plays record read but not yet applied, with its record time (s)
 
 
 def user_of(raw: bytes | None) -> str | None:
-    """The `user_id` of a plays record, or None if it has none (it cannot join). Cheaper than
-    `parse_play`, which only a play of a user with impressions needs."""
+    """The `user_id` of a plays record's value, or None if it has none (it cannot join)."""
     try:
         d = orjson.loads(raw or b"")
     except orjson.JSONDecodeError:
         return None
     u = d.get("user_id") if isinstance(d, dict) else None
     return u if isinstance(u, str) else None
+
+
+def user_of_record(m: Message) -> str | None:
+    """Whose play a record may be: its key (the schema's key = user id), else its value's
+    `user_id`. Cheaper than `parse_play`, which only a play of a user with impressions needs
+    (and which has the last word: a record keyed by another user does not join)."""
+    key = m.key()
+    if key:
+        try:
+            return key.decode()  # type: ignore[no-any-return]
+        except UnicodeDecodeError:
+            return None
+    return user_of(m.value())
 
 
 class ExperimentJoin:
@@ -139,13 +143,15 @@ class ExperimentJoin:
         impression before them has been read for."""
         if not held:
             return [], []
-        mark = self._watermark(max(h.at for h in held))
+        mark = self._watermark(max(at for at, _ in held))
+        if all(at <= mark for at, _ in held):  # the usual case: no impression partition lags
+            return held, []
         ready: list[Held] = []
         keep: list[Held] = []
         blocked: set[int] = set()
         for h in held:  # held in read order: per partition, offset order
-            p = h.message.partition()
-            if p not in blocked and h.at <= mark:
+            p = h[1].partition()
+            if p not in blocked and h[0] <= mark:
                 ready.append(h)
             else:
                 blocked.add(p)
@@ -181,7 +187,7 @@ class ExperimentJoin:
                     op = {"f": field, "o": m.offset(), "k": user_key(""), "track": "", "ts": 0.0}  # moves the fence
                 ops.append(op)
             else:
-                held.append(Held(m))
+                held.append((m.timestamp()[1] / 1000.0, m))
         ready, keep = self._release(held)
         ops += self._play_ops(ready, shown, user_key)  # after every impression of this poll
         if not ops:
@@ -210,26 +216,32 @@ class ExperimentJoin:
         impression (in Redis, or in this poll) can join: it gets its own op; every other record
         only moves the fence, so runs of them collapse into the next op's `n` (or one op at the
         run's last offset), which keeps the script's work to the plays that matter."""
-        uids = [user_of(h.message.value()) for h in ready]
+        msgs = [m for _, m in ready]
+        uids = [user_of_record(m) for m in msgs]
         asked = sorted({u for u in uids if u is not None} - shown)
         candidates = self._with_impressions(asked) | shown
         limits = Limits(now=time.time() + 86_400 * 365)
         ops: list[dict[str, object]] = []
-        run: dict[int, tuple[int, int]] = {}  # partition → (records since its last op, last offset)
-        for h, uid in zip(ready, uids, strict=True):
-            part, off = h.message.partition(), h.message.offset()
-            n, _ = run.get(part, (0, -1))
-            ev = parse_play(h.message.value(), limits) if uid in candidates else None
+        since: dict[int, int] = {}  # partition → records since its last op
+        if not candidates:  # the usual poll: nothing joins, each partition's records are one op
+            since = dict(Counter(m.partition() for m in msgs))
+        for m, uid in zip(msgs, uids, strict=True) if candidates else ():
+            part = m.partition()
+            ev = parse_play(m.value(), limits) if uid in candidates else None
             if isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0:
                 f = self.fence_field(self.plays_topic, part)
-                ops.append({"f": f, "o": off, "k": user_key(ev.user_id), "track": ev.track_id, "ts": ev.ts, "n": n + 1})
-                run[part] = (0, off)
+                n = since.get(part, 0) + 1
+                ops.append(
+                    {"f": f, "o": m.offset(), "k": user_key(ev.user_id), "track": ev.track_id, "ts": ev.ts, "n": n}
+                )
+                since[part] = 0
             else:
-                run[part] = (n + 1, off)
-        for part, (n, off) in run.items():
+                since[part] = since.get(part, 0) + 1
+        last = {m.partition(): m.offset() for m in msgs}  # read order: per partition, the last one wins
+        for part, n in since.items():
             if n:
                 f = self.fence_field(self.plays_topic, part)
-                ops.append({"f": f, "o": off, "k": user_key(""), "track": "", "ts": 0.0, "n": n})
+                ops.append({"f": f, "o": last[part], "k": user_key(""), "track": "", "ts": 0.0, "n": n})
         return ops
 
     def _export(self) -> None:
@@ -246,9 +258,9 @@ class ExperimentJoin:
     def _commit(self, ops: list[dict[str, object]]) -> None:
         """Commit for lag reporting only (the fence is what resumes): up to the first held play."""
         lowest_held: dict[tuple[str, int], int] = {}
-        for h in self.held:
-            k = (h.message.topic(), h.message.partition())
-            lowest_held[k] = min(lowest_held.get(k, h.message.offset()), h.message.offset())
+        for _, m in self.held:
+            k = (m.topic(), m.partition())
+            lowest_held[k] = min(lowest_held.get(k, m.offset()), m.offset())
         done: dict[tuple[str, int], int] = {}
         for op in ops:
             topic, _inc, part = str(op["f"]).split("|")
