@@ -54,17 +54,15 @@ def user_of(raw: bytes | None) -> str | None:
     return u if isinstance(u, str) else None
 
 
-def user_of_record(m: Message) -> str | None:
-    """Whose play a record may be: its key (the schema's key = user id), else its value's
+def user_of_record(m: Message) -> bytes | None:
+    """Whose play a record may be, UTF-8: its key (the schema's key = user id), else its value's
     `user_id`. Cheaper than `parse_play`, which only a play of a user with impressions needs
     (and which has the last word: a record keyed by another user does not join)."""
     key = m.key()
     if key:
-        try:
-            return key.decode()  # type: ignore[no-any-return]
-        except UnicodeDecodeError:
-            return None
-    return user_of(m.value())
+        return key  # type: ignore[no-any-return]
+    user = user_of(m.value())
+    return user.encode() if user is not None else None
 
 
 class ExperimentJoin:
@@ -86,6 +84,7 @@ class ExperimentJoin:
         self.window_s, self.min_ms_played = window_s, min_ms_played
         self.script = r.register_script(source("experiment_apply"))
         self._existing = r.register_script(source("existing_keys"))
+        self._impressions_prefix = keys.impressions_of("").encode()
         self.stop_event = threading.Event()
         self.held: list[Held] = []
         self._pending: list[Message] | None = None  # read, not yet applied
@@ -204,11 +203,11 @@ class ExperimentJoin:
         self._export()
         return n_imp + n_play + skipped
 
-    def _with_impressions(self, users: list[str]) -> set[str]:
-        """Those of `users` that have an impressions hash (any recent impression)."""
+    def _with_impressions(self, users: list[bytes]) -> set[bytes]:
+        """Those of `users` (UTF-8) that have an impressions hash (any recent impression)."""
         if not users:
             return set()
-        found = self._existing(keys=[self.keys.impressions_of(u) for u in users])
+        found = self._existing(keys=[self._impressions_prefix + u for u in users])
         return {users[int(i) - 1] for i in found}
 
     def _play_ops(self, ready: list[Held], shown: set[str], user_key: Callable[[str], int]) -> list[dict[str, object]]:
@@ -218,8 +217,9 @@ class ExperimentJoin:
         run's last offset), which keeps the script's work to the plays that matter."""
         msgs = [m for _, m in ready]
         uids = [user_of_record(m) for m in msgs]
-        asked = sorted({u for u in uids if u is not None} - shown)
-        candidates = self._with_impressions(asked) | shown
+        shown_b = {u.encode() for u in shown}
+        asked = sorted({u for u in uids if u is not None} - shown_b)
+        candidates = self._with_impressions(asked) | shown_b
         limits = Limits(now=time.time() + 86_400 * 365)
         ops: list[dict[str, object]] = []
         since: dict[int, int] = {}  # partition → records since its last op

@@ -13,6 +13,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from core.als import ImplicitALS
+from core.events import PlayEvent
 from core.experiments import Experiment
 from core.synthetic import SyntheticMusic
 from services.cli.root import Root
@@ -131,6 +132,11 @@ def test_candidate_arm_impressions_join_and_promote(settings: Settings, redis_cl
             pub.publish(u, items[0], ts=now, ms_played=1000)  # a skip
         else:
             pub.publish(u, "t299" if "t299" not in items else "t298", ts=now)
+            # A record without a key (the schema asks for key = user id) joins by its value.
+            pub.publish_raw(None, PlayEvent(u, items[0], now + 2, None, 1, False, None).to_json())
+            expected[arm]["converted"] += 1
+            expected[arm]["plays"] += 1
+            produced += 1
         produced += 1
         # A listener without impressions plays the same track, and a malformed record: neither
         # joins, both only move the fence (the join sends them as one op with their count).
