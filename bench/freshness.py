@@ -159,6 +159,7 @@ def run(
                 "target_events_per_s": 20_000,
             }
             out["throughput"]["stages"] = stage_profile(port, len(events))
+            out["throughput"]["gc"] = gc_pauses(port)
             print(f"  throughput: {out['throughput']}")
             proc.terminate()
             proc.wait(timeout=30)
@@ -190,6 +191,29 @@ def stage_profile(port: int, events: int) -> dict[str, Any]:
     for k, v in profile.items():
         print(f"    {k:15s} {v['seconds']:8.2f} s  {100 * v['share_of_busy']:5.1f} %  {v['us_per_play']:7.2f} µs/play")
     return profile
+
+
+def gc_pauses(port: int) -> dict[str, dict[str, float]]:
+    """The worker's garbage-collector pauses per generation (`encore_gc_pause_seconds`): count,
+    total seconds, and how many lasted over 10 and over 50 ms (every thread stops meanwhile)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body):
+        if family.name != "encore_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            gen = out.setdefault(sample.labels["generation"], {})
+            if sample.name.endswith("_count"):
+                gen["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                gen["seconds"] = round(sample.value, 3)
+            elif sample.name.endswith("_bucket") and sample.labels["le"] in ("0.01", "0.05"):
+                gen["le_" + sample.labels["le"]] = sample.value
+    for gen in out.values():
+        gen["over_10ms"] = gen.get("count", 0) - gen.pop("le_0.01", 0)
+        gen["over_50ms"] = gen.get("count", 0) - gen.pop("le_0.05", 0)
+    print(f"    gc pauses: {out}")
+    return out
 
 
 def applied(store: RedisHistoryStore | ClusterHistoryStore, incarnation: str) -> int:
@@ -253,6 +277,7 @@ def latency(
     th.join()
     # at this rate the batches are small: per-batch costs (round trips, flushes) dominate
     stages = stage_profile(port, len(events) + len(sent))
+    gc = gc_pauses(port)
     proc.terminate()
     proc.wait(timeout=30)
     lat = [done[u] - sent[u] for u in sent if u in done]
@@ -265,6 +290,7 @@ def latency(
         "max_ms": float(max(lat) * 1000),
         "batch_max_ms": int(os.environ.get("ENCORE_BATCH_MAX_MS", settings.batch_max_ms)),  # what the worker ran with
         "stages": stages,
+        "gc": gc,
     }
     print(f"  latency: {res}")
     return res

@@ -116,6 +116,7 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
 
     require_servers(s)
     metrics.serve_metrics(s.metrics_port)
+    metrics.watch_gc()
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
     sides = foldin_sides(root, s)

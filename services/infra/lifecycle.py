@@ -9,6 +9,7 @@ cannot fix stops the component loudly (FatalError) so a supervisor sees it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -106,3 +107,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
         isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
     )
+
+
+def freeze_long_lived() -> None:
+    """After a new model version is loaded: its id lists and maps (and the imports before them)
+    live until the next one, so they are frozen out of the collector's sight, or every full
+    collection walks them while all threads wait (measured at about 110 ms in the fold-in
+    worker at 200k tracks: the p99 tail of its freshness). Unfreezing first lets this one
+    collection free the replaced version, cycles included."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

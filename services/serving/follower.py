@@ -9,7 +9,6 @@ vector can never land after a newer one and no update lands on a discarded snaps
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from core.errors import FatalError, UnknownVersionError
 from core.experiments import Experiment
 from core.messages import FactorUpdate, MessageError
 from services.infra import rdkafka
-from services.infra.lifecycle import Backoff, retry_step
+from services.infra.lifecycle import Backoff, freeze_long_lived, retry_step
 from services.infra.model_store import RedisModelStore
 from services.serving.arms import ArmSnapshots
 from services.serving.catalogue_feed import CatalogueFeed
@@ -69,12 +68,7 @@ class UpdateFollower:
     def _swap(self, snap: Snapshot) -> None:
         with self.lock.write():
             self.snapshot = snap
-        # The model's id lists and maps are long-lived: freeze them out of the collector's sight,
-        # or every full collection walks them while all requests wait. Unfreezing first lets the
-        # collection free the replaced snapshot, cycles included.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        freeze_long_lived()  # while all requests wait, a full collection would walk the model
 
     def adopt(self, snap: Snapshot) -> None:
         """Serve the snapshot a prefork parent loaded; from now on the parent changes versions

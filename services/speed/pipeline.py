@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from core.events import Limits
 from core.messages import DeadLetter
+from services.infra.lifecycle import freeze_long_lived
 from services.infra.model_store import LoadedModel
 from services.infra.settings import Settings
 from services.infra.stage_timer import stage
@@ -74,6 +75,7 @@ class SpeedLayer:
         if version is None or (self.model is not None and self.model.version == version):
             return False
         self.model = self.models.load(version)
+        freeze_long_lived()
         log.info("fold-in now against model %s (%d tracks)", version, len(self.model.track_ids))
         since = float(self.model.meta.get("checkpoint_time", "0")) - CATCH_UP_MARGIN_S
         changed = self.histories.changed_since(since)
