@@ -216,6 +216,18 @@ def gc_pauses(port: int) -> dict[str, dict[str, float]]:
     return out
 
 
+STALL_FIELDS = ("aof_rewrites", "total_forks", "latest_fork_usec", "aof_delayed_fsync")
+
+
+def redis_stalls(r: redis.Redis) -> dict[str, int]:
+    """What can stop one Redis for a while (an AOF rewrite's fork, a delayed fsync): counters to
+    difference over a phase. Empty on a cluster (its nodes are asked by no one here)."""
+    if isinstance(r, redis.RedisCluster):
+        return {}
+    info = r.info()
+    return {k: int(info.get(k, 0)) for k in STALL_FIELDS}
+
+
 def applied(store: RedisHistoryStore | ClusterHistoryStore, incarnation: str) -> int:
     """Messages the state covers (on a cluster: up to the lowest bucket fence per partition)."""
     return sum(o + 1 for o in store.applied_offsets(incarnation).values())
@@ -233,6 +245,7 @@ def latency(
 ) -> dict[str, Any]:
     port = free_port()
     proc = _worker(servers, settings, port)
+    stalls_before = redis_stalls(r)
     pub.publish("warm-up", "t1", ms_played=100_000)
     pub.flush()
     while not r.exists(keys.user(version, "warm-up")):
@@ -278,6 +291,7 @@ def latency(
     # at this rate the batches are small: per-batch costs (round trips, flushes) dominate
     stages = stage_profile(port, len(events) + len(sent))
     gc = gc_pauses(port)
+    stalls = {k: v - stalls_before[k] if k != "latest_fork_usec" else v for k, v in redis_stalls(r).items()}
     proc.terminate()
     proc.wait(timeout=30)
     lat = [done[u] - sent[u] for u in sent if u in done]
@@ -291,6 +305,7 @@ def latency(
         "batch_max_ms": int(os.environ.get("ENCORE_BATCH_MAX_MS", settings.batch_max_ms)),  # what the worker ran with
         "stages": stages,
         "gc": gc,
+        "redis_stalls": stalls,  # during the phase (the latest fork's duration as is)
     }
     print(f"  latency: {res}")
     return res
