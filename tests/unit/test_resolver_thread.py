@@ -52,8 +52,7 @@ def test_the_thread_re_solves_what_the_loop_applied_as_the_one_thread_step_does(
     inline.handle(BATCH, "inc")
     layer, store, models = _layer()
     c = Consumer()
-    full = Settings(batch_max_events=len(BATCH))  # a full batch: the loop hands the re-solve over
-    w = FoldInWorker(full, layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
+    w = FoldInWorker(Settings(), layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
     c.on_assign(c, [TopicPartition("plays", 0)])
     assert w.resolver is not None
     w.resolver.start()
@@ -70,13 +69,14 @@ def test_the_thread_re_solves_what_the_loop_applied_as_the_one_thread_step_does(
     assert sorted(u.entity_id for u in layer.sink.flushed_updates()) == [f"u{i}" for i in range(5)]  # type: ignore[attr-defined]
 
 
-def test_under_a_light_load_the_loop_re_solves_at_once_itself() -> None:
+def test_with_the_thread_on_the_loop_never_re_solves_itself_even_a_small_batch() -> None:
     layer, store, models = _layer()
     c = Consumer()
     w = FoldInWorker(Settings(), layer, c, layer.sink, lambda: "inc", Board())  # type: ignore[arg-type]
     c.on_assign(c, [TopicPartition("plays", 0)])
-    w.step(BATCH)  # 30 plays of at most 5,000: the thread (not even started here) is not needed
-    assert len(models.users) == 5 and not store.pending_users
+    w.step(BATCH)  # 30 plays of at most 5,000; the thread is not started here
+    assert store.offsets[("inc", 0)] == 29 and not models.users  # applied, queued, left to the thread
+    assert len(store.pending_users) == 5
 
 
 class _SlowWrites(FakeHistoryStore):
