@@ -117,6 +117,7 @@ class Root:
             group,
             self.clients.dead_letters_produced,
             SeriesRecorder(self.redis, self.keys),
+            small_batches_here=self.clients.cluster,
         )
 
     def catalogue_sync(self) -> CatalogueSync:
