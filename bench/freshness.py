@@ -31,6 +31,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import write
+from bench.serve_probe import gc_pauses
 from core.als import ImplicitALS
 from core.synthetic import SyntheticMusic
 from services.cli import process_defaults
@@ -159,8 +160,10 @@ def run(
                 "events_per_s": (len(events) - first_n) / (end - first),
                 "target_events_per_s": 20_000,
             }
-            out["throughput"]["stages"] = stage_profile(port, len(events))
-            out["throughput"]["gc"] = gc_pauses(port)
+            body = scrape(port)
+            out["throughput"]["stages"] = stage_profile(body, len(events))
+            out["throughput"]["gc"] = gc_pauses(body)
+            print(f"    gc pauses: {out['throughput']['gc']}")
             print(f"  throughput: {out['throughput']}")
             proc.terminate()
             proc.wait(timeout=30)
@@ -169,10 +172,15 @@ def run(
     return out
 
 
-def stage_profile(port: int, events: int) -> dict[str, Any]:
+def scrape(port: int) -> str:
+    """The worker's Prometheus text, once per phase, for `stage_profile` and `gc_pauses`
+    (`bench.serve_probe`'s, which reads the serving processes' alike)."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def stage_profile(body: str, events: int) -> dict[str, Any]:
     """The worker's own per-stage totals (`encore_foldin_stage_seconds`), scraped at the end of
     the run: seconds, share of the busy time, and microseconds per play."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     seconds = {
         sample.labels["stage"]: sample.value
         for family in text_string_to_metric_families(body)
@@ -192,29 +200,6 @@ def stage_profile(port: int, events: int) -> dict[str, Any]:
     for k, v in profile.items():
         print(f"    {k:15s} {v['seconds']:8.2f} s  {100 * v['share_of_busy']:5.1f} %  {v['us_per_play']:7.2f} µs/play")
     return profile
-
-
-def gc_pauses(port: int) -> dict[str, dict[str, float]]:
-    """The worker's garbage-collector pauses per generation (`encore_gc_pause_seconds`): count,
-    total seconds, and how many lasted over 10 and over 50 ms (every thread stops meanwhile)."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(body):
-        if family.name != "encore_gc_pause_seconds":
-            continue
-        for sample in family.samples:
-            gen = out.setdefault(sample.labels["generation"], {})
-            if sample.name.endswith("_count"):
-                gen["count"] = sample.value
-            elif sample.name.endswith("_sum"):
-                gen["seconds"] = round(sample.value, 3)
-            elif sample.name.endswith("_bucket") and sample.labels["le"] in ("0.01", "0.05"):
-                gen["le_" + sample.labels["le"]] = sample.value
-    for gen in out.values():
-        gen["over_10ms"] = gen.get("count", 0) - gen.pop("le_0.01", 0)
-        gen["over_50ms"] = gen.get("count", 0) - gen.pop("le_0.05", 0)
-    print(f"    gc pauses: {out}")
-    return out
 
 
 STALL_FIELDS = ("aof_rewrites", "total_forks", "latest_fork_usec", "aof_delayed_fsync")
@@ -298,8 +283,10 @@ def latency(
     stop.set()
     th.join()
     # at this rate the batches are small: per-batch costs (round trips, flushes) dominate
-    stages = stage_profile(port, len(events) + len(sent))
-    pauses = gc_pauses(port)
+    body = scrape(port)
+    stages = stage_profile(body, len(events) + len(sent))
+    pauses = gc_pauses(body)
+    print(f"    gc pauses: {pauses}")
     stalls = {k: v - stalls_before[k] if k != "latest_fork_usec" else v for k, v in redis_stalls(r).items()}
     proc.terminate()
     proc.wait(timeout=30)

@@ -48,16 +48,24 @@ def pss_mb(pid: int) -> list[float]:
 
 
 def gc_pauses(metrics: str) -> dict[str, dict[str, float]]:
-    """Count and total ms of the server's collector pauses per generation, from /metrics."""
+    """Per generation, from a process's /metrics (`encore_gc_pause_seconds`): the collector's
+    pauses, their total ms, and how many lasted over 10 and over 50 ms (every thread waits)."""
     out: dict[str, dict[str, float]] = {}
+    within: dict[tuple[str, str], float] = {}  # (generation, le) → pauses at most that long
     for line in metrics.splitlines():
-        for kind in ("count", "sum"):
-            if line.startswith(f"encore_gc_pause_seconds_{kind}{{"):
-                gen = line.split('generation="', 1)[1].split('"', 1)[0]
-                value = float(line.rsplit(" ", 1)[1])
-                out.setdefault(gen, {})["pauses" if kind == "count" else "total_ms"] = (
-                    value if kind == "count" else value * 1000
-                )
+        if not line.startswith("encore_gc_pause_seconds_"):
+            continue
+        gen = line.split('generation="', 1)[1].split('"', 1)[0]
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("encore_gc_pause_seconds_count{"):
+            out.setdefault(gen, {})["pauses"] = value
+        elif line.startswith("encore_gc_pause_seconds_sum{"):
+            out.setdefault(gen, {})["total_ms"] = value * 1000
+        elif 'le="0.01"' in line or 'le="0.05"' in line:
+            within[(gen, line.split('le="', 1)[1].split('"', 1)[0])] = value
+    for gen, row in out.items():
+        row["over_10ms"] = row.get("pauses", 0.0) - within.get((gen, "0.01"), 0.0)
+        row["over_50ms"] = row.get("pauses", 0.0) - within.get((gen, "0.05"), 0.0)
     return out
 
 

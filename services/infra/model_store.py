@@ -24,7 +24,7 @@ from redis.cluster import RedisCluster
 from core.als import ImplicitALS
 from core.als_kernels import gram
 from core.errors import CorruptFileError, UnknownVersionError
-from core.messages import decode_vector, encode_vector
+from core.messages import decode_vector, encode_vector, encode_vectors
 from services.infra.checked_files import read_npz
 from services.infra.cluster_io import mget_per_node, mset_per_node
 from services.infra.keys import Keys
@@ -165,11 +165,10 @@ class RedisModelStore:
                 (user_ids, model.user_factors_, self.keys.user),
                 (track_ids, model.item_factors_, self.keys.track),
             ):
-                width = 4 * F.shape[1]
                 for s in range(0, len(ids), CHUNK):
                     hi = min(s + CHUNK, len(ids))
-                    raw = np.ascontiguousarray(F[s:hi], dtype="<f4").tobytes()  # per chunk: no copy of all
-                    chunk = {key(version, ids[j]): raw[(j - s) * width : (j - s + 1) * width] for j in range(s, hi)}
+                    blobs = encode_vectors(F[s:hi])  # per chunk: no copy of all
+                    chunk = {key(version, ids[j]): b for j, b in zip(range(s, hi), blobs, strict=True)}
                     if sent is not None:
                         sent.result()
                     sent = writer.submit(self._mset, chunk)

@@ -26,7 +26,7 @@ import numpy as np
 from redis.cluster import RedisCluster
 
 from core.errors import StateRewoundError
-from core.messages import DeadLetter
+from core.messages import DeadLetter, encode_vectors
 from services.infra.cluster_io import Call, cmd, per_node, script_call
 from services.infra.keys import Keys
 from services.infra.lua import source
@@ -37,7 +37,6 @@ from services.speed.history_store import (
     apply_args,
     ranges_of,
     stored_offsets,
-    vector_blobs,
 )
 from services.speed.records import PlayRecord, Record
 
@@ -160,7 +159,7 @@ class ClusterHistoryStore(TrackListeners):
         return out
 
     def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
-        blobs = vector_blobs(vectors)
+        blobs = encode_vectors(vectors)
         by_bucket: dict[int, list[int]] = {}
         for i, u in enumerate(users):
             by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(i)

@@ -225,18 +225,17 @@ class ExperimentJoin:
         since: dict[int, int] = {}  # partition → records since its last op
         if not candidates:  # the usual poll: nothing joins, each partition's records are one op
             since = dict(Counter(m.partition() for m in msgs))
-        for m, uid in zip(msgs, uids, strict=True) if candidates else ():
-            part = m.partition()
-            ev = parse_play(m.value(), limits) if uid in candidates else None
-            if isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0:
-                f = self.fence_field(self.plays_topic, part)
-                n = since.get(part, 0) + 1
-                ops.append(
-                    {"f": f, "o": m.offset(), "k": user_key(ev.user_id), "track": ev.track_id, "ts": ev.ts, "n": n}
-                )
-                since[part] = 0
-            else:
-                since[part] = since.get(part, 0) + 1
+        else:
+            for m, uid in zip(msgs, uids, strict=True):
+                part = m.partition()
+                ev = parse_play(m.value(), limits) if uid in candidates else None
+                if isinstance(ev, PlayEvent) and ev.weight(self.min_ms_played) > 0:
+                    f = self.fence_field(self.plays_topic, part)
+                    k, n = user_key(ev.user_id), since.get(part, 0) + 1
+                    ops.append({"f": f, "o": m.offset(), "k": k, "track": ev.track_id, "ts": ev.ts, "n": n})
+                    since[part] = 0
+                else:
+                    since[part] = since.get(part, 0) + 1
         last = {m.partition(): m.offset() for m in msgs}  # read order: per partition, the last one wins
         for part, n in since.items():
             if n:

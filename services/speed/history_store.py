@@ -19,20 +19,13 @@ import orjson
 import redis
 
 from core.errors import StateRewoundError
-from core.messages import VECTOR_DTYPE, DeadLetter
+from core.messages import DeadLetter, encode_vectors
 from services.infra.keys import BucketKeys, Keys
 from services.infra.lua import source
 from services.speed.records import DeadRecord, PlayRecord, Record
 
 log = logging.getLogger(__name__)
 HISTORIES_PER_CALL = 5000
-
-
-def vector_blobs(vectors: np.ndarray) -> list[bytes]:
-    """Each row as the stored vector format (float32 little-endian), sliced from one buffer."""
-    raw = np.ascontiguousarray(vectors, dtype=VECTOR_DTYPE).tobytes()
-    width = 4 * vectors.shape[1] if vectors.ndim == 2 else 0
-    return [raw[i : i + width] for i in range(0, len(raw), width)] if width else []
 
 
 def ranges_of(records: list[Record]) -> dict[int, tuple[int, int]]:
@@ -211,7 +204,7 @@ class RedisHistoryStore(TrackListeners):
         for s in range(0, len(users), HISTORIES_PER_CALL):
             chunk = users[s : s + HISTORIES_PER_CALL]
             keys = [self.keys.pending_users] + [self.keys.user(version, u) for u in chunk]
-            skipped = self._put_vectors(keys, [cut, *vector_blobs(vectors[s : s + len(chunk)])])
+            skipped = self._put_vectors(keys, [cut, *encode_vectors(vectors[s : s + len(chunk)])])
             left_out.update(chunk[int(i) - 1] for i in skipped)
         return left_out
 
