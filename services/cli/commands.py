@@ -113,10 +113,12 @@ def foldin_sides(root: Root, s: Settings) -> list[Component]:
 def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
     from services.cli.root import STARTUP_PATIENCE_S, Root
     from services.infra import metrics
+    from services.infra.lifecycle import collect_less_often
 
     require_servers(s)
     metrics.serve_metrics(s.metrics_port)
     metrics.watch_gc()
+    collect_less_often()
     root = Root(s, STARTUP_PATIENCE_S)
     worker = root.foldin_worker(args.group)
     sides = foldin_sides(root, s)

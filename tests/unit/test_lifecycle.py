@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from core.errors import FatalError
-from services.infra.lifecycle import Backoff, is_transient, retry_step
+from services.infra.lifecycle import Backoff, collect_less_often, is_transient, retry_step
 
 pytestmark = pytest.mark.unit
 
@@ -68,3 +70,37 @@ def test_retry_step_gives_up_when_asked_to_stop() -> None:
         raise redis.ConnectionError("down")
 
     assert retry_step(step, stop, "step", Backoff(first=0.001)) is False
+
+
+@pytest.fixture
+def young_collections() -> Iterator[list[int]]:
+    """Counts young-generation collections while the test runs; restores the thresholds."""
+    before = gc.get_threshold()
+    seen: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 0:
+            seen.append(1)
+
+    gc.callbacks.append(count)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*before)
+
+
+def _allocate_and_keep(n: int) -> list[list[int]]:
+    return [[i] for i in range(n)]
+
+
+def test_a_high_rate_process_collects_less_often(young_collections: list[int]) -> None:
+    """The fold-in worker's allocation rate made the default collector a tenth of its time."""
+    gc.set_threshold(700, 10, 10)
+    _allocate_and_keep(20_000)
+    at_default = len(young_collections)
+    young_collections.clear()
+    collect_less_often()
+    _allocate_and_keep(20_000)
+    assert at_default >= 20
+    assert len(young_collections) <= 1
