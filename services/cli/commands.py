@@ -103,10 +103,12 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
 def foldin_sides(root: Root, s: Settings) -> list[Component]:
     """What runs beside the fold-in worker, each on a thread: the catalogue in Redis, and the
     online metrics per experiment arm unless `ENCORE_EXPERIMENT_JOIN=false` (the join reads and
-    decodes every play once more, on the worker's interpreter)."""
+    decodes every play once more, so it runs in a child process: `join_child`)."""
+    from services.speed.join_child import JoinChild
+
     sides: list[Component] = [root.catalogue_sync()]
     if s.experiment_join:
-        sides.append(root.experiment_join())
+        sides.append(JoinChild(root.redis, root.keys))
     return sides
 
 
@@ -134,6 +136,19 @@ def cmd_foldin(s: Settings, args: argparse.Namespace) -> int:
             t.join(timeout=5)
         for side in sides:
             side.close()
+
+
+def cmd_join(s: Settings, args: argparse.Namespace) -> int:
+    from services.cli.root import STARTUP_PATIENCE_S, Root
+    from services.infra import metrics
+    from services.infra.lifecycle import collect_less_often
+
+    require_servers(s)
+    metrics.serve_metrics(s.metrics_port)
+    collect_less_often()
+    root = Root(s, STARTUP_PATIENCE_S)
+    join = root.experiment_join()
+    return _run_component(root, join, join.run)
 
 
 def cmd_train(s: Settings, args: argparse.Namespace) -> int:
@@ -294,6 +309,7 @@ HANDLERS: dict[str, Handler] = {
     "embedded": cmd_embedded,
     "produce": cmd_produce,
     "foldin": cmd_foldin,
+    "join": cmd_join,
     "train": cmd_train,
     "serve": cmd_serve,
     "config": cmd_config,

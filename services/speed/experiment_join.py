@@ -29,8 +29,8 @@ import redis
 from confluent_kafka import OFFSET_INVALID, Consumer, Message, TopicPartition
 
 from core.events import Limits, PlayEvent, parse_play
-from services.infra import metrics, rdkafka
-from services.infra.experiment_metrics import arm_metrics
+from services.infra import rdkafka
+from services.infra.experiment_metrics import export_arm_gauges
 from services.infra.keys import Keys
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.lua import source
@@ -248,11 +248,7 @@ class ExperimentJoin:
         if time.monotonic() - self._exported_at < EXPORT_EVERY_S:
             return
         self._exported_at = time.monotonic()
-        for exp, arms in arm_metrics(self.r, self.keys).items():
-            for arm, m in arms.items():
-                metrics.ARM_IMPRESSIONS.labels(exp, arm).set(m.get("impressions", 0.0))
-                metrics.ARM_CONVERSION.labels(exp, arm).set(m["conversion"])
-                metrics.ARM_PLAYS_PER_IMPRESSION.labels(exp, arm).set(m["plays_per_impression"])
+        export_arm_gauges(self.r, self.keys)
 
     def _commit(self, ops: list[dict[str, object]]) -> None:
         """Commit for lag reporting only (the fence is what resumes): up to the first held play."""
