@@ -1,17 +1,11 @@
 """`encore foldin`: one member of the fold-in consumer group, the speed layer's Kafka loop.
 
-Redis is a cache of the Kafka log: on every assignment each partition is sought to the offset
-stored with the state in Redis (+1), or to the earliest offset Kafka holds when Redis has none
-for this topic incarnation; the group's committed offset is only a hint for monitoring. If a
-batch finds the stored offset below what this worker applied (Redis restored, failed over or
-flushed), the partition is rewound to the stored offset and the lost range replayed. A range
-Kafka no longer holds is reported loudly (log, metric, `encore status`), never skipped silently.
-
 Consume a micro-batch, let `SpeedLayer.ingest` make it durable (its users queued for a re-solve
 in the same atomic step), then commit the offsets it covers; a second thread re-solves the
 queued users meanwhile (`resolver`; `ENCORE_RESOLVE_THREAD=false`: both on one thread,
-`handle`). A transient fault retries the same batch with nothing committed; anything else stops
-the worker loudly (its uncommitted batch is re-read by the next owner and fenced there).
+`handle`). Where each partition starts, and how it is rewound when Redis lost state, is
+`partitions`. A transient fault retries the same batch with nothing committed; anything else
+stops the worker loudly (its uncommitted batch is re-read by the next owner and fenced there).
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from core.errors import FatalError, StateRewoundError
 from services.infra import metrics, rdkafka
@@ -33,7 +27,7 @@ from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings
 from services.infra.stage_timer import add_stage, stage
 from services.infra.status_board import StatusBoard
-from services.speed.continuity import OffsetContinuity
+from services.speed.partitions import PartitionTracker
 from services.speed.pipeline import SpeedLayer
 from services.speed.records import last_offsets
 from services.speed.resolver import ResolverThread
@@ -62,147 +56,37 @@ class FoldInWorker:
         self.series = series  # per-minute figures for the dashboard
         self.small_batches_here = small_batches_here  # see `step`
         self.s, self.layer, self.consumer, self.sink = settings, layer, consumer, sink
-        self.board, self.group = board, group
-        self._incarnation_of_topic = incarnation
-        self.incarnation = ""
-        self.positions: dict[int, int] = {}  # partition → offset the state holds (as last seen)
-        self.continuity = OffsetContinuity()  # partition → offset the next message must have
         self._batch: list[Any] = []  # what is left of the consumed batch (retries see only that)
-        self._produced_letters = produced_letters
-        self.letters_done: dict[int, int] = {}  # partition → last source offset already in the DLQ
         self.stop_event = threading.Event()
+        self.at = PartitionTracker(
+            settings.plays_topic,
+            consumer,
+            layer.histories,
+            sink,
+            incarnation,
+            board,
+            group,
+            produced_letters,
+            self.stop_event,
+        )
         self.resolver = (
             ResolverThread(layer, self.stop_event, lambda _exc: self.stop_event.set())
             if settings.resolve_thread
             else None
         )
         self._lag_at = self._verified_at = 0.0
-        consumer.subscribe([settings.plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-
-    # librdkafka calls these inside consume(), between two batches: a batch is always
-    # committed (or abandoned uncommitted) before its partitions can move.
-    def _on_assign(self, c: Consumer, assigned: list[TopicPartition]) -> None:
-        """Start every partition where the state in Redis ends (retrying while Redis is away:
-        fetching from anywhere else could skip or re-read plays the state never saw)."""
-        backoff = Backoff()
-        while True:
-            try:
-                self.incarnation = self._incarnation_of_topic()
-                stored = self.layer.histories.applied_offsets(self.incarnation)
-                for tp in assigned:
-                    tp.offset = self._start_offset(tp.partition, stored.get(tp.partition, -1))
-                    self.continuity.expect(tp.partition, tp.offset)
-                self._use_incarnation(self.incarnation)
-                break
-            except Exception as exc:
-                if self.stop_event.is_set():
-                    raise
-                log.warning("assignment: cannot read the stored offsets yet (%s); retrying", exc)
-                metrics.RETRIES.inc()
-                backoff.wait(self.stop_event)
-        c.assign(assigned)
-        log.info(
-            "assigned partitions %s of incarnation %s, resuming from the state's offsets %s",
-            sorted(tp.partition for tp in assigned),
-            self.incarnation,
-            {tp.partition: tp.offset for tp in assigned},
-        )
-
-    def _on_revoke(self, _c: Consumer, revoked: list[TopicPartition]) -> None:
-        self._commit_positions({tp.partition for tp in revoked}, asynchronous=True)
-        for tp in revoked:
-            self.positions.pop(tp.partition, None)
-            self.continuity.forget(tp.partition)
-        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
-
-    def _commit_positions(self, partitions: set[int], asynchronous: bool = False) -> None:
-        """Bring the hint up to the state for `partitions` (the next owner's lag and `encore
-        status` read it); a failure is only logged: nothing depends on it."""
-        done = {p: o for p, o in self.positions.items() if p in partitions and o >= 0}
-        try:
-            rdkafka.commit(self.consumer, self.s.plays_topic, done, asynchronous)
-        except Exception as exc:  # noqa: BLE001 - a hint: the state's offsets are what counts
-            log.warning("could not commit offsets %s (a hint only): %s", done, exc)
-
-    def _start_offset(self, partition: int, stored: int) -> int:
-        """stored + 1, or the earliest offset Kafka holds; a hole in between is reported."""
-        tp = TopicPartition(self.s.plays_topic, partition)
-        low, _high = self.consumer.get_watermark_offsets(tp, timeout=10)
-        self.positions[partition] = stored
-        if stored + 1 < low:
-            self.board.report_gap(self.group, self.incarnation, partition, stored + 1, low)
-        return max(stored + 1, low)
-
-    def _use_incarnation(self, incarnation: str) -> None:
-        """Dead letters carry the incarnation; read which ones the topic already has (a state
-        restored from an older copy records them again)."""
-        self.sink.incarnation = incarnation
-        self.letters_done = self._produced_letters(incarnation)
-
-    def _rewind(self, stored: dict[int, int]) -> None:
-        """Redis lost writes this worker had applied: replay those partitions from its offsets."""
-        metrics.STATE_REWINDS.inc(len(stored))
-        self._use_incarnation(self.incarnation)
-        for part, off in stored.items():
-            applied = self.positions.get(part, -1)
-            start = self._start_offset(part, off)
-            log.warning(
-                "Redis lost applied plays on partition %d (stored offset %d, this worker applied up to %d): "
-                "replaying from %d",
-                part,
-                off,
-                applied,
-                start,
-            )
-            self._seek(part, start)
-
-    def _went_back(self, messages: list[Any]) -> bool:
-        """A message at or below what the state holds, without a rewind of ours: the consumer
-        was reset (offset out of range), as when the broker restarted empty."""
-        return any(m.offset() <= self.positions.get(m.partition(), -1) for m in messages)
-
-    def _follow_incarnation(self) -> bool:
-        """Re-read the topic's incarnation; if it changed, restart every partition from the new
-        incarnation's stored offsets (none: the earliest) and return True (drop the batch)."""
-        inc = self._incarnation_of_topic()
-        if inc == self.incarnation:
-            return False
-        log.warning(
-            "plays topic incarnation changed %s -> %s (broker restarted empty or topic re-created)",
-            self.incarnation,
-            inc,
-        )
-        self.incarnation = inc
-        self._use_incarnation(inc)
-        stored = self.layer.histories.applied_offsets(inc)
-        for tp in self.consumer.assignment():
-            self._seek(tp.partition, self._start_offset(tp.partition, stored.get(tp.partition, -1)))
-        return True
-
-    def _seek(self, partition: int, offset: int) -> None:
-        self.consumer.seek(TopicPartition(self.s.plays_topic, partition, offset))
-        self.continuity.expect(partition, offset)
-
-    def _follows_on(self, messages: list[Any]) -> list[Any]:
-        """The batch without what lies past a gap in a partition's offsets; those partitions
-        are fetched again from the offset expected (see `continuity`)."""
-        kept, refetch = self.continuity.cut(messages)
-        for part, off in refetch.items():
-            log.warning("partition %d: the consumer skipped ahead of offset %d; fetching again from there", part, off)
-            metrics.OFFSET_GAPS.inc()
-            # not `_seek`: that would reset the gap's second look, which the re-fetch needs
-            self.consumer.seek(TopicPartition(self.s.plays_topic, part, off))
-        return kept
+        consumer.subscribe([settings.plays_topic], on_assign=self.at.on_assign, on_revoke=self.at.on_revoke)
 
     def step(self, messages: list[Any]) -> None:
         """Make one batch durable, then commit it (raises; `process` retries what is left)."""
-        messages = self._follows_on(messages)
-        if messages and self._went_back(messages) and self._follow_incarnation():
+        at = self.at
+        messages = at.follows_on(messages)
+        if messages and at.went_back(messages) and at.follow_incarnation():
             messages = []
         self._batch = messages
         while True:
             batch_parts = {m.partition() for m in messages}
-            expected = {p: o for p, o in self.positions.items() if p in batch_parts}
+            expected = {p: o for p, o in at.positions.items() if p in batch_parts}
             try:
                 # A batch under half the maximum is re-solved here rather than on the thread only
                 # where that measured better (`small_batches_here`: on Redis Cluster, p99 at a true
@@ -213,12 +97,12 @@ class FoldInWorker:
                 if thread is not None:
                     thread.wait_if_behind()
                 run = self.layer.handle if thread is None else self.layer.ingest
-                out = run(messages, self.incarnation, expected, self.positions.keys(), self.letters_done)
+                out = run(messages, at.incarnation, expected, at.positions.keys(), at.letters_done)
                 if thread is not None:
                     thread.poke()
                 break
             except StateRewoundError as exc:
-                self._rewind(exc.offsets)
+                at.rewind(exc.offsets)
                 messages = self._batch = [m for m in messages if m.partition() not in exc.offsets]
         metrics.EVENTS_APPLIED.inc(out.applied)
         metrics.EVENTS_SKIPPED.inc(out.records - out.applied)
@@ -226,9 +110,7 @@ class FoldInWorker:
         metrics.USERS_FOLDED.inc(out.users_resolved)
         metrics.TRACKS_FOLDED.inc(out.tracks_resolved)
         last = last_offsets(messages)
-        for part, off in last.items():
-            self.positions[part] = max(self.positions.get(part, -1), off)
-        self.continuity.advance(messages)
+        at.advance(last, messages)
         with stage("commit"):
             # The committed offset is a hint (assignments start from the state's offsets), so
             # the batch does not wait a broker round trip for it; revoke and close wait.
@@ -239,14 +121,12 @@ class FoldInWorker:
             self.series.observe(now, (now - ms / 1000.0 for kind, ms in stamps if kind), out.dead_letters)
 
     def verify_positions(self) -> None:
-        """On idle polls: stored offsets below what this worker applied mean Redis lost writes
-        while no play arrived; rewind now rather than at the next play."""
-        if not self.positions or not self.incarnation:
-            return
-        stored = self.layer.histories.applied_offsets(self.incarnation)
-        behind = {p: stored.get(p, -1) for p, o in self.positions.items() if stored.get(p, -1) < o}
-        if behind:
-            self._rewind(behind)
+        """On idle polls: rewind partitions whose stored offsets fell below what was applied."""
+        self.at.verify()
+
+    @property
+    def positions(self) -> dict[int, int]:
+        return self.at.positions
 
     def update_lag(self) -> None:
         """Messages behind the end of the assigned partitions, at most once a second."""
@@ -317,7 +197,7 @@ class FoldInWorker:
 
     def close(self) -> None:
         """Leave the group and flush the producer (after `run` has returned)."""
-        self._commit_positions(set(self.positions))
+        self.at.commit_positions(set(self.at.positions))
         self.consumer.close()
         self.sink.close()
         if self.series is not None:
