@@ -238,6 +238,16 @@ class ImplicitALS:
             out[hot] = x
         return out
 
+    def warm_fold_in(self, frozen: np.ndarray, gram: np.ndarray | None = None) -> None:
+        """Compile (or load from numba's disk cache) the three kernels `fold_in` may call: the
+        first call of each took 0.3-0.6 s, which the first plays after a start waited for."""
+        n = SERIAL_ROWS + 1
+        ones = np.ones(n, dtype=np.float32)
+        rows = sp.csr_matrix((ones, (np.arange(n), np.zeros(n, dtype=np.int64))), shape=(n, frozen.shape[0]))
+        self.fold_in(rows[:1], frozen, gram)  # a few rows: Cholesky on this thread
+        self.fold_in(rows, frozen, gram)  # more: Cholesky in parallel
+        self.fold_in(rows, frozen, gram, start=np.ones((n, frozen.shape[1]), dtype=np.float32))  # warm: CG
+
     def fold_in_one(self, rows: np.ndarray, plays: np.ndarray, frozen: np.ndarray, gram: np.ndarray) -> np.ndarray:
         """One listener's exact vector from the `frozen` rows they played and how often (repeats
         add up): what `fold_in` gives for a one-row matrix, without building one (an anonymous

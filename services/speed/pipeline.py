@@ -75,6 +75,8 @@ class SpeedLayer:
         if version is None or (self.model is not None and self.model.version == version):
             return False
         self.model = self.models.load(version)
+        if len(self.model.track_ids):
+            self.model.model.warm_fold_in(self.model.model.item_factors_, self.model.item_gram)
         freeze_long_lived()
         log.info("fold-in now against model %s (%d tracks)", version, len(self.model.track_ids))
         since = float(self.model.meta.get("checkpoint_time", "0")) - CATCH_UP_MARGIN_S

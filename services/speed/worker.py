@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Consumer
 
 from core.errors import FatalError, StateRewoundError
@@ -118,7 +119,8 @@ class FoldInWorker:
         if self.series is not None and messages:
             now = time.time()
             stamps = (m.timestamp() for m in messages)
-            self.series.observe(now, (now - ms / 1000.0 for kind, ms in stamps if kind), out.dead_letters)
+            ms = np.fromiter((ms for kind, ms in stamps if kind), dtype=np.float64)
+            self.series.observe(now, now - ms / 1000.0, out.dead_letters)
 
     def verify_positions(self) -> None:
         """On idle polls: rewind partitions whose stored offsets fell below what was applied."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -230,3 +233,26 @@ def test_fold_in_after_fit_recommends_like_joint_training() -> None:
     p_joint = ranking_metrics(joint.user_factors_[late], joint.item_factors_, train[late], test[late])
     p_fold = ranking_metrics(folded, early.item_factors_, train[late], test[late])
     assert p_fold.precision >= 0.9 * p_joint.precision
+
+
+def test_warm_fold_in_loads_every_kernel_a_fold_in_may_call() -> None:
+    """In a fresh interpreter (this one has run the kernels already): a loaded model's kernels
+    are cold until the warm-up, and all three are ready after it."""
+    code = """
+import subprocess
+import sys
+
+import numpy as np
+from core import als_kernels
+from core.als import ImplicitALS
+m = ImplicitALS(factors=8)
+m.item_factors_ = np.random.default_rng(0).random((50, 8), dtype=np.float32)
+kernels = [als_kernels.cholesky_rows_serial, als_kernels.cholesky_half_step, als_kernels._cg_kernel(8)]
+before = [len(k.signatures) for k in kernels]
+m.warm_fold_in(m.item_factors_)
+print(before, [len(k.signatures) for k in kernels])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after = out.strip().split("] [")
+    assert before == "[0, 0, 0"
+    assert all(int(n) >= 1 for n in after.rstrip("]").split(", "))
