@@ -103,12 +103,10 @@ def cmd_produce(s: Settings, args: argparse.Namespace) -> int:
 def foldin_sides(root: Root, s: Settings) -> list[Component]:
     """What runs beside the fold-in worker, each on a thread: the catalogue in Redis, and the
     online metrics per experiment arm unless `ENCORE_EXPERIMENT_JOIN=false` (the join reads and
-    decodes every play once more, so it runs in a child process: `join_child`)."""
-    from services.speed.join_child import JoinChild
-
+    decodes every play once more, on the worker's interpreter; `encore join` runs it alone)."""
     sides: list[Component] = [root.catalogue_sync()]
     if s.experiment_join:
-        sides.append(JoinChild(root.redis, root.keys))
+        sides.append(root.experiment_join())
     return sides
 
 

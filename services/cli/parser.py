@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--group", default="encore-foldin")
     sub.add_parser(
         "join",
-        help="the experiment join alone (group encore-experiments); `encore foldin` runs it as a child process",
+        help="the experiment join alone (group encore-experiments): for workers run with ENCORE_EXPERIMENT_JOIN=false",
     )
     tr = sub.add_parser("train", help="the batch-layer trainer")
     tr.add_argument("--once", action="store_true", help="read plays to their end, train, publish, exit")

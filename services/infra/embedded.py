@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from core.errors import EncoreError
@@ -97,21 +96,12 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) 
 
 
 def spawn(
-    cmd: list[str],
-    log_path: str | os.PathLike[str] | None,
-    env: Mapping[str, str] | None = None,
-    own_session: bool = False,
+    cmd: list[str], log_path: str | os.PathLike[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a child whose output is appended to `log_path` (None: this process's own stdout and
-    stderr) and which dies with this process; `own_session`: a terminal's Ctrl-C reaches only us,
-    and we tell the child when to stop.
+    """Start a child whose output is appended to `log_path` and which dies with this process.
 
     Children die with us on Linux (PR_SET_PDEATHSIG), so even a kill -9 leaves no orphan.
     """
-    if log_path is None:
-        return subprocess.Popen(
-            cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=own_session
-        )
     with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             cmd,

@@ -197,13 +197,12 @@ def test_the_experiment_join_beside_the_fold_in_worker_can_be_turned_off(setting
 
     from services.cli.commands import foldin_sides
     from services.speed.catalogue_sync import CatalogueSync
-    from services.speed.join_child import JoinChild
 
     root = Root(settings)
     try:
         on = foldin_sides(root, settings)
         off = foldin_sides(root, replace(settings, experiment_join=False))
-        assert [type(c) for c in on] == [CatalogueSync, JoinChild]
+        assert [type(c) for c in on] == [CatalogueSync, ExperimentJoin]
         assert [type(c) for c in off] == [CatalogueSync]
         for c in on + off:
             c.close()

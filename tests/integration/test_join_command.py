@@ -1,13 +1,13 @@
-"""The experiment join in its own process beside `encore foldin`, on real servers: it is started
-again when it dies, counts exactly once across that, exports its gauges in the parent, and stops
-when asked."""
+"""`encore join`: the experiment join as a process of its own (for fold-in workers run with
+`ENCORE_EXPERIMENT_JOIN=false`), on real servers: it joins, counts exactly once across a kill -9
+and a restart, and stops on SIGTERM with exit code 0."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -15,11 +15,10 @@ import pytest
 import redis
 from kafka import KafkaProducer
 
-from services.infra import kafka_admin, metrics
+from services.infra import kafka_admin
 from services.infra.experiment_metrics import arm_metrics
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
-from services.speed.join_child import JoinChild
 from tests.e2e.test_foldin_kill import _env
 from tests.integration.helpers import keys_for, wait_for
 
@@ -50,14 +49,18 @@ def _round(settings: Settings, tag: str, n: int) -> Counter[str]:
     return expected
 
 
-def test_the_join_child_restarts_after_a_kill9_and_counts_exactly_once(
-    settings: Settings, redis_client: redis.Redis
+def _join(settings: Settings, log: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        cmd = [sys.executable, "-m", "services.cli", "join"]
+        return subprocess.Popen(cmd, env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_encore_join_counts_exactly_once_across_a_kill9_and_stops_on_sigterm(
+    settings: Settings, redis_client: redis.Redis, tmp_path
 ) -> None:
     kafka_admin.ensure_topics(settings)
     keys = keys_for(settings)
-    child = JoinChild(redis_client, keys, _env(settings))
-    runner = threading.Thread(target=child.run, daemon=True)
-    runner.start()
+    log = str(tmp_path / "join.log")
 
     def totals() -> Counter[str]:
         got = arm_metrics(redis_client, keys).get("x", {})
@@ -65,22 +68,18 @@ def test_the_join_child_restarts_after_a_kill9_and_counts_exactly_once(
             {f"{a}|{w}": int(m.get(w, 0)) for a, m in got.items() for w in ("impressions", "plays", "converted")}
         )
 
+    proc = _join(settings, log)
     try:
         expected = _round(settings, "r1", 200)
-        assert wait_for(lambda: totals() == expected, timeout=60), totals()
-        # the parent exports the counts its child keeps in Redis
-        assert wait_for(lambda: metrics.ARM_IMPRESSIONS.labels("x", "a")._value.get() == 100, timeout=15)
-        assert child.proc is not None
-        first = child.proc.pid
-        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: totals() == expected, timeout=60), (totals(), open(log).read()[-2000:])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         expected += _round(settings, "r2", 200)
+        proc = _join(settings, log)
         assert wait_for(lambda: totals() == expected, timeout=90), (totals(), expected)
         time.sleep(1.5)
         assert totals() == expected  # nothing applied twice after the restart
-        assert child.starts == 2 and child.proc.pid != first
     finally:
-        child.stop()
-        runner.join(timeout=10)
-        child.close()
-    assert not runner.is_alive()
-    assert child.proc is not None and child.proc.returncode == 0  # stopped by its own SIGTERM handler
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, open(log).read()[-2000:]
