@@ -31,7 +31,7 @@ from services.infra.cluster_io import Call, cmd, per_node, script_call
 from services.infra.keys import Keys
 from services.infra.lua import source
 from services.speed.history_store import (
-    HISTORIES_PER_CALL,
+    USERS_PER_CALL,
     FencingError,
     TrackListeners,
     apply_args,
@@ -148,8 +148,8 @@ class ClusterHistoryStore(TrackListeners):
             by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(i)
         calls, slots = [], []
         for idx in by_bucket.values():
-            for s in range(0, len(idx), HISTORIES_PER_CALL):
-                chunk = idx[s : s + HISTORIES_PER_CALL]
+            for s in range(0, len(idx), USERS_PER_CALL):
+                chunk = idx[s : s + USERS_PER_CALL]
                 calls.append(script_call(self._histories, [self.keys.history(users[i]) for i in chunk]))
                 slots.append(chunk)
         out: list[list[bytes]] = [[] for _ in users]

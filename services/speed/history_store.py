@@ -25,7 +25,7 @@ from services.infra.lua import source
 from services.speed.records import DeadRecord, PlayRecord, Record
 
 log = logging.getLogger(__name__)
-HISTORIES_PER_CALL = 5000
+USERS_PER_CALL = 5000  # users per script call, histories read or vectors written: a bound on its arguments
 
 
 def ranges_of(records: list[Record]) -> dict[int, tuple[int, int]]:
@@ -194,15 +194,15 @@ class RedisHistoryStore(TrackListeners):
 
     def raw_histories(self, users: list[str]) -> list[list[bytes]]:
         out: list[list[bytes]] = []
-        for s in range(0, len(users), HISTORIES_PER_CALL):
-            out += self._histories(keys=[self.keys.history(u) for u in users[s : s + HISTORIES_PER_CALL]])
+        for s in range(0, len(users), USERS_PER_CALL):
+            out += self._histories(keys=[self.keys.history(u) for u in users[s : s + USERS_PER_CALL]])
         return out
 
     def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
         left_out: set[str] = set()
         cut = len(self.keys.user(version, "").encode())  # bytes, as Lua counts
-        for s in range(0, len(users), HISTORIES_PER_CALL):
-            chunk = users[s : s + HISTORIES_PER_CALL]
+        for s in range(0, len(users), USERS_PER_CALL):
+            chunk = users[s : s + USERS_PER_CALL]
             keys = [self.keys.pending_users] + [self.keys.user(version, u) for u in chunk]
             skipped = self._put_vectors(keys, [cut, *encode_vectors(vectors[s : s + len(chunk)])])
             left_out.update(chunk[int(i) - 1] for i in skipped)

@@ -16,7 +16,7 @@ from core.events import EraseEvent
 from core.messages import FactorUpdate, decode_vector
 from services.infra.rdkafka import KafkaUpdateSink, ProduceFailed, UpdatePublisher
 from services.infra.settings import Settings
-from services.speed.pipeline import SpeedLayer
+from services.speed.pipeline import PENDING_PER_STEP, SpeedLayer
 from services.speed.resolver import ResolverThread
 from services.speed.worker import FoldInWorker
 from tests.fakes import FakeHistoryStore, FakeModelStore, RecordingSink
@@ -152,25 +152,40 @@ def test_a_fault_retrying_cannot_fix_stops_the_worker_loudly() -> None:
 
 
 def test_the_loop_waits_for_one_step_per_batch_while_the_thread_is_behind() -> None:
-    layer, _, _ = _layer()
+    """Over the thread's public face only: a full step (the queue held more than one step's
+    users) makes the loop's next batch but one wait until another step has finished."""
+    layer, store, _ = _layer()
+    calls, gate = [0], threading.Event()
+    solve = layer.resolve_pending
+
+    def gated(limit: int = PENDING_PER_STEP, refresh: bool = True) -> tuple[int, int]:
+        calls[0] += 1
+        if calls[0] >= 2:  # the first step runs, the second is held
+            gate.wait(20)
+        return solve(limit, refresh)
+
+    layer.resolve_pending = gated  # type: ignore[method-assign]
     stop = threading.Event()
     r = ResolverThread(layer, stop, lambda _e: None)
-    r._thread = threading.Thread(target=lambda: stop.wait(20))  # alive, but never steps
-    r._thread.start()
+    store.queue_users([f"u{i}" for i in range(PENDING_PER_STEP * 2 + 1)])
+    r.start()
+    r.poke()
     try:
-        r._behind = True
+        _until(lambda: calls[0] >= 2)  # one full step done, the next one held
+        r.wait_if_behind()  # a step finished since the loop last asked: this batch goes on
         waited = threading.Thread(target=r.wait_if_behind)
         waited.start()
         waited.join(0.3)
-        assert waited.is_alive()  # no step finished since the last batch: the loop waits
-        layer.last_full = False
-        r._step()  # one step, and it emptied the queue
+        assert waited.is_alive()  # behind, and no step finished since: the next batch waits
+        gate.set()
         waited.join(5)
         assert not waited.is_alive()
+        _until(lambda: not store.pending_users)
         r.wait_if_behind()  # caught up: no wait at all
     finally:
+        gate.set()
         stop.set()
-        r._thread.join()
+        r.join()
 
 
 def test_two_threads_flushing_one_producer_each_learn_of_their_own_failures() -> None:
