@@ -110,10 +110,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # A young collection after 50,000 net container allocations instead of CPython's 700, and the
-# older ones rarer too: the fold-in worker allocates a few hundred thousand short-lived objects a
-# second (decoded records, Redis replies), almost all freed by reference counting, yet at the
-# default thresholds its collector ran ~4,500 times in a 10 s throughput run, 0.9-1.1 s in all
-# with every thread waiting; at these, 0.08-0.1 s (`bench.freshness`, four alternated pairs).
+# older ones rarer too: the fold-in worker makes about 160,000 container objects a second
+# (decoded records, Redis replies), almost all freed by reference counting, yet at the default
+# thresholds its collector ran about 2,550 times in a 10 s throughput run, 0.9-1.2 s in all with
+# every thread waiting; at these, 0.08-0.11 s (`bench.freshness`, four alternated pairs).
 FEWER_COLLECTIONS = (50_000, 20, 100)
 
 
