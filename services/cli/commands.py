@@ -145,7 +145,7 @@ def cmd_join(s: Settings, args: argparse.Namespace) -> int:
     metrics.serve_metrics(s.metrics_port)
     collect_less_often()
     root = Root(s, STARTUP_PATIENCE_S)
-    join = root.experiment_join()
+    join = root.experiment_join(args.group)
     return _run_component(root, join, join.run)
 
 

@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
     fo = sub.add_parser("foldin", help="the speed-layer worker (consumer group encore-foldin)")
     fo.add_argument("--group", default="encore-foldin")
-    sub.add_parser(
+    jo = sub.add_parser(
         "join",
         help="the experiment join alone (group encore-experiments): for workers run with ENCORE_EXPERIMENT_JOIN=false",
     )
+    jo.add_argument("--group", default="encore-experiments")
     tr = sub.add_parser("train", help="the batch-layer trainer")
     tr.add_argument("--once", action="store_true", help="read plays to their end, train, publish, exit")
     tr.add_argument("--engine", choices=("local", "spark"), default="local")

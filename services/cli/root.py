@@ -132,14 +132,14 @@ class Root:
             s.tracks_dlq_topic,
         )
 
-    def experiment_join(self) -> ExperimentJoin:
+    def experiment_join(self, group: str = EXPERIMENT_GROUP) -> ExperimentJoin:
         s = self.settings
         self.clients.ensure_topics()
         topics = (s.impressions_topic, s.plays_topic)
         return ExperimentJoin(
             self.redis,
             self.keys,
-            self.clients.group_consumer(EXPERIMENT_GROUP),
+            self.clients.group_consumer(group),
             *topics,
             {t: self.clients.topic_incarnation(t) for t in topics},
             s.join_window_s,

@@ -51,7 +51,8 @@ def _round(settings: Settings, tag: str, n: int) -> Counter[str]:
 
 def _join(settings: Settings, log: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        cmd = [sys.executable, "-m", "services.cli", "join"]
+        # a group of its own: the shared `encore-experiments` may hold members earlier tests left
+        cmd = [sys.executable, "-m", "services.cli", "join", "--group", f"join-{settings.plays_topic}"]
         return subprocess.Popen(cmd, env=_env(settings), stdout=out, stderr=subprocess.STDOUT)
 
 
