@@ -3,7 +3,10 @@
 redis-py's cluster pipeline refuses scripts (EVALSHA), and the speed layer runs one fenced
 script per hash-tag bucket. `per_node` groups such calls by the node that owns each call's
 first key and sends every group as one plain pipeline to that node: one round trip per node
-per step, never one per user or per bucket. A MOVED or ASK reply (a failover or a reshard
+per step, never one per user or per bucket. Scripts go as bare EVALSHA: a redis-py pipeline
+that runs `Script` objects first asks SCRIPT EXISTS, a second round trip on every call; here a
+node that lacks a script (a promoted replica: script caches are not replicated) answers
+NOSCRIPT for those calls only, which are then loaded and sent again. A MOVED or ASK reply (a failover or a reshard
 moved the slot) or a lost node makes the whole call fail after the client re-learns the
 topology; the caller's step is retried whole, which its fences make safe.
 """
@@ -14,25 +17,33 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.cluster import RedisCluster
+from redis.commands.core import Script
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
 
-Call = tuple[str, Callable[[Any], object]]  # (a key the call touches, adds it to a pipeline)
+
+class Call(NamedTuple):
+    key: str  # a key the call touches: its slot picks the node
+    add: Callable[[Any], object]  # adds the command to a pipeline
+    script: Script | None = None  # what to load where the node answers NOSCRIPT
 
 
 def cmd(name: str, key: str, *args: Any, **kwargs: Any) -> Call:
     """A plain command on `key` (e.g. cmd("lrange", key, 0, -1))."""
-    return key, lambda pipe: getattr(pipe, name)(key, *args, **kwargs)
+    return Call(key, lambda pipe: getattr(pipe, name)(key, *args, **kwargs))
 
 
-def script_call(script: Any, keys: list[str], args: list[object] | None = None) -> Call:
+def script_call(script: Script, keys: list[str], args: list[object] | None = None) -> Call:
     """A registered script on keys that share one slot (loaded on the node if missing)."""
-    return keys[0], lambda pipe: script(keys=keys, args=args or [], client=pipe)
+    return Call(
+        keys[0], lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *(args or [])), script
+    )
 
 
 def is_cluster(url: str, mode: str, timeout_s: float, patience_s: float = 0.0, **options: Any) -> bool:
@@ -77,15 +88,12 @@ def _on_nodes(groups: Sequence[tuple[Any, Any]], fn: Callable[[Any, Any], Any]) 
 def per_node(rc: RedisCluster, calls: Sequence[Call]) -> list[Any]:
     """Run `calls` grouped by owning node, one pipeline each; results in call order."""
     groups: dict[str, tuple[Any, list[int]]] = {}
-    for i, (key, _) in enumerate(calls):
-        node = rc.get_node_from_key(key)
+    for i, call in enumerate(calls):
+        node = rc.get_node_from_key(call.key)
         groups.setdefault(node.name, (node, []))[1].append(i)
 
     def send(node: Any, idx: list[int]) -> list[Any]:
-        pipe = node.redis_connection.pipeline(transaction=False)
-        for i in idx:
-            calls[i][1](pipe)
-        return pipe.execute()  # type: ignore[no-any-return]
+        return _pipelined(node.redis_connection, [calls[i] for i in idx])
 
     out: list[Any] = [None] * len(calls)
     try:
@@ -96,6 +104,30 @@ def per_node(rc: RedisCluster, calls: Sequence[Call]) -> list[Any]:
         refresh(rc)
         raise
     return out
+
+
+def _pipelined(conn: redis.Redis, calls: Sequence[Call]) -> list[Any]:
+    """One pipeline on one node; the calls it lacks a script for are loaded and sent again
+    (a NOSCRIPT reply means the call did not run). Raises the first error reply, as
+    `Pipeline.execute` does, once every call has run."""
+
+    def run(batch: Sequence[Call]) -> list[Any]:
+        pipe = conn.pipeline(transaction=False)
+        for c in batch:
+            c.add(pipe)
+        return pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    results = run(calls)
+    missing = [i for i, res in enumerate(results) if isinstance(res, NoScriptError) and calls[i].script]
+    if missing:
+        for script in {calls[i].script.sha: calls[i].script for i in missing}.values():  # type: ignore[union-attr]
+            conn.script_load(script.script)  # type: ignore[union-attr]
+        for i, res in zip(missing, run([calls[i] for i in missing]), strict=True):
+            results[i] = res
+    for res in results:
+        if isinstance(res, Exception):
+            raise res
+    return results
 
 
 def _by_slot(keys: Sequence[str]) -> dict[int, list[int]]:

@@ -63,7 +63,12 @@ class BucketKeys:
         return f"{self.prefix}forgotten:{self.tag}"
 
     def history(self, user_id: str) -> str:
-        return f"{self.prefix}plays:{self.tag}:user:{user_id}"
+        return self.history_prefix + user_id
+
+    @property
+    def history_prefix(self) -> str:
+        """A history key less its user id: bulk reads build many keys from it."""
+        return f"{self.prefix}plays:{self.tag}:user:"
 
     def listeners(self, track_id: str) -> str:
         return f"{self.prefix}listeners:{self.tag}:track:{track_id}"
@@ -116,8 +121,13 @@ class Keys:
         """A user's vector; on a cluster tagged with the user's bucket (as the history), so a
         batch's vectors are one MGET/MSET per bucket rather than one command per user."""
         if self.buckets:
-            return f"{self.prefix}model:{version}:user:{{{self.bucket_of_user(user_id)}}}:{user_id}"
+            return self.users_in_bucket(version, self.bucket_of_user(user_id)) + user_id
         return f"{self.prefix}model:{version}:user:{user_id}"
+
+    def users_in_bucket(self, version: str, bucket: int) -> str:
+        """A user vector's key less its user id, in `bucket` (cluster): bulk writes build many
+        keys from it without hashing each id again."""
+        return f"{self.prefix}model:{version}:user:{{{bucket}}}:"
 
     def user_pattern(self, version: str) -> str:
         """SCAN pattern of every user vector of `version`."""

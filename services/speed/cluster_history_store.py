@@ -66,12 +66,14 @@ class ClusterHistoryStore(TrackListeners):
         self._listen(records)
         ranges = ranges_of(records)
         todo: dict[int, Share] = {b: ([], dict(ranges)) for b in self.all}
+        bucket_of: dict[str, int] = {}  # a user plays several times in a batch: hash once
         for rec in records:
-            b = (
-                self.keys.bucket_of_user(rec.user)
-                if isinstance(rec, PlayRecord)
-                else self.keys.dlq_bucket(rec.partition)
-            )
+            if isinstance(rec, PlayRecord):
+                b = bucket_of.get(rec.user, -1)
+                if b < 0:
+                    b = bucket_of[rec.user] = self.keys.bucket_of_user(rec.user)
+            else:
+                b = self.keys.dlq_bucket(rec.partition)
             todo[b][0].append(rec)
         applied = 0
         for _ in range(5):
@@ -142,15 +144,20 @@ class ClusterHistoryStore(TrackListeners):
         return {p: min(f.get(p, -1) for f in per_bucket) for p in parts}
 
     # ---- reads and work queues ----------------------------------------------------------
-    def raw_histories(self, users: list[str]) -> list[list[bytes]]:
-        by_bucket: dict[int, list[int]] = {}
+    def _by_bucket(self, users: list[str]) -> dict[int, list[int]]:
+        """Positions of `users` grouped by bucket: each id hashed once per call."""
+        out: dict[int, list[int]] = {}
         for i, u in enumerate(users):
-            by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(i)
+            out.setdefault(self.keys.bucket_of_user(u), []).append(i)
+        return out
+
+    def raw_histories(self, users: list[str]) -> list[list[bytes]]:
         calls, slots = [], []
-        for idx in by_bucket.values():
+        for b, idx in self._by_bucket(users).items():
+            prefix = self.keys.bucket(b).history_prefix
             for s in range(0, len(idx), USERS_PER_CALL):
                 chunk = idx[s : s + USERS_PER_CALL]
-                calls.append(script_call(self._histories, [self.keys.history(users[i]) for i in chunk]))
+                calls.append(script_call(self._histories, [prefix + users[i] for i in chunk]))
                 slots.append(chunk)
         out: list[list[bytes]] = [[] for _ in users]
         for chunk, rows in zip(slots, per_node(self.r, calls), strict=True):
@@ -160,13 +167,12 @@ class ClusterHistoryStore(TrackListeners):
 
     def put_vectors(self, version: str, users: list[str], vectors: np.ndarray) -> set[str]:
         blobs = encode_vectors(vectors)
-        by_bucket: dict[int, list[int]] = {}
-        for i, u in enumerate(users):
-            by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(i)
+        by_bucket = self._by_bucket(users)
         calls = []
         for b, idx in by_bucket.items():
-            keys = [self.keys.bucket(b).pending_users] + [self.keys.user(version, users[i]) for i in idx]
-            cut = len(keys[1].encode()) - len(users[idx[0]].encode())  # bytes before the user id
+            prefix = self.keys.users_in_bucket(version, b)
+            keys = [self.keys.bucket(b).pending_users] + [prefix + users[i] for i in idx]
+            cut = len(prefix.encode())  # bytes before the user id, as Lua counts
             calls.append(script_call(self._put_vectors, keys, [cut] + [blobs[i] for i in idx]))
         skipped = per_node(self.r, calls) if calls else []
         return {users[idx[int(j) - 1]] for idx, out in zip(by_bucket.values(), skipped, strict=True) for j in out}
@@ -187,13 +193,10 @@ class ClusterHistoryStore(TrackListeners):
         return [u.decode() for r in got.values() for u in r], cut
 
     def queue_users(self, users: list[str]) -> None:
-        by_bucket: dict[int, list[str]] = {}
-        for u in users:
-            by_bucket.setdefault(self.keys.bucket_of_user(u), []).append(u)
         calls = []
-        for b, us in by_bucket.items():
+        for b, idx in self._by_bucket(users).items():
             bk = self.keys.bucket(b)
-            calls.append(script_call(self._queue, [bk.pending_seq, bk.pending_users], list(us)))
+            calls.append(script_call(self._queue, [bk.pending_seq, bk.pending_users], [users[i] for i in idx]))
         if calls:
             per_node(self.r, calls)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from core.messages import DeadLetter
+from core.messages import DeadLetter, encode_vectors
 from services.infra.keys import Keys
 from services.infra.settings import Settings
 from services.speed.cluster_history_store import ClusterHistoryStore
@@ -127,3 +127,30 @@ def test_a_vector_solved_before_an_erasure_is_not_written_back(make_store) -> No
     kept = users.index("képt")
     assert _vector(store, "v1", "gøne") is None
     assert _vector(store, "v1", "képt") == vectors[kept].astype("<f4").tobytes()
+
+
+def _flush_scripts_on_one_node(store) -> None:
+    """What a failover leaves: a master (a promoted replica) without the scripts in its cache."""
+    if isinstance(store, ClusterHistoryStore):
+        store.r.get_primaries()[0].redis_connection.script_flush()
+    else:
+        store.r.script_flush()
+
+
+def test_a_server_without_the_scripts_gets_them_and_nothing_runs_twice(make_store) -> None:
+    store = make_store()
+    if isinstance(store, FakeHistoryStore):
+        pytest.skip("no script cache in memory")
+    users = [f"u{i}" for i in range(40)]  # spread over every master's buckets
+    store.apply("inc", [PlayRecord(0, o, u, "t1", 1.0, 5.0) for o, u in enumerate(users)])
+    _flush_scripts_on_one_node(store)
+    store.apply("inc", [PlayRecord(0, 40 + o, u, "t1", 2.0, 6.0) for o, u in enumerate(users)])
+    assert all(_hist(store, u) == {"t1": 3.0} for u in users)  # each step applied once
+    _flush_scripts_on_one_node(store)
+    vectors = np.arange(40 * 4, dtype=np.float32).reshape(40, 4)
+    assert store.put_vectors("v1", users, vectors) == set()
+    assert [_vector(store, "v1", u) for u in users] == encode_vectors(vectors)
+    store.settle({}, store.pending(100)[1])  # the queue emptied
+    _flush_scripts_on_one_node(store)
+    store.queue_users(users[:3])
+    assert set(store.pending(10)[0]) == set(users[:3])
