@@ -16,33 +16,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from core import als_kernels
+from core import fold_in as fi
 from core.errors import DivergedError, InvalidPlaysError, NotFittedError
+from core.plays import check_plays, with_confidence
 
 Confidence = Literal["log", "linear"]
 Solver = Literal["cg", "cholesky"]
-SERIAL_ROWS = 8  # fold-ins of at most this many rows are solved on the calling thread
-
-
-def check_plays(plays: object, name: str = "plays", n_cols: int | None = None) -> sp.csr_matrix:
-    """Validate a raw play-count matrix and return it as float32 CSR with sorted indices."""
-    if not sp.issparse(plays):
-        if isinstance(plays, np.ndarray) and plays.ndim == 2 and n_cols is not None:
-            plays = sp.csr_matrix(plays)
-        else:
-            raise InvalidPlaysError(f"{name} must be a scipy.sparse matrix, got {type(plays).__name__}")
-    m = sp.csr_matrix(plays, dtype=np.float32)
-    if m.ndim != 2:
-        raise InvalidPlaysError(f"{name} must be 2-D, got shape {m.shape}")
-    if n_cols is not None and m.shape[1] != n_cols:
-        raise InvalidPlaysError(f"{name} has {m.shape[1]} columns, the model expects {n_cols}")
-    if not np.all(np.isfinite(m.data)):
-        raise InvalidPlaysError(f"{name} contains NaN or infinite play counts")
-    if m.data.size and m.data.min() < 0:
-        raise InvalidPlaysError(f"{name} contains negative play counts")
-    m.eliminate_zeros()
-    m.sum_duplicates()
-    m.sort_indices()
-    return m
 
 
 class ImplicitALS:
@@ -158,8 +137,7 @@ class ImplicitALS:
         return self
 
     def _with_confidence(self, m: sp.csr_matrix) -> sp.csr_matrix:
-        """`m` with confidences for values; shares `m`'s index arrays (read-only in the kernels)."""
-        return sp.csr_matrix((self.confidence_of(m.data), m.indices, m.indptr), shape=m.shape, copy=False)
+        return with_confidence(m, self.confidence_of)
 
     def _gram(self, F: np.ndarray, dtype: type) -> np.ndarray:
         return als_kernels.gram(F, self.regularization, dtype)
@@ -200,77 +178,16 @@ class ImplicitALS:
         start: np.ndarray | None = None,
         steps: int | None = None,
     ) -> np.ndarray:
-        """Least-squares solve of `rows` (raw plays over the columns of `frozen`).
-
-        `gram` is FᵀF of the whole frozen side (without λ); pass it when `frozen` holds only the
-        vectors the rows touch (the speed layer folds a track in from its listeners alone), or
-        to avoid recomputing it per call. Rows are solved exactly (Cholesky) unless `start`
-        gives them a non-zero current vector: those take `steps` (default max(cg_steps, 3))
-        warm-started conjugate-gradient steps, which is what a single new play needs.
-        """
-        m = check_plays(rows, name="rows", n_cols=frozen.shape[0])
-        conf = self._with_confidence(m)
-        frozen = np.ascontiguousarray(frozen, dtype=np.float32)
-        k = frozen.shape[1]
-        if gram is None:
-            full = self._gram(frozen, np.float64)
-        else:
-            full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(k)
-        out = np.zeros((m.shape[0], k), dtype=np.float32)
-        warm = np.zeros(m.shape[0], dtype=bool)
-        if start is not None:
-            if start.shape != out.shape:
-                raise ValueError(f"start has shape {start.shape}, expected {out.shape}")
-            warm = np.isfinite(start).all(axis=1) & (start != 0).any(axis=1)
-        cold = np.flatnonzero(~warm)
-        if len(cold):
-            sub = conf[cold] if len(cold) < m.shape[0] else conf
-            x = np.zeros((len(cold), k), dtype=np.float32)
-            solve = als_kernels.cholesky_rows_serial if len(cold) <= SERIAL_ROWS else als_kernels.cholesky_half_step
-            solve(sub.indptr, sub.indices, sub.data, frozen, full, x)
-            out[cold] = x
-        hot = np.flatnonzero(warm)
-        if len(hot) and start is not None:
-            sub = conf[hot] if len(hot) < m.shape[0] else conf
-            x = np.ascontiguousarray(start[hot], dtype=np.float32)
-            n_steps = steps if steps is not None else max(self.cg_steps, 3)
-            als_kernels.cg_half_step(sub.indptr, sub.indices, sub.data, frozen, full.astype(np.float32), x, n_steps)
-            out[hot] = x
-        return out
+        """`core.fold_in.fold_in` with this model's regularization and confidence."""
+        return fi.fold_in(self, rows, frozen, gram, start, steps)
 
     def warm_fold_in(self, frozen: np.ndarray, gram: np.ndarray | None = None) -> None:
-        """Compile (or load from numba's disk cache) the three kernels `fold_in` may call: the
-        first call of each took 0.3-0.6 s, which the first plays after a start waited for."""
-        n = SERIAL_ROWS + 1
-        ones = np.ones(n, dtype=np.float32)
-        rows = sp.csr_matrix((ones, (np.arange(n), np.zeros(n, dtype=np.int64))), shape=(n, frozen.shape[0]))
-        self.fold_in(rows[:1], frozen, gram)  # a few rows: Cholesky on this thread
-        self.fold_in(rows, frozen, gram)  # more: Cholesky in parallel
-        self.fold_in(rows, frozen, gram, start=np.ones((n, frozen.shape[1]), dtype=np.float32))  # warm: CG
+        """`core.fold_in.warm_fold_in`: the kernels loaded before the first play needs them."""
+        fi.warm_fold_in(self, frozen, gram)
 
     def fold_in_one(self, rows: np.ndarray, plays: np.ndarray, frozen: np.ndarray, gram: np.ndarray) -> np.ndarray:
-        """One listener's exact vector from the `frozen` rows they played and how often (repeats
-        add up): what `fold_in` gives for a one-row matrix, without building one (an anonymous
-        request's path, where scipy's constructors cost three times the solve). `gram` as in
-        `fold_in`, without λ."""
-        rows = np.asarray(rows, dtype=np.int64)
-        plays = np.asarray(plays, dtype=np.float32)
-        if rows.shape != plays.shape or rows.ndim != 1:
-            raise InvalidPlaysError(f"rows and plays must be 1-D of one length, got {rows.shape} and {plays.shape}")
-        if rows.size and (rows.min() < 0 or rows.max() >= frozen.shape[0]):
-            raise InvalidPlaysError(f"rows must lie in [0, {frozen.shape[0]})")
-        if not np.all(np.isfinite(plays)) or (plays.size and plays.min() < 0):
-            raise InvalidPlaysError("plays must be finite and non-negative")
-        cols, where = np.unique(rows, return_inverse=True)
-        summed = np.bincount(where, weights=plays, minlength=cols.size).astype(np.float32)
-        keep = summed > 0
-        cols, conf = cols[keep].astype(np.int32), self.confidence_of(summed[keep])
-        k = frozen.shape[1]
-        x = np.zeros((1, k), dtype=np.float32)
-        full = np.asarray(gram, dtype=np.float64) + self.regularization * np.eye(k)
-        indptr = np.array([0, cols.size], dtype=np.int32)
-        als_kernels.cholesky_rows_serial(indptr, cols, conf, np.ascontiguousarray(frozen, np.float32), full, x)
-        return x[0]
+        """`core.fold_in.fold_in_one`: one listener's vector without building a matrix."""
+        return fi.fold_in_one(self, rows, plays, frozen, gram)
 
     def fold_in_users(self, rows: object) -> np.ndarray:
         """Exact solve of n users (n × n_tracks raw plays) against the frozen track factors."""
