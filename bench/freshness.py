@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--phases", default="latency,throughput", help="comma-separated: latency, throughput")
     ap.add_argument("--modes", default="thread", help="comma-separated: thread, inline (the re-solve's thread)")
     ap.add_argument("--out", default="", help="results name (default: freshness[_cluster_no_replicas])")
+    ap.add_argument("--rounds", type=int, default=1, help="throughput phases per topology, alternated")
     args = ap.parse_args()
     data = SyntheticMusic(n_users=50_000, n_tracks=20_000, mean_plays=45, n_genres=40, seed=3)
     model = ImplicitALS(factors=64, iterations=5, random_state=0).fit(data.matrix())
@@ -90,6 +91,8 @@ def main() -> None:
                     out[f"redis{at}"] = run(servers, servers.redis_url, topology, data, model, args, mode)
                 else:
                     out.update(run(servers, servers.redis_url, topology, data, model, args, mode))
+        if args.rounds > 1 and "throughput" in args.phases:
+            out["rounds"] = more_rounds(servers, data, model, args, out)
     out["modes"] = modes
     out["experiment_join"] = os.environ.get("ENCORE_EXPERIMENT_JOIN", "true")  # the worker inherits it
     if "cluster" in out:  # each phase that ran on both (`--phases` may leave one out)
@@ -106,6 +109,31 @@ def main() -> None:
     write(args.out or default, out)
 
 
+def more_rounds(servers: EmbeddedServers, data: SyntheticMusic, model: ImplicitALS, args: Any, first: dict) -> dict:
+    """Throughput phases 2..N, topologies alternated within each round (the first mode only).
+    The machine's speed drifts over minutes, so a ratio of two phases run minutes apart carries
+    that drift: the median of per-round ratios carries less of it."""
+    mode, topologies = args.modes.split(",")[0], args.topologies.split(",")
+    rows = [{t: (first if t == "redis" else first[t])["throughput"]["events_per_s"] for t in topologies}]
+    for i in range(1, args.rounds):
+        row = {}
+        for topology in topologies:
+            print(f"round {i + 1}, {topology}:")
+            if topology == "cluster":
+                with EmbeddedRedisCluster.start(masters=3, replicas=args.cluster_replicas) as cluster:
+                    got = run(servers, cluster.url, f"cluster-r{i}", data, model, args, mode, ["throughput"])
+            else:
+                got = run(servers, servers.redis_url, f"redis-r{i}", data, model, args, mode, ["throughput"])
+            row[topology] = got["throughput"]["events_per_s"]
+        rows.append(row)
+    out: dict[str, Any] = {"events_per_s": rows}
+    if set(topologies) >= {"redis", "cluster"}:
+        ratios = [r["cluster"] / r["redis"] for r in rows]
+        out |= {"cluster_vs_single": ratios, "cluster_vs_single_median": float(np.median(ratios))}
+    print(f"  rounds: {out}")
+    return out
+
+
 def run(
     servers: EmbeddedServers,
     url: str,
@@ -114,15 +142,16 @@ def run(
     model: ImplicitALS,
     args: Any,
     mode: str = "thread",
+    phases: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Both phases against one Redis or one Redis Cluster."""
+    """Both phases (or `phases`) against one Redis or one Redis Cluster."""
     out: dict[str, Any] = {"resolve_thread": mode == "thread"}
-    for phase in args.phases.split(","):
+    for phase in phases or args.phases.split(","):
         settings = Settings(
             kafka_bootstrap=servers.kafka_bootstrap,
             redis_url=url,
             plays_topic=f"plays-{phase}-{tag}-{mode}",
-            key_prefix=f"{phase}-{mode}:",
+            key_prefix=f"{phase}-{mode}-{tag}:",
             resolve_thread=mode == "thread",
         )
         root = Root(settings)
