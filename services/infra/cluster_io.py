@@ -6,9 +6,9 @@ first key and sends every group as one plain pipeline to that node: one round tr
 per step, never one per user or per bucket. Scripts go as bare EVALSHA: a redis-py pipeline
 that runs `Script` objects first asks SCRIPT EXISTS, a second round trip on every call; here a
 node that lacks a script (a promoted replica: script caches are not replicated) answers
-NOSCRIPT for those calls only, which are then loaded and sent again. A MOVED or ASK reply (a failover or a reshard
-moved the slot) or a lost node makes the whole call fail after the client re-learns the
-topology; the caller's step is retried whole, which its fences make safe.
+NOSCRIPT for those calls only, which are then loaded and sent again. A MOVED or ASK reply (a
+failover or a reshard moved the slot) or a lost node makes the whole call fail after the
+client re-learns the topology; the caller's step is retried whole, which its fences make safe.
 """
 
 from __future__ import annotations
