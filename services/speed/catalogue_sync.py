@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from core.catalogue import TrackInfo
 from core.messages import DeadLetter, MessageError
 from services.infra import rdkafka
+from services.infra.assignment_watch import AssignmentWatch
 from services.infra.keys import Keys
 from services.infra.lifecycle import Backoff, retry_step
 
@@ -44,6 +45,7 @@ class CatalogueSync:
         self.applied = self.dead_letters = 0
         self._batch: list[Message] | None = None  # read, not yet durable: a retry applies it again
         consumer.subscribe([topic])
+        self.unassigned = AssignmentWatch("catalogue sync")
 
     def step(self, timeout: float = 0.5) -> int:
         """Apply one poll's records (or, after a fault, the same ones again); returns how many."""
@@ -88,6 +90,7 @@ class CatalogueSync:
 
     def _poll(self) -> None:
         self.step()
+        self.unassigned.check(self.consumer)
 
     def stop(self) -> None:
         self.stop_event.set()

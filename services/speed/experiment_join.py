@@ -30,6 +30,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, Message, TopicPartition
 
 from core.events import Limits, PlayEvent, parse_play
 from services.infra import rdkafka
+from services.infra.assignment_watch import AssignmentWatch
 from services.infra.experiment_metrics import export_arm_gauges
 from services.infra.keys import Keys
 from services.infra.lifecycle import Backoff, retry_step
@@ -93,6 +94,7 @@ class ExperimentJoin:
         self.seen_ts: dict[int, float] = {}  # impressions partition → record time of the last one read
         self.counts = {"impressions": 0, "plays": 0, "joined": 0, "replayed": 0}
         consumer.subscribe([impressions_topic, plays_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.unassigned = AssignmentWatch("experiment join")
 
     def fence_field(self, topic: str, partition: int) -> str:
         return f"{topic}|{self.incarnations.get(topic, '')}|{partition}"
@@ -272,6 +274,7 @@ class ExperimentJoin:
 
     def _poll(self) -> None:
         self.step()
+        self.unassigned.check(self.consumer)
 
     def stop(self) -> None:
         self.stop_event.set()

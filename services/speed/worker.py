@@ -22,6 +22,7 @@ from confluent_kafka import Consumer
 
 from core.errors import FatalError, StateRewoundError
 from services.infra import metrics, rdkafka
+from services.infra.assignment_watch import AssignmentWatch
 from services.infra.lifecycle import Backoff, retry_step
 from services.infra.rdkafka import KafkaUpdateSink
 from services.infra.series import SeriesRecorder
@@ -77,6 +78,7 @@ class FoldInWorker:
         )
         self._lag_at = self._verified_at = 0.0
         consumer.subscribe([settings.plays_topic], on_assign=self.at.on_assign, on_revoke=self.at.on_revoke)
+        self.unassigned = AssignmentWatch(f"fold-in worker (group {group})")
 
     def step(self, messages: list[Any]) -> None:
         """Make one batch durable, then commit it (raises; `process` retries what is left)."""
@@ -178,6 +180,8 @@ class FoldInWorker:
             messages = rdkafka.data_messages(raw)
             if messages:  # an empty poll is idle time, not the cost of a batch
                 add_stage("poll", time.perf_counter() - t_poll)
+            else:
+                self.unassigned.check(self.consumer)
             metrics.EVENTS_IN.inc(len(messages))
             t0 = time.perf_counter()
             if self.process(messages, backoff):
