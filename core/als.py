@@ -170,24 +170,10 @@ class ImplicitALS:
         if not hasattr(self, "item_factors_"):
             raise NotFittedError("this ImplicitALS is not fitted yet: call fit() or load()")
 
-    def fold_in(
-        self,
-        rows: object,
-        frozen: np.ndarray,
-        gram: np.ndarray | None = None,
-        start: np.ndarray | None = None,
-        steps: int | None = None,
-    ) -> np.ndarray:
-        """`core.fold_in.fold_in` with this model's regularization and confidence."""
-        return fi.fold_in(self, rows, frozen, gram, start, steps)
-
-    def warm_fold_in(self, frozen: np.ndarray, gram: np.ndarray | None = None) -> None:
-        """`core.fold_in.warm_fold_in`: the kernels loaded before the first play needs them."""
-        fi.warm_fold_in(self, frozen, gram)
-
-    def fold_in_one(self, rows: np.ndarray, plays: np.ndarray, frozen: np.ndarray, gram: np.ndarray) -> np.ndarray:
-        """`core.fold_in.fold_in_one`: one listener's vector without building a matrix."""
-        return fi.fold_in_one(self, rows, plays, frozen, gram)
+    # The solves live in core/fold_in.py; bound here as methods (self is the `model` they take).
+    fold_in = fi.fold_in
+    warm_fold_in = fi.warm_fold_in
+    fold_in_one = fi.fold_in_one
 
     def fold_in_users(self, rows: object) -> np.ndarray:
         """Exact solve of n users (n × n_tracks raw plays) against the frozen track factors."""
