@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # per batch of up to ENCORE_BATCH_MAX_EVENTS plays: a step of several batches' size re-solves a
 # user who played in several of them once, and pays each call's fixed costs once. 20,000 against
 # 5,000, with batches of 5,000 (bench.freshness, throughput, alternated): one Redis
-# 39,077-45,235 against 33,490-40,259 plays/s (3 triples), Redis Cluster 30,770 / 31,240 against 24,782 / 28,126; p99 at 5,000
-# plays/s unchanged (95-105 against 106-162 ms: light load never fills a step).
+# 39,077-45,235 against 33,490-40,259 plays/s (3 triples), Redis Cluster 30,770 / 31,240
+# against 24,782 / 28,126; p99 at 5,000 plays/s unchanged (95-105 against 106-162 ms: light
+# load never fills a step).
 PENDING_PER_STEP = 20_000
 # Catch-up after a new model re-solves users whose history changed since this long before the
 # trainer's checkpoint: the trainer reads `plays` on its own and may lag the speed layer.
