@@ -29,6 +29,14 @@ from core.messages import DeadLetter, Entity, FactorUpdate
 log = logging.getLogger(__name__)
 
 ProduceFailed = KafkaException
+# Readers (a serving replica follows `factor-updates` and `tracks` with two of them per worker)
+# sit idle most of the time, asking the broker again each time a fetch's wait ends. Apache Kafka
+# answers a waiting fetch as soon as a record arrives (fetch.min.bytes 1), so a longer wait costs
+# it no latency; the embedded broker (tansu 0.6) does not, so there the wait is a trade. Measured
+# there, produce → consume p50 and the broker's CPU per idle reader: 10 ms wait 3.9 ms and 0.052
+# cores; 100 ms wait 16 ms and 0.014 cores; 500 ms wait 115 ms and 0.004 cores. The group
+# consumers of the speed layer keep 10 ms: their freshness target is 150 ms end to end.
+READER_FETCH_WAIT_MS = 100
 
 
 def consumer(bootstrap: str, group: str, **overrides: Any) -> Consumer:
@@ -50,9 +58,11 @@ def consumer(bootstrap: str, group: str, **overrides: Any) -> Consumer:
     return Consumer(cfg)
 
 
-def reader(bootstrap: str, topic: str, **security: Any) -> Consumer:
+def reader(bootstrap: str, topic: str, fetch_wait_ms: int = READER_FETCH_WAIT_MS, **security: Any) -> Consumer:
     """A group-less consumer assigned every partition of `topic` from the beginning."""
-    c = consumer(bootstrap, f"encore-reader-{uuid.uuid4().hex[:12]}", **security)
+    c = consumer(
+        bootstrap, f"encore-reader-{uuid.uuid4().hex[:12]}", **{"fetch.wait.max.ms": fetch_wait_ms}, **security
+    )
     parts = c.list_topics(topic, timeout=15).topics[topic].partitions or {0: None}
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     return c
