@@ -32,7 +32,7 @@ from services.infra.clients import Clients
 from services.infra.data_dir import DataDir
 from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
-from services.infra.rdkafka import KafkaUpdateSink, UpdatePublisher
+from services.infra.rdkafka import READER_FETCH_WAIT_MS, KafkaUpdateSink, UpdatePublisher
 from services.infra.series import SeriesRecorder
 from services.infra.settings import Settings, configure_logging
 from services.infra.status_board import StatusBoard
@@ -126,7 +126,7 @@ class Root:
         return CatalogueSync(
             self.redis,
             self.keys,
-            self.clients.group_consumer(CATALOGUE_GROUP),
+            self.clients.group_consumer(CATALOGUE_GROUP, READER_FETCH_WAIT_MS),  # a low-rate topic
             self.clients.update_publisher(),
             s.tracks_topic,
             s.tracks_dlq_topic,
@@ -139,7 +139,7 @@ class Root:
         return ExperimentJoin(
             self.redis,
             self.keys,
-            self.clients.group_consumer(group),
+            self.clients.group_consumer(group, READER_FETCH_WAIT_MS),  # joins over minutes
             *topics,
             {t: self.clients.topic_incarnation(t) for t in topics},
             s.join_window_s,

@@ -154,9 +154,11 @@ class Clients:
     def topic_incarnation(self, topic: str) -> str:
         return kafka_admin.topic_incarnation(self.settings.kafka_bootstrap, topic, **self.kafka_python_security)
 
-    def group_consumer(self, group: str) -> Consumer:
-        """librdkafka group consumer (hot path), auto-commit off."""
-        return rdkafka.consumer(self.settings.kafka_bootstrap, group, **self.rdkafka_security)
+    def group_consumer(self, group: str, fetch_wait_ms: int | None = None) -> Consumer:
+        """librdkafka group consumer (hot path), auto-commit off; `fetch_wait_ms` for one whose
+        latency does not matter (see `rdkafka.READER_FETCH_WAIT_MS`)."""
+        wait = {} if fetch_wait_ms is None else {"fetch.wait.max.ms": fetch_wait_ms}
+        return rdkafka.consumer(self.settings.kafka_bootstrap, group, **wait, **self.rdkafka_security)
 
     def topic_reader(self, topic: str) -> Consumer:
         """librdkafka consumer of every partition of `topic`, from the beginning, no group."""
