@@ -18,6 +18,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from core.exact_band import EXACT_BAND_MAX, ExactBand
 from core.index import Slots, Space, prep
 
 # Search breadth before tuning. Inner-product graphs over ALS-like vectors need a wide search:
@@ -50,10 +51,12 @@ class HNSWIndex:
         cuts: Sequence[float] | None = None,
         head_share: float = HEAD_SHARE,
         split_at: int = SPLIT_AT,
+        exact_max: int = EXACT_BAND_MAX,
     ) -> None:
         self.dim, self.space, self.threads = dim, space, threads
         self.m, self.ef_construction, self.capacity = m, ef_construction, capacity
-        self.head_share, self.split_at = head_share, split_at
+        self.head_share, self.split_at, self.exact_max = head_share, split_at, exact_max
+        self.exact: ExactBand | None = None  # the head band's exact scan (`core.exact_band`), when small
         self.cuts: list[float] | None = list(cuts) if cuts is not None else None  # None: decided at first upsert
         self.band_ef: list[int] = []
         self._ef = ef if ef is not None else DEFAULT_EF
@@ -77,6 +80,8 @@ class HNSWIndex:
             self.graphs.append(_graph(self.dim, cap, self.m, self.ef_construction, self._ef))
             self.live.append(0)
             self.band_ef.append(self._ef)
+        if self.cuts and counts[0] <= self.exact_max:
+            self.exact = ExactBand(self.dim, int(counts[0]) + 16)
 
     def _bands_for(self, norms: np.ndarray) -> np.ndarray:
         cuts = np.asarray(self.cuts or [], dtype=np.float64)
@@ -127,6 +132,8 @@ class HNSWIndex:
             if need > g.get_max_elements():
                 g.resize_index(max(need, 2 * g.get_max_elements()))
             g.add_items(v[rows], labels[rows], num_threads=self.threads, replace_deleted=False)
+            if b == 0 and self.exact is not None:
+                self.exact.add(labels[rows], v[rows])
             self.live[b] += int(rows.size)
 
     def remove(self, ids: Iterable[str]) -> None:
@@ -135,6 +142,8 @@ class HNSWIndex:
             if lab is not None:
                 b = int(self.band_of[lab])
                 self.graphs[b].mark_deleted(lab)
+                if b == 0 and self.exact is not None:
+                    self.exact.remove(lab)
                 self.live[b] -= 1
                 self.deleted += 1
                 self.mutations += 1
@@ -147,11 +156,7 @@ class HNSWIndex:
         (queries, k), best first. Raises RuntimeError, as hnswlib does, when a band cannot
         return its share (deleted nodes cut it off, or `filter` passes too few)."""
         q = prep(vectors, self.space)
-        parts = [
-            g.knn_query(q, k=min(k, live), num_threads=threads, filter=filter)
-            for g, live in zip(self.graphs, self.live, strict=True)
-            if live > 0
-        ]
+        parts = [self._band_search(b, q, min(k, live), threads, filter) for b, live in enumerate(self.live) if live > 0]
         if len(parts) == 1:
             return parts[0]
         if len(q) == 1:  # one query (a request): 1-D merges, a few microseconds less than 2-D ones
@@ -164,9 +169,17 @@ class HNSWIndex:
         order = np.argsort(dist, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(labels, order, axis=1), np.take_along_axis(dist, order, axis=1)
 
+    def _band_search(
+        self, band: int, q: np.ndarray, k: int, threads: int, filter: Callable[[int], bool] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if band == 0 and self.exact is not None:
+            return self.exact.knn(q, k, filter)
+        return self.graphs[band].knn_query(q, k=k, num_threads=threads, filter=filter)  # type: ignore[no-any-return]
+
     def band_knn(self, band: int, vectors: np.ndarray, k: int) -> np.ndarray:
-        """Labels of one band's (approximate) top k per query, for tuning that band's ef."""
-        return self.graphs[band].knn_query(prep(vectors, self.space), k=min(k, self.live[band]), num_threads=1)[0]
+        """Labels of one band's top k per query (approximate, or exact for the exact band), for
+        tuning that band's ef: an exact band finds its whole share at any ef."""
+        return self._band_search(band, prep(vectors, self.space), min(k, self.live[band]), 1, None)[0]
 
     def query(self, vector: np.ndarray, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         excl = {self.slots.label[t] for t in exclude if t in self.slots.label}
@@ -281,4 +294,9 @@ class HNSWIndex:
             g.load_index(str(cls._band_path(path, b)), max_elements=0)
             obj.graphs.append(g)
         obj.set_ef(obj._ef)
+        if obj.cuts and obj.live[0] <= obj.exact_max:  # the exact scan's rows, from the head's graph
+            head = alive[obj.band_of[alive] == 0]
+            obj.exact = ExactBand(obj.dim, len(head) + 16)
+            if len(head):
+                obj.exact.add(head, np.asarray(obj.graphs[0].get_items(head.tolist()), dtype=np.float32))
         return obj
