@@ -116,6 +116,7 @@ def in_process(n: int, queries: int = 2000, sweep: tuple[int, ...] = (100, 200, 
         "ef_chosen": choice.ef,
         "ef_per_band": list(choice.bands),
         "band_sizes": list(hnsw.live),
+        "exact_head_rows": len(hnsw.exact) if hnsw.exact is not None else 0,  # head band scanned, not graph-searched
         "ef_tuning": {
             "recall_on_sample": choice.recall,
             "recall_lower_95": choice.lower,
