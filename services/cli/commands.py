@@ -181,7 +181,13 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
     cert, key = _api_tls(s)
     if s.serve_workers == 1:
         uvicorn.run(
-            serving_app_from_env(), host=host, port=port, log_level="warning", ssl_certfile=cert, ssl_keyfile=key
+            serving_app_from_env(),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,  # see serving_worker
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
         return 0
     # Several processes on one port, no GIL shared between them, forked from a parent that holds

@@ -290,7 +290,9 @@ def serving_worker(settings: Settings, cert: str | None, key: str | None) -> Wor
         app, follower = Root(settings, STARTUP_PATIENCE_S).serving_app()
         if snap is not None:
             follower.adopt(snap)
-        config = uvicorn.Config(app, log_level="warning", ssl_certfile=cert, ssl_keyfile=key)
+        # access_log=False: at level warning nothing is logged, yet uvicorn formats each request's
+        # path for the access logger unless it has no handler.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, ssl_certfile=cert, ssl_keyfile=key)
         GracefulServer(config).run(sockets=[sock])
 
     return main
