@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import os
+import threading
 import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -50,19 +53,45 @@ GC_PAUSE = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
 )
 _gc_started = [0.0]
+# (generation, seconds) of pauses not yet in GC_PAUSE. The collector's callback must not touch a
+# metric itself: it runs inside whatever allocation set the collection off, and in multiprocess
+# mode prometheus_client allocates (json.dumps of a new series' key) while holding its
+# non-reentrant lock, so a callback that observes there waits for itself forever (a serve worker
+# hung that way under load; tests/unit/test_gc_metrics.py). deque.append takes no lock.
+_gc_pending: deque[tuple[int, float]] = deque(maxlen=100_000)
+_gc_flusher: dict[str, int] = {}  # pid -> 1 once this process runs its flusher thread
+GC_FLUSH_S = 0.5
 
 
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+        _gc_pending.append((info["generation"], time.perf_counter() - _gc_started[0]))
+
+
+def flush_gc_pauses() -> None:
+    """Move the recorded pauses into GC_PAUSE (outside any collector callback)."""
+    while _gc_pending:
+        generation, seconds = _gc_pending.popleft()
+        GC_PAUSE.labels(str(generation)).observe(seconds)
+
+
+def _flush_forever() -> None:
+    while True:
+        time.sleep(GC_FLUSH_S)
+        flush_gc_pauses()
 
 
 def watch_gc() -> None:
-    """Time every collector pause into GC_PAUSE (every thread stops while it runs)."""
+    """Time every collector pause into GC_PAUSE (every thread stops while it runs): recorded by
+    the callback, observed by a daemon thread of this process every GC_FLUSH_S."""
     if _on_gc not in gc.callbacks:
         gc.callbacks.append(_on_gc)
+    pid = str(os.getpid())  # a forked child has no thread of its parent's: it starts its own
+    if pid not in _gc_flusher:
+        _gc_flusher[pid] = 1
+        threading.Thread(target=_flush_forever, daemon=True, name="gc-pause-metrics").start()
 
 
 def serve_metrics(port: int) -> None:
