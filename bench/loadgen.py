@@ -15,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Request = tuple[str, str, bytes]  # (method, path, JSON body or b"")
+# Requests still unanswered this long after the last one was sent count as errors ("Unanswered")
+# and the run ends, rather than waiting forever on a hung server (one timer, not one per request).
+DRAIN_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -107,7 +110,12 @@ async def _run(
         pending.add(task)
         task.add_done_callback(pending.discard)
     if pending:
-        await asyncio.wait(pending)
+        _, hung = await asyncio.wait(pending, timeout=DRAIN_TIMEOUT_S)
+        for task in hung:
+            task.cancel()
+        if hung:
+            res.errors += len(hung)
+            res.error_kinds["Unanswered"] = len(hung)
     res.seconds = clock() - start
     res.cpu_seconds = time.process_time() - cpu0
     for _, writer in idle:
