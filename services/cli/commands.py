@@ -172,6 +172,7 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
 
     from services.cli.root import STARTUP_PATIENCE_S, Root, serving_app_from_env, serving_worker
     from services.serving.auth import ApiAuth, warn_if_open
+    from services.serving.graceful_server import uvicorn_options
     from services.serving.prefork import Listener, Prefork
     from services.serving.snapshots import SnapshotBuilder
 
@@ -180,15 +181,7 @@ def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
     warn_if_open(ApiAuth.from_settings(s), host)
     cert, key = _api_tls(s)
     if s.serve_workers == 1:
-        uvicorn.run(
-            serving_app_from_env(),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,  # see serving_worker
-            ssl_certfile=cert,
-            ssl_keyfile=key,
-        )
+        uvicorn.run(serving_app_from_env(), host=host, port=port, **uvicorn_options(cert, key))
         return 0
     # Several processes on one port, no GIL shared between them, forked from a parent that holds
     # the snapshot (graphs once per machine; see services/serving/prefork.py).

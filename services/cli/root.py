@@ -284,15 +284,13 @@ def serving_worker(settings: Settings, cert: str | None, key: str | None) -> Wor
     def main(snap: Snapshot | None, sock: socket.socket) -> None:
         import uvicorn
 
-        from services.serving.graceful_server import GracefulServer
+        from services.serving.graceful_server import GracefulServer, uvicorn_options
 
         sys.setswitchinterval(0.001)  # see serving_app_from_env
         app, follower = Root(settings, STARTUP_PATIENCE_S).serving_app()
         if snap is not None:
             follower.adopt(snap)
-        # access_log=False: at level warning nothing is logged, yet uvicorn formats each request's
-        # path for the access logger unless it has no handler.
-        config = uvicorn.Config(app, log_level="warning", access_log=False, ssl_certfile=cert, ssl_keyfile=key)
+        config = uvicorn.Config(app, **uvicorn_options(cert, key))
         GracefulServer(config).run(sockets=[sock])
 
     return main

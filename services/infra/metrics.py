@@ -59,7 +59,7 @@ _gc_started = [0.0]
 # non-reentrant lock, so a callback that observes there waits for itself forever (a serve worker
 # hung that way under load; tests/unit/test_gc_metrics.py). deque.append takes no lock.
 _gc_pending: deque[tuple[int, float]] = deque(maxlen=100_000)
-_gc_flusher: dict[str, int] = {}  # pid -> 1 once this process runs its flusher thread
+_gc_flusher_pid = [0]  # the process whose flusher thread runs (a forked child has none)
 GC_FLUSH_S = 0.5
 
 
@@ -88,9 +88,8 @@ def watch_gc() -> None:
     the callback, observed by a daemon thread of this process every GC_FLUSH_S."""
     if _on_gc not in gc.callbacks:
         gc.callbacks.append(_on_gc)
-    pid = str(os.getpid())  # a forked child has no thread of its parent's: it starts its own
-    if pid not in _gc_flusher:
-        _gc_flusher[pid] = 1
+    if _gc_flusher_pid[0] != os.getpid():
+        _gc_flusher_pid[0] = os.getpid()
         threading.Thread(target=_flush_forever, daemon=True, name="gc-pause-metrics").start()
 
 

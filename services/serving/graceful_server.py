@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -56,3 +57,10 @@ class GracefulServer(uvicorn.Server):
         if self.retiring_since is not None and time.monotonic() - self.retiring_since >= self.linger_s:
             self.should_exit = True
         return await super().on_tick(counter)
+
+
+def uvicorn_options(cert: str | None, key: str | None) -> dict[str, Any]:
+    """What every `encore serve` process passes to uvicorn. access_log=False: at level warning
+    nothing is logged, yet uvicorn formats each request's path for the access logger unless it
+    has no handler."""
+    return {"log_level": "warning", "access_log": False, "ssl_certfile": cert, "ssl_keyfile": key}

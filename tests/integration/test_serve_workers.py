@@ -234,3 +234,31 @@ def test_serve_over_https_with_api_keys(settings: Settings, redis_client: redis.
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_one_worker_serves_in_the_command_process(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
+    """ENCORE_API_WORKERS=1: no fork, uvicorn in the command's own process, the same answers."""
+    version = publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=6))
+    redis_client.hset(Keys(settings.key_prefix).history("u3"), mapping={"t2": 2.0})
+    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    env["ENCORE_API_WORKERS"] = "1"
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    try:
+
+        def ready() -> bool:
+            try:
+                return _versions(port, times=1) == {version}
+            except OSError:
+                return False
+
+        assert wait_for(ready, timeout=120, every=0.5), log_path.read_text()
+        status, body = _get(port, "/recommendations/u3?n=5")
+        assert status == 200
+        items = json.loads(body)["items"]
+        assert len(items) == 5 and "t2" not in {i["track_id"] for i in items}
+        assert _workers(proc.pid) == []  # answered by the command's own process
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

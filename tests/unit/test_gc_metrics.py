@@ -15,7 +15,7 @@ from pathlib import Path
 
 CHILD = textwrap.dedent(
     """
-    import gc, os, sys, time
+    import gc, threading, time
     from prometheus_client import CollectorRegistry, Counter, multiprocess
     from services.infra import metrics
 
@@ -35,7 +35,7 @@ CHILD = textwrap.dedent(
             s.value for m in registry.collect() if m.name == "encore_gc_pause_seconds"
             for s in m.samples if s.name.endswith("_count")
         )
-    threads = [t.name for t in __import__("threading").enumerate()]
+    threads = [t.name for t in threading.enumerate()]
     print(int(count), "gc-pause-metrics" in threads)
     """
 )
