@@ -206,6 +206,7 @@ class Root:
             publish_track=self.track_publisher(),
             forget_user=self.forget_user(),
             impressions=self.impression_log(),
+            lean_factory=self.clients.lean_redis,
         )
         return app, follower
 

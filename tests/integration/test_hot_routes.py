@@ -1,5 +1,6 @@
 """The lean path for plain personal and similar-track reads answers exactly as FastAPI does,
-and leaves everything it is unsure of to FastAPI (real Redis, both topologies)."""
+and leaves everything it is unsure of to FastAPI (real Redis, both topologies). The lean side
+also reads Redis through `lean_redis` (on one Redis), the other through redis-py."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def follower(settings: Settings, redis_client: redis.Redis) -> Iterator[UpdateFo
 def _pair(settings: Settings, follower: UpdateFollower) -> tuple[TestClient, TestClient]:
     def app(hot: bool) -> FastAPI:
         s = settings.with_(max_n=100)
-        return create_app(s, follower, Clients(s).aio_redis, follow=False, hot_routes=hot)
+        lean = Clients(s).lean_redis if hot else None  # the lean path's Redis client too (none on a cluster)
+        return create_app(s, follower, Clients(s).aio_redis, follow=False, hot_routes=hot, lean_factory=lean)
 
     return TestClient(app(True)), TestClient(app(False))
 
