@@ -1,6 +1,6 @@
 """Encore's ImplicitALS vs the `implicit` package, same data, same cores, same objective.
 
-    python -m bench.als [--sizes small,medium,large] [--rounds 2] [--iterations 15] [--speed-iterations 5]
+    python -m bench.als [--sizes small,medium,large] [--rounds 2] [--iterations 15] [--speed-iterations 5] [--out als]
 
 Speed: seconds per iteration at factors=64, CG for both, the two alternated `--rounds` times in
 fresh children (median reported, every run listed), with the FLOPs of an iteration and the
@@ -9,7 +9,7 @@ training part of 10M after the holdout).
 Quality: precision@10 / NDCG@10 on a per-user holdout, Encore's defaults vs implicit's best over
 a small grid, and each library's best over the same grid. Fold-in: 1,000 users × ~50 plays.
 Memory: peak RSS of each fit in its own child process vs (play matrix + factors).
-Writes bench/results/als.json.
+Writes bench/results/als.json (or `--out`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def speed(train: sp.csr_matrix, iterations: int, factors: int, rounds: int) -> d
     res["matrix_plus_factors_mb"] = payload_mb
 
     def enc(solver: str) -> dict[str, Any]:
-        ImplicitALS(factors=8, iterations=1).fit(train[:100])  # JIT warm-up outside the timing
+        ImplicitALS(factors=factors, iterations=1).fit(train[:100])  # JIT warm-up (this k) outside the timing
         m = ImplicitALS(factors=factors, iterations=iterations, solver=solver, random_state=0).fit(train)  # type: ignore[arg-type]
         return {"s_per_iter": float(np.mean(m.iteration_seconds_))}
 
@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternated runs of each contender per size")
     ap.add_argument("--iterations", type=int, default=15)
     ap.add_argument("--speed-iterations", type=int, default=5)
+    ap.add_argument("--out", default="als", help="results file name under bench/results (no .json)")
     args = ap.parse_args()
     out: dict[str, Any] = {}
     splits = {}
@@ -204,7 +205,7 @@ def main() -> None:
             out[size]["quality"] = quality(train, test, args.iterations)
             out[size]["fold_in"] = fold_in(train, test, args.iterations)
             print(f"  fold-in: {out[size]['fold_in']}")
-    write("als", out)
+    write(args.out, out)
 
 
 if __name__ == "__main__":
