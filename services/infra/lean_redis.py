@@ -141,6 +141,7 @@ class LeanRedis:
             raise ValueError(f"unsupported Redis URL {url!r}")
         self._conn: _Resp | None = None
         self._connecting: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop `_conn` belongs to
 
     async def execute(self, *commands: Command) -> list[Any]:
         """The replies of `commands`, sent together; an error reply is raised as ResponseError.
@@ -156,9 +157,11 @@ class LeanRedis:
         return replies
 
     async def _connection(self) -> _Resp:
-        conn = self._conn
-        if conn is not None and conn.lost is None:
+        conn, loop = self._conn, asyncio.get_running_loop()
+        if conn is not None and conn.lost is None and self._loop is loop:
             return conn
+        if self._loop is not loop:  # first use, or a new event loop: nothing of the old one works here
+            self._loop, self._conn, self._connecting = loop, None, None
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # one connect at a time; the others wait and share it

@@ -52,6 +52,9 @@ def test_replies_match_redis_py_and_concurrent_callers_get_their_own(
             lean.close()
 
     asyncio.run(run())
+    again = LeanRedis(settings.redis_url, timeout_s=2.0)
+    for _ in range(2):  # one client, two event loops in turn (a test client's): each gets its own connection
+        assert asyncio.run(asyncio.wait_for(again.execute(("GET", f"{p}v3")), 5)) == [r.get(f"{p}v3")]
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
