@@ -7,9 +7,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import redis
@@ -21,6 +23,17 @@ from services.infra.settings import Settings
 from tests.integration.helpers import publish_synthetic_model, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def _serve(settings: Settings, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`encore serve` as a child process on a free port, configured from `settings` plus `env`
+    (ENCORE_* overrides); returns the process, its port and its log file."""
+    full = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
+    full.update(env)
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, full)
+    return proc, port, log_path
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -67,11 +80,7 @@ def test_two_workers_share_one_snapshot_roll_versions_and_count_together(
     data = SyntheticMusic(n_users=300, n_tracks=400, seed=11)
     first = publish_synthetic_model(settings, redis_client, data)
     redis_client.hset(Keys(settings.key_prefix).history("u7"), mapping={"t1": 2.0})
-    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
-    env["ENCORE_API_WORKERS"] = "2"
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    proc, port, log_path = _serve(settings, tmp_path, ENCORE_API_WORKERS="2")
     try:
 
         def on(version: str) -> bool:
@@ -128,11 +137,7 @@ def test_a_retired_worker_answers_the_connection_it_accepted(
     already accepted still gets its request answered; uvicorn alone closed it unanswered at its
     next tick. Connections opened afterwards are answered by the replacement workers."""
     publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=5))
-    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
-    env["ENCORE_API_WORKERS"] = "2"
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    proc, port, log_path = _serve(settings, tmp_path, ENCORE_API_WORKERS="2")
 
     def up() -> bool:
         try:
@@ -166,11 +171,7 @@ def test_a_retired_worker_answers_the_connection_it_accepted(
 def test_workers_stop_when_the_serve_parent_is_killed(settings: Settings, redis_client: redis.Redis, tmp_path) -> None:
     """SIGKILL of the parent leaves no worker holding the port (they get SIGTERM from the kernel)."""
     publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=3))
-    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
-    env["ENCORE_API_WORKERS"] = "2"
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    proc, port, log_path = _serve(settings, tmp_path, ENCORE_API_WORKERS="2")
 
     def up() -> bool:
         try:
@@ -197,16 +198,14 @@ def test_serve_over_https_with_api_keys(settings: Settings, redis_client: redis.
 
     certs = make_certificates(tmp_path / "certs")
     publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=2))
-    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
-    env.update(
+    proc, port, log_path = _serve(
+        settings,
+        tmp_path,
         ENCORE_API_WORKERS="1",
         ENCORE_API_TLS_CERT=str(certs.cert("server")),
         ENCORE_API_TLS_KEY=str(certs.key("server")),
         ENCORE_API_KEYS="k-read-1",
     )
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
     context = ssl.create_default_context(cafile=str(certs.ca))
 
     def get(path: str, key: str | None = None) -> tuple[int, bytes]:
@@ -240,11 +239,7 @@ def test_one_worker_serves_in_the_command_process(settings: Settings, redis_clie
     """ENCORE_API_WORKERS=1: no fork, uvicorn in the command's own process, the same answers."""
     version = publish_synthetic_model(settings, redis_client, SyntheticMusic(n_users=100, n_tracks=80, seed=6))
     redis_client.hset(Keys(settings.key_prefix).history("u3"), mapping={"t2": 2.0})
-    env = {**os.environ, **{f"ENCORE_{f.name.upper()}": str(getattr(settings, f.name)) for f in fields(settings)}}
-    env["ENCORE_API_WORKERS"] = "1"
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], log_path, env)
+    proc, port, log_path = _serve(settings, tmp_path, ENCORE_API_WORKERS="1")
     try:
 
         def ready() -> bool:
