@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from core.errors import ConfigError
 from services.cli.data_commands import cmd_export, cmd_forget, require_servers
+from services.cli.serve_command import cmd_serve
 from services.infra.lifecycle import Component
 from services.infra.settings import Settings
 
@@ -165,42 +166,6 @@ def cmd_train(s: Settings, args: argparse.Namespace) -> int:
         (once if args.once else trainer.run)()
 
     return _run_component(root, trainer, run)
-
-
-def cmd_serve(s: Settings, args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from services.cli.root import STARTUP_PATIENCE_S, Root, serving_app_from_env, serving_worker
-    from services.serving.auth import ApiAuth, warn_if_open
-    from services.serving.graceful_server import uvicorn_options
-    from services.serving.prefork import Listener, Prefork
-    from services.serving.snapshots import SnapshotBuilder
-
-    require_servers(s)
-    host, port = args.host or s.api_host, args.port or s.api_port
-    warn_if_open(ApiAuth.from_settings(s), host)
-    cert, key = _api_tls(s)
-    if s.serve_workers == 1:
-        uvicorn.run(serving_app_from_env(), host=host, port=port, **uvicorn_options(cert, key))
-        return 0
-    # Several processes on one port, no GIL shared between them, forked from a parent that holds
-    # the snapshot (graphs once per machine; see services/serving/prefork.py).
-    root = Root(s, STARTUP_PATIENCE_S)
-    models = root.models()
-    prefork = Prefork(s.serve_workers, SnapshotBuilder(s, models), models.current_version, serving_worker(s, cert, key))
-    return prefork.run(Listener(host, port).bind())
-
-
-def _api_tls(s: Settings) -> tuple[str | None, str | None]:
-    """uvicorn's TLS files from ENCORE_API_TLS_CERT/KEY (both or neither; files must exist)."""
-    if not s.api_tls_cert and not s.api_tls_key:
-        return None, None
-    if not (s.api_tls_cert and s.api_tls_key):
-        raise ConfigError("ENCORE_API_TLS_CERT and ENCORE_API_TLS_KEY go together: set both for HTTPS")
-    for name, path in (("ENCORE_API_TLS_CERT", s.api_tls_cert), ("ENCORE_API_TLS_KEY", s.api_tls_key)):
-        if not os.path.isfile(path):
-            raise ConfigError(f"{name}={path}: no such file")
-    return s.api_tls_cert, s.api_tls_key
 
 
 def cmd_inspect(s: Settings, args: argparse.Namespace) -> int:

@@ -8,8 +8,6 @@ connects before a command asks for it.
 from __future__ import annotations
 
 import functools
-import socket
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -34,14 +32,13 @@ from services.infra.keys import Keys
 from services.infra.model_store import RedisModelStore
 from services.infra.rdkafka import READER_FETCH_WAIT_MS, KafkaUpdateSink, UpdatePublisher
 from services.infra.series import SeriesRecorder
-from services.infra.settings import Settings, configure_logging
+from services.infra.settings import Settings
 from services.infra.status_board import StatusBoard
 from services.serving.api import create_app
 from services.serving.catalogue_feed import CatalogueFeed
 from services.serving.follower import UpdateFollower
 from services.serving.impressions import ImpressionLog
-from services.serving.prefork import WorkerMain
-from services.serving.snapshots import Snapshot, SnapshotBuilder
+from services.serving.snapshots import SnapshotBuilder
 from services.speed.catalogue_sync import GROUP as CATALOGUE_GROUP
 from services.speed.catalogue_sync import CatalogueSync
 from services.speed.cluster_history_store import ClusterHistoryStore
@@ -276,33 +273,3 @@ def _once(make: Callable[[], T]) -> Callable[[], T]:
             return made[0]
 
     return get
-
-
-def serving_worker(settings: Settings, cert: str | None, key: str | None) -> WorkerMain:
-    """What each forked `encore serve` worker runs: its own clients and follower, the parent's
-    snapshot, uvicorn on the parent's listening socket."""
-
-    def main(snap: Snapshot | None, sock: socket.socket) -> None:
-        import uvicorn
-
-        from services.serving.graceful_server import GracefulServer, uvicorn_options
-
-        sys.setswitchinterval(0.001)  # see serving_app_from_env
-        app, follower = Root(settings, STARTUP_PATIENCE_S).serving_app()
-        if snap is not None:
-            follower.adopt(snap)
-        config = uvicorn.Config(app, **uvicorn_options(cert, key))
-        GracefulServer(config).run(sockets=[sock])
-
-    return main
-
-
-def serving_app_from_env() -> FastAPI:
-    """One `encore serve` worker process (uvicorn's app factory): settings from ENCORE_*."""
-    # The update follower thread shares the GIL with the event loop; make it hand over after
-    # 1 ms rather than Python's default 5 ms, which would sit in every p99.
-    sys.setswitchinterval(0.001)
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)  # worker processes start with logging unconfigured
-    app, _ = Root(settings, STARTUP_PATIENCE_S).serving_app()
-    return app

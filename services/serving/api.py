@@ -216,16 +216,12 @@ def create_app(
 
     @app.get("/ready", responses={200: {"model": Ready}, 503: {"model": NotReady, "headers": http_errors.RETRY_HEADER}})
     async def ready() -> JSONResponse:
-        snap = follower.snapshot
-        if follower.failure:
-            return JSONResponse({"ready": False, "reason": f"update follower stopped: {follower.failure}"}, 503)
-        if snap is None:
-            return JSONResponse({"ready": False, "reason": "no model loaded"}, status_code=503)
-        feed = follower.catalogue_feed
-        if feed is not None and not feed.loaded:
-            return JSONResponse(
-                {"ready": False, "reason": "catalogue still loading"}, 503, headers={"Retry-After": "1"}
-            )
+        snap, reason = follower.snapshot, follower.loading()
+        if reason is None and (waiting := follower.siblings_loading()):
+            reason = f"{waiting} other worker(s) of this server still loading"  # one probe speaks for all
+        if snap is None or reason is not None:
+            retry = {} if snap is None or follower.failure else {"Retry-After": "1"}
+            return JSONResponse({"ready": False, "reason": reason}, 503, headers=retry)
         try:
             await r().ping()  # bounded by ENCORE_REDIS_TIMEOUT_S like every Redis call
         except (redis.RedisError, OSError) as exc:

@@ -25,6 +25,7 @@ from services.infra.lifecycle import Backoff, freeze_long_lived, retry_step
 from services.infra.model_store import RedisModelStore
 from services.serving.arms import ArmSnapshots
 from services.serving.catalogue_feed import CatalogueFeed
+from services.serving.ready_board import Seat
 from services.serving.rwlock import ReadWriteLock
 from services.serving.snapshots import Snapshot, SnapshotBuilder, rebuilt
 
@@ -56,6 +57,7 @@ class UpdateFollower:
         self.stop_event = threading.Event()
         self.updates_applied = 0
         self.failure: str | None = None  # set when the follower stopped on a fatal fault
+        self.seat: Seat | None = None  # a prefork worker's ready slot, which its siblings read
         self._reader: Consumer | None = None
         self._rebuilding: Snapshot | None = None  # the snapshot a rebuild was started from
         # (snapshot it started from, result), posted by rebuild threads; a thread that outlived a
@@ -63,6 +65,20 @@ class UpdateFollower:
         self._finished: list[tuple[Snapshot, Snapshot]] = []
         self._replay: list[FactorUpdate] = []  # applied since the rebuild's copy
         self.versions_from_parent = False  # a forked worker: the parent swaps versions (prefork)
+
+    def loading(self) -> str | None:
+        """Why this worker cannot answer as it should yet (None: it can)."""
+        if self.failure:
+            return f"update follower stopped: {self.failure}"
+        if self.snapshot is None:
+            return "no model loaded"
+        if self.catalogue_feed is not None and not self.catalogue_feed.loaded:
+            return "catalogue still loading"
+        return None
+
+    def siblings_loading(self) -> int:
+        """Workers of the same `encore serve` (prefork) not ready yet; 0 for a lone worker."""
+        return self.seat.others_waiting() if self.seat is not None else 0
 
     # ---- swaps ---------------------------------------------------------------------
     def _swap(self, snap: Snapshot) -> None:
@@ -162,6 +178,8 @@ class UpdateFollower:
             self.heartbeat(self.snapshot.version if self.snapshot is not None else None)
         if self.catalogue_feed is not None:
             self.catalogue_feed.poll()
+        if self.seat is not None:
+            self.seat.report(self.loading() is None)
         if self.open_reader is None:
             return
         if self._reader is None:
@@ -184,6 +202,8 @@ class UpdateFollower:
                 retry_step(self.step, self.stop_event, "serving follower", backoff)
         except FatalError as exc:
             self.failure = str(exc)  # /ready reports it; the last good snapshot keeps answering
+            if self.seat is not None:
+                self.seat.report(False)
 
     def stop(self) -> None:
         self.stop_event.set()

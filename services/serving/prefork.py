@@ -9,8 +9,9 @@ Python objects it reads (ids, maps) are copied page by page as their reference c
 the graphs, the factor arrays and everything not touched stay shared.
 
 When the current version changes, the parent builds the new snapshot (the old generation answers
-meanwhile), forks a new generation on the same listening socket and stops the old one the way
-uvicorn stops: open requests finish, then the process exits. A worker that dies is replaced. The
+meanwhile), forks a new generation on the same listening socket, waits until each new worker says
+on the shared ready board that it is ready (`ready_board`), and stops the old one the way uvicorn
+stops: open requests finish, then the process exits. A worker that dies is replaced. The
 parent runs no parallel numba code before forking (GNU OpenMP's threads do not survive a fork):
 each worker warms its own kernels.
 """
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.serving.ready_board import ReadyBoard, Seat
 from services.serving.snapshots import Snapshot, SnapshotBuilder
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ POLL_S = 1.0
 DRAIN_S = 30.0  # an old generation's requests get this long before SIGKILL
 EARLY_S = 10.0  # a worker that dies sooner than this after its fork counts as a crash loop
 MAX_PAUSE_S = 30.0
+READY_WAIT_S = 60.0  # a new generation gets this long to be ready before the old one is retired
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
@@ -52,8 +55,8 @@ class Listener:
         return sock
 
 
-# What a forked worker runs: (snapshot or None, listening socket) → never returns.
-WorkerMain = Callable[[Snapshot | None, socket.socket], None]
+# What a forked worker runs: (snapshot or None, listening socket, its ready slot) → never returns.
+WorkerMain = Callable[[Snapshot | None, socket.socket, Seat], None]
 
 
 class Prefork:
@@ -67,15 +70,18 @@ class Prefork:
         self.snapshot: Snapshot | None = None
         self.pids: set[int] = set()
         self.born: dict[int, float] = {}  # pid → when it was forked
+        self.board = ReadyBoard(workers)  # the current generation's ready slots
+        self.slots: dict[int, int] = {}  # pid of the current generation → its slot
+        self.free: list[int] = []  # slots whose worker died: replacements are owed
         self.early_deaths = 0  # in a row: replacements then wait, doubling up to MAX_PAUSE_S
-        self.owed, self.fork_at = 0, 0.0  # workers to replace, and not before when
+        self.fork_at = 0.0  # replacements not before then
         self.stopping = False
 
     def run(self, sock: socket.socket) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         self._load()
-        self.pids = {self._fork(sock) for _ in range(self.n)}
+        self.pids = {self._fork(sock, slot) for slot in range(self.n)}
         while not self.stopping:
             time.sleep(POLL_S)
             self._reap(sock)
@@ -107,23 +113,37 @@ class Prefork:
     def _follow(self, sock: socket.socket) -> None:
         if not self._load():
             return
-        old, self.pids = self.pids, {self._fork(sock) for _ in range(self.n)}
-        self.owed = 0  # the new generation is whole
+        self.board, self.slots, self.free = ReadyBoard(self.n), {}, []
+        old, self.pids = self.pids, {self._fork(sock, slot) for slot in range(self.n)}
+        self._await_ready()
         self._retire(old)
         assert self.snapshot is not None
         self.builder.prune({self.snapshot.version} | {v for v, _ in self.builder.models.versions()})
 
-    def _fork(self, sock: socket.socket) -> int:
+    def _await_ready(self) -> None:
+        """Let the new generation load (catalogue, kernels) while the old one still answers."""
+        deadline = time.monotonic() + READY_WAIT_S
+        while not self.board.all_ready() and not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.board.all_ready() and not self.stopping:
+            log.warning(
+                "serve: %d new workers not ready after %.0fs; retiring the old ones anyway",
+                self.board.waiting(),
+                READY_WAIT_S,
+            )
+
+    def _fork(self, sock: socket.socket, slot: int) -> int:
+        self.board.reset(slot)
         pid = os.fork()
         if pid:
-            self.born[pid] = time.monotonic()
+            self.born[pid], self.slots[pid] = time.monotonic(), slot
         if pid == 0:  # the worker
             code = 0
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
-                self.worker(self.snapshot, sock)
+                self.worker(self.snapshot, sock, self.board.seat(slot))
             except BaseException:  # noqa: BLE001 - a worker must never return into the parent's loop
                 log.exception("serve worker %d failed", os.getpid())
                 code = 3
@@ -145,9 +165,10 @@ class Prefork:
             if pid == 0:
                 break
             lived = time.monotonic() - self.born.pop(pid, 0.0)
-            if pid in self.pids and not self.stopping:
+            slot = self.slots.pop(pid, None)
+            if pid in self.pids and slot is not None and not self.stopping:
                 self.early_deaths = self.early_deaths + 1 if lived < EARLY_S else 0
-                self.owed += 1
+                self.free.append(slot)
                 if self.early_deaths < 3:
                     log.warning("serve worker %d exited (status %d); starting another", pid, status)
                 else:
@@ -163,9 +184,8 @@ class Prefork:
                         pause,
                     )
             self.pids.discard(pid)
-        while self.owed and not self.stopping and time.monotonic() >= self.fork_at:
-            self.owed -= 1
-            self.pids.add(self._fork(sock))
+        while self.free and not self.stopping and time.monotonic() >= self.fork_at:
+            self.pids.add(self._fork(sock, self.free.pop()))
 
     def _retire(self, pids: set[int]) -> None:
         """SIGTERM (uvicorn finishes open requests), then SIGKILL what is left after DRAIN_S."""

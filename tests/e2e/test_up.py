@@ -140,7 +140,9 @@ def test_encore_up_end_to_end(tmp_path) -> None:
             time.sleep(0.2)
         assert found
         assert _get(f"{url}/similar/fresh-release?n=5")[0] == 200
-        version = _get(f"{url}/ready")[1]["model_version"]
+        ready = _get(f"{url}/ready")
+        assert ready[0] == 200, ready
+        version = ready[1]["model_version"]
     finally:
         _stop(proc)
     time.sleep(0.5)
@@ -156,7 +158,8 @@ def test_encore_up_end_to_end(tmp_path) -> None:
         ready_s = time.monotonic() - t0
         print(f"restart: API ready with the previous model after {ready_s:.1f}s")
         assert any("resuming: model" in line for line in lines), "".join(lines)
-        assert _get(f"{url}/ready")[1]["model_version"] == version
+        ready = _get(f"{url}/ready")  # every worker's: `up` said ready only once all of them were
+        assert ready[1].get("model_version") == version, ready
         body = _get(f"{url}/recommendations/newcomer?n=10")[1]
         assert body["source"] == "personal"
         import redis

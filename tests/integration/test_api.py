@@ -160,6 +160,28 @@ def test_a_worker_loading_its_first_model_makes_requests_wait_not_fail(
         assert r.status_code == 200 and len(r.json()["items"]) == 5
 
 
+def test_ready_speaks_for_every_worker_of_the_server(api) -> None:
+    """Workers share one port and a probe reaches one of them: a worker that has loaded everything
+    says "not ready" while a sibling (its slot on the shared board) is still loading."""
+    from services.serving.ready_board import ReadyBoard
+
+    client, follower, _, _ = api
+    board = ReadyBoard(3)
+    follower.seat = board.seat(1)
+    try:
+        follower.step()  # this worker reports itself ready on its board slot
+        r = client.get("/ready")
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["reason"] == "2 other worker(s) of this server still loading"
+        board.seat(0).report(True)
+        assert "1 other worker(s)" in client.get("/ready").json()["reason"]
+        board.seat(2).report(True)
+        assert board.all_ready() and client.get("/ready").status_code == 200
+        assert client.get("/recommendations/u5?n=5").status_code == 200  # answers meanwhile too
+    finally:
+        follower.seat = None
+
+
 def test_redis_unreachable_is_a_503_with_retry_after(api, settings: Settings) -> None:
     """The edge maps a state-store fault to 503 + Retry-After, within the client timeout."""
     from services.infra.clients import Clients
