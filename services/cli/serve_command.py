@@ -8,6 +8,7 @@ components are built.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -16,6 +17,10 @@ from typing import TYPE_CHECKING
 from core.errors import ConfigError
 from services.cli.data_commands import require_servers
 from services.infra.settings import Settings, configure_logging
+
+log = logging.getLogger(__name__)
+PRELOAD_S = 10.0  # a forked worker reads the catalogue this long at most before it accepts,
+# then waits a little longer at most for its siblings (a generation starts accepting together)
 
 if TYPE_CHECKING:  # the serving stack loads when a server starts, not with every command
     from fastapi import FastAPI
@@ -76,6 +81,9 @@ def serving_worker(settings: Settings, cert: str | None, key: str | None) -> Wor
         follower.seat = seat
         if snap is not None:
             follower.adopt(snap)
+        follower.preload(PRELOAD_S)
+        if follower.loading() is None and not seat.await_siblings(PRELOAD_S + 5.0):
+            log.warning("serve: %d sibling workers still loading; accepting anyway", seat.others_waiting())
         config = uvicorn.Config(app, **uvicorn_options(cert, key))
         GracefulServer(config).run(sockets=[sock])
 

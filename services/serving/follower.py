@@ -76,6 +76,18 @@ class UpdateFollower:
             return "catalogue still loading"
         return None
 
+    def preload(self, timeout: float) -> None:
+        """Read the catalogue before this worker accepts a request: a worker forked during a
+        version roll shares the port with the old, ready generation and must not be the one that
+        answers "not ready" (or misses a takedown). Bounded; the follower thread goes on after."""
+        if self.catalogue_feed is not None:
+            try:
+                self.catalogue_feed.catch_up(timeout)
+            except Exception as exc:  # noqa: BLE001 - the broker away: the follower retries it
+                log.warning("serving follower: catalogue not read before serving (%s); reading it on", exc)
+        if self.seat is not None:
+            self.seat.report(self.loading() is None)
+
     def siblings_loading(self) -> int:
         """Workers of the same `encore serve` (prefork) not ready yet; 0 for a lone worker."""
         return self.seat.others_waiting() if self.seat is not None else 0

@@ -5,13 +5,15 @@ worker takes it first. A probe of /ready therefore spoke for one worker only: `e
 load balancer) could hear "ready" from a worker that had loaded everything while its sibling was
 still reading the catalogue, and the next request then met a 503. Each worker now writes its own
 state into a byte of an anonymous shared mapping made by the parent before the fork, and /ready
-says yes only when every worker of the generation has. The parent reads the same bytes to retire
-the old generation only once the new one is ready.
+says yes only when every worker of the generation has. A loaded worker waits for its siblings
+before it accepts (they start together), and the parent reads the same bytes to retire the old
+generation only once the new one is ready.
 """
 
 from __future__ import annotations
 
 import mmap
+import time
 from dataclasses import dataclass
 
 
@@ -49,3 +51,12 @@ class Seat:
 
     def others_waiting(self) -> int:
         return self.board.waiting(but=self.slot)
+
+    def await_siblings(self, timeout: float) -> bool:
+        """Wait (bounded) for the generation's other workers, so that they start accepting
+        together: during a version roll the old generation answers until the new one can answer
+        whole, rather than a new worker saying "not ready" for a sibling still loading."""
+        deadline = time.monotonic() + timeout
+        while self.others_waiting() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.others_waiting()

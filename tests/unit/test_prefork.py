@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from services.serving.prefork import Prefork
+from services.serving.ready_board import ReadyBoard
 
 pytestmark = pytest.mark.unit
 
@@ -155,3 +156,16 @@ def test_a_version_roll_retires_the_old_workers_only_once_the_new_ones_are_ready
             p.stopping = True
             roll.join(timeout=60)
             p._retire(p.pids)
+
+
+def test_a_loaded_worker_waits_for_its_siblings_within_a_bound() -> None:
+    """Workers of a generation start accepting together; a sibling that never loads holds the
+    others back only as long as the bound."""
+    board = ReadyBoard(2)
+    me, sibling = board.seat(0), board.seat(1)
+    threading.Timer(0.3, sibling.report, args=(True,)).start()
+    t0 = time.monotonic()
+    assert me.await_siblings(10.0) and 0.25 <= time.monotonic() - t0 < 5.0
+    sibling.report(False)
+    t0 = time.monotonic()
+    assert not me.await_siblings(0.5) and time.monotonic() - t0 >= 0.5
