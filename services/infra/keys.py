@@ -15,6 +15,7 @@ MSET per bucket.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -143,6 +144,16 @@ class Keys:
         if self.buckets:
             return f"{self.prefix}model:{version}:track:{{{bucket_of(track_id, self.buckets)}}}:{track_id}"
         return f"{self.prefix}model:{version}:track:{track_id}"
+
+    def vector_keys(self, version: str, entity: str, ids: Sequence[str]) -> list[str]:
+        """The keys of many `user` or `track` vectors at once, equal to `user`/`track` of each id
+        (publish: on a cluster each bucket's key prefix is built once, not once per id)."""
+        base = f"{self.prefix}model:{version}:{entity}:"
+        if not self.buckets:
+            return [base + i for i in ids]
+        tagged = [f"{base}{{{b}}}:" for b in range(self.buckets)]
+        crc, n = zlib.crc32, self.buckets
+        return [tagged[crc(i.encode()) % n] + i for i in ids]
 
     def track_ids(self, version: str) -> str:
         """Newline-joined track ids of a version, in factor-row order (fast bulk load)."""

@@ -161,31 +161,21 @@ class RedisModelStore:
         model:candidate instead (experiments serve it; `encore model promote` makes it current)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encore-publish") as writer:
             sent: Future[None] | None = None  # one chunk in flight while the next is built
-            for ids, F, key in (
-                (user_ids, model.user_factors_, self.keys.user),
-                (track_ids, model.item_factors_, self.keys.track),
-            ):
+            full_meta: dict[str, str | bytes] | None = None
+            for ids, F, entity in ((user_ids, model.user_factors_, "user"), (track_ids, model.item_factors_, "track")):
+                keys = self.keys.vector_keys(version, entity, ids)
                 for s in range(0, len(ids), CHUNK):
                     hi = min(s + CHUNK, len(ids))
-                    blobs = encode_vectors(F[s:hi])  # per chunk: no copy of all
-                    chunk = {key(version, ids[j]): b for j, b in zip(range(s, hi), blobs, strict=True)}
+                    chunk = dict(zip(keys[s:hi], encode_vectors(F[s:hi]), strict=True))  # per chunk: no copy of all
+                    if full_meta is None:  # the meta's arrays are computed while the first chunk is written
+                        full_meta = self._full_meta(model, user_ids, track_ids, meta)
                     if sent is not None:
                         sent.result()
                     sent = writer.submit(self._mset, chunk)
             if sent is not None:
                 sent.result()
-        full_meta = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
-        full_meta.update(
-            {
-                "factors": str(model.factors),
-                "params": json.dumps(model.get_params()),
-                "n_users": str(len(user_ids)),
-                "n_tracks": str(len(track_ids)),
-                "user_gram": gram(model.user_factors_, 0.0, np.float64).astype("<f8").tobytes(),  # by blocks
-                "query_sample": query_sample(model.user_factors_).tobytes(),
-            }
-        )
-        full_meta.setdefault("trained_at", str(time.time()))
+        if full_meta is None:
+            full_meta = self._full_meta(model, user_ids, track_ids, meta)
         pipe = self.r.pipeline(transaction=False)  # nothing reads them before the flip
         pipe.hset(self.keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]
         pipe.set(self.keys.track_ids(version), "\n".join(track_ids))
@@ -196,6 +186,26 @@ class RedisModelStore:
             log.info("model version %s is the candidate", version)
         else:
             self.flip(version)
+
+    @staticmethod
+    def _full_meta(
+        model: ImplicitALS, user_ids: list[str], track_ids: list[str], meta: dict[str, object]
+    ) -> dict[str, str | bytes]:
+        """The version's meta: the caller's fields, the model's shape, and the arrays serving and
+        fold-in read (the user Gram matrix, by blocks; the query sample)."""
+        full = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
+        full.update(
+            {
+                "factors": str(model.factors),
+                "params": json.dumps(model.get_params()),
+                "n_users": str(len(user_ids)),
+                "n_tracks": str(len(track_ids)),
+                "user_gram": gram(model.user_factors_, 0.0, np.float64).astype("<f8").tobytes(),
+                "query_sample": query_sample(model.user_factors_).tobytes(),
+            }
+        )
+        full.setdefault("trained_at", str(time.time()))
+        return full
 
     def candidate_version(self) -> str | None:
         v = self.r.get(self.keys.candidate)
