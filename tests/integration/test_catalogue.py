@@ -225,3 +225,24 @@ def test_related_artists_and_radio(served: tuple[Any, ...], settings: Settings) 
             assert not {"t1", "t2", "t40"} & set(ids)
     assert client.get("/radio?seed_track=nope").status_code == 404
     assert client.get("/radio?seed_artist=nobody").status_code == 404
+
+
+def test_a_forked_worker_reads_the_catalogue_before_it_accepts(served: tuple[Any, ...], settings: Settings) -> None:
+    """What an `encore serve` worker does before uvicorn starts: it adopts the parent's snapshot,
+    applies the whole `tracks` topic as it stood (no follower step yet) and says so on its slot."""
+    from services.serving.ready_board import ReadyBoard
+
+    *_, version = served
+    r = Root(settings)
+    try:
+        _, follower = r.serving_app(follow=False)
+        follower.adopt(follower.builder.build(version))
+        board = ReadyBoard(2)
+        follower.seat = board.seat(0)
+        assert follower.loading() == "catalogue still loading"
+        follower.preload(30.0)
+        feed = follower.catalogue_feed
+        assert feed is not None and feed.loaded and len(follower.catalogue) == 300
+        assert follower.loading() is None and board.waiting() == 1 and board.waiting(but=1) == 0
+    finally:
+        r.close()
