@@ -31,8 +31,8 @@ from core.filter_plans import FilterPlans, planned_search
 from core.filters import NO_FILTER, TrackFilter, search
 from core.hnsw import HNSWIndex
 from core.index_tuning import tune_ef
+from core.version_meta import QUERY_SAMPLE
 from services.cli import process_defaults
-from services.infra.model_store import QUERY_SAMPLE
 
 FILTERS = {
     "tag_30pct": TrackFilter(tags=frozenset({"thirty"})),

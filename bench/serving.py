@@ -27,8 +27,8 @@ from bench.serve_probe import gc_pauses, pss_mb, rss_mb, serve_cpu, server_bucke
 from core.hnsw import HNSWIndex
 from core.index import ExactIndex
 from core.index_tuning import exact_top, tune_ef
+from core.version_meta import QUERY_SAMPLE
 from services.cli import process_defaults
-from services.infra.model_store import QUERY_SAMPLE
 
 
 def track_vectors(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -118,37 +118,41 @@ class Keys:
     def meta(self, version: str) -> str:
         return f"{self.prefix}model:{version}:meta"
 
+    def _vectors(self, version: str, entity: str) -> str:
+        """Where `entity` ("user" or "track") vectors of `version` start: the one spelling of it."""
+        return f"{self.prefix}model:{version}:{entity}:"
+
     def user(self, version: str, user_id: str) -> str:
         """A user's vector; on a cluster tagged with the user's bucket (as the history), so a
         batch's vectors are one MGET/MSET per bucket rather than one command per user."""
         if self.buckets:
             return self.users_in_bucket(version, self.bucket_of_user(user_id)) + user_id
-        return f"{self.prefix}model:{version}:user:{user_id}"
+        return self._vectors(version, "user") + user_id
 
     def users_in_bucket(self, version: str, bucket: int) -> str:
         """A user vector's key less its user id, in `bucket` (cluster): bulk writes build many
         keys from it without hashing each id again."""
-        return f"{self.prefix}model:{version}:user:{{{bucket}}}:"
+        return f"{self._vectors(version, 'user')}{{{bucket}}}:"
 
     def user_pattern(self, version: str) -> str:
         """SCAN pattern of every user vector of `version`."""
-        return f"{self.prefix}model:{version}:user:*"
+        return self._vectors(version, "user") + "*"
 
     def user_of(self, version: str, key: bytes) -> str:
         """The user id of a key matched by `user_pattern` (its bucket tag, on a cluster, removed)."""
-        rest = key.decode()[len(f"{self.prefix}model:{version}:user:") :]
+        rest = key.decode()[len(self._vectors(version, "user")) :]
         return rest.split("}:", 1)[1] if self.buckets and rest.startswith("{") else rest
 
     def track(self, version: str, track_id: str) -> str:
         """A track's vector; on a cluster tagged with the track id's bucket (same CRC32 rule)."""
         if self.buckets:
-            return f"{self.prefix}model:{version}:track:{{{bucket_of(track_id, self.buckets)}}}:{track_id}"
-        return f"{self.prefix}model:{version}:track:{track_id}"
+            return f"{self._vectors(version, 'track')}{{{bucket_of(track_id, self.buckets)}}}:{track_id}"
+        return self._vectors(version, "track") + track_id
 
     def vector_keys(self, version: str, entity: str, ids: Sequence[str]) -> list[str]:
         """The keys of many `user` or `track` vectors at once, equal to `user`/`track` of each id
         (publish: on a cluster each bucket's key prefix is built once, not once per id)."""
-        base = f"{self.prefix}model:{version}:{entity}:"
+        base = self._vectors(version, entity)
         if not self.buckets:
             return [base + i for i in ids]
         tagged = [f"{base}{{{b}}}:" for b in range(self.buckets)]

@@ -22,9 +22,9 @@ import redis
 from redis.cluster import RedisCluster
 
 from core.als import ImplicitALS
-from core.als_kernels import gram
 from core.errors import CorruptFileError, UnknownVersionError
 from core.messages import decode_vector, encode_vector, encode_vectors
+from core.version_meta import version_meta
 from services.infra.checked_files import read_npz
 from services.infra.cluster_io import mget_per_node, mset_per_node
 from services.infra.keys import Keys
@@ -32,7 +32,6 @@ from services.infra.keys import Keys
 log = logging.getLogger(__name__)
 CHUNK = 5000
 BINARY_META = (b"user_gram", b"query_sample", b"popularity")  # meta fields that are arrays, not text
-QUERY_SAMPLE = 1024  # user vectors shipped for ef tuning: more queries, a tighter recall bound, a narrower ef
 
 
 @dataclass
@@ -64,13 +63,6 @@ def new_version() -> str:
     return (
         time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid() % 1000:03d}{int(time.time() * 1000) % 1000:03d}"
     )
-
-
-def query_sample(users: np.ndarray, size: int = QUERY_SAMPLE, seed: int = 0) -> np.ndarray:
-    """Up to `size` random non-zero user vectors: what serving tunes its search breadth on."""
-    live = np.flatnonzero(np.any(users != 0, axis=1))
-    pick = np.sort(np.random.default_rng(seed).choice(live, size=min(size, live.size), replace=False))
-    return np.ascontiguousarray(users[pick], dtype="<f4")
 
 
 class RedisModelStore:
@@ -168,14 +160,14 @@ class RedisModelStore:
                     hi = min(s + CHUNK, len(ids))
                     chunk = dict(zip(keys[s:hi], encode_vectors(F[s:hi]), strict=True))  # per chunk: no copy of all
                     if full_meta is None:  # the meta's arrays are computed while the first chunk is written
-                        full_meta = self._full_meta(model, user_ids, track_ids, meta)
+                        full_meta = version_meta(model, len(user_ids), len(track_ids), meta)
                     if sent is not None:
                         sent.result()
                     sent = writer.submit(self._mset, chunk)
             if sent is not None:
                 sent.result()
         if full_meta is None:
-            full_meta = self._full_meta(model, user_ids, track_ids, meta)
+            full_meta = version_meta(model, len(user_ids), len(track_ids), meta)
         pipe = self.r.pipeline(transaction=False)  # nothing reads them before the flip
         pipe.hset(self.keys.meta(version), mapping=full_meta)  # type: ignore[arg-type]
         pipe.set(self.keys.track_ids(version), "\n".join(track_ids))
@@ -186,26 +178,6 @@ class RedisModelStore:
             log.info("model version %s is the candidate", version)
         else:
             self.flip(version)
-
-    @staticmethod
-    def _full_meta(
-        model: ImplicitALS, user_ids: list[str], track_ids: list[str], meta: dict[str, object]
-    ) -> dict[str, str | bytes]:
-        """The version's meta: the caller's fields, the model's shape, and the arrays serving and
-        fold-in read (the user Gram matrix, by blocks; the query sample)."""
-        full = {k: (v if isinstance(v, str | bytes) else json.dumps(v)) for k, v in meta.items()}
-        full.update(
-            {
-                "factors": str(model.factors),
-                "params": json.dumps(model.get_params()),
-                "n_users": str(len(user_ids)),
-                "n_tracks": str(len(track_ids)),
-                "user_gram": gram(model.user_factors_, 0.0, np.float64).astype("<f8").tobytes(),
-                "query_sample": query_sample(model.user_factors_).tobytes(),
-            }
-        )
-        full.setdefault("trained_at", str(time.time()))
-        return full
 
     def candidate_version(self) -> str | None:
         v = self.r.get(self.keys.candidate)

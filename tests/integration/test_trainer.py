@@ -14,10 +14,10 @@ from core.errors import ModelRejectedError
 from core.messages import decode_vector
 from core.recommend import top_n
 from core.synthetic import SyntheticMusic
+from core.version_meta import QUERY_SAMPLE
 from services.cli.produce import produce, synthetic_stream
 from services.cli.root import Root
 from services.infra.clients import Clients
-from services.infra.model_store import QUERY_SAMPLE
 from services.infra.settings import Settings
 from services.produce import PlayPublisher
 from services.speed.records import PlayRecord
